@@ -1,0 +1,205 @@
+"""Typed run configuration: YAML file + `--quick` overrides + dotted `key=value` overrides.
+
+Every key is validated before any work starts; a bad value raises `ConfigError` naming the
+dotted key and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the dotted key."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo in a sweep must not silently train the default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    family: Literal["toy2d", "unet2d", "sd15", "sdxl"] = "toy2d"
+    # Local diffusers folder or hub id (loaded with from_pretrained); "analytic" for toy2d.
+    teacher: str = "analytic"
+
+
+class Toy2dConfig(_Section):
+    """The analytic harness: a mixture of isotropic Gaussians with means on a circle."""
+
+    num_modes: int = Field(8, ge=2)
+    mode_std: float = Field(0.1, gt=0)
+    radius: float = Field(2.0, gt=0)
+    # diffusers beta schedule. The cosine schedule spends more timesteps at the noise levels
+    # (sigma ~ mode spacing) where a 2-D mixture's structure is decided than DDPM's linear one.
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    hidden_dim: int = Field(128, ge=8)
+    num_layers: int = Field(3, ge=1)
+    # DMD2 initialises generator and fake score from the teacher network. The toy teacher is
+    # a formula, so an MLP is first fitted to it for this many steps (0: random init).
+    init_steps: int = Field(1500, ge=0)
+
+
+class DataConfig(_Section):
+    path: str | None = None
+    resolution: int = Field(16, ge=4)
+
+
+class GeneratorConfig(_Section):
+    # Timesteps the student is conditioned on, in sampling order: [999] or [999, 749, 499, 249].
+    timesteps: list[int] = Field(default_factory=lambda: [999])
+    # Multi-step students: train on the student's own rollouts (True) or on noised real data.
+    backward_simulation: bool = True
+
+    @field_validator("timesteps")
+    @classmethod
+    def _check_timesteps(cls, v: list[int]) -> list[int]:
+        if not 1 <= len(v) <= 4:
+            raise ValueError(f"must list 1 to 4 timesteps, got {len(v)}")
+        if any(t < 0 or t > 999 for t in v):
+            raise ValueError(f"each timestep must be in [0, 999], got {v}")
+        if any(a <= b for a, b in zip(v, v[1:])):
+            raise ValueError(f"timesteps must be strictly decreasing, got {v}")
+        return v
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(2000, ge=1)
+    batch_size: int = Field(256, ge=1)  # global, across workers
+    ttur_ratio: int = Field(5, ge=1)  # critic updates per generator update
+    lr: float = Field(1e-4, gt=0)  # both generator and critic, as in the paper
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(500, ge=0)
+    grad_clip: float = Field(10.0, gt=0)
+    mixed_precision: Literal["no", "bf16"] = "no"
+    seed: int = 0
+    # Consecutive non-finite iterations tolerated (each is skipped) before the run stops.
+    max_nonfinite_steps: int = Field(10, ge=0)
+    log_every: int = Field(50, ge=1)
+
+
+class LossConfig(_Section):
+    guidance_scale: float = Field(1.0, ge=0)  # CFG on the real score only
+    gan_generator_weight: float = Field(0.0, ge=0)
+    gan_critic_weight: float = Field(0.0, ge=0)
+    regression_weight: float = Field(0.0, ge=0)
+    regression_metric: Literal["pseudo_huber", "mse"] = "pseudo_huber"
+    regression_pairs: int = Field(1024, ge=1)
+    regression_sampler_steps: int = Field(50, ge=2)
+    # DM loss noise levels: t ~ U{dm_min_step..dm_max_step} = [0.02 T, 0.98 T].
+    dm_min_step: int = Field(20, ge=0, le=999)
+    dm_max_step: int = Field(980, ge=0, le=999)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> "LossConfig":
+        if self.dm_min_step > self.dm_max_step:
+            raise ValueError(
+                f"dm_min_step ({self.dm_min_step}) must be <= dm_max_step ({self.dm_max_step})"
+            )
+        return self
+
+
+class ScaleConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+
+
+class EvalConfig(_Section):
+    num_samples: int = Field(5000, ge=1)
+    teacher_steps: int = Field(100, ge=1)  # the teacher's deterministic many-step sampler
+
+
+class Config(_Section):
+    name: str = "dmdscale"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    toy2d: Toy2dConfig = Field(default_factory=Toy2dConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    # Dotted overrides applied by `--quick` (a reduced configuration for smoke tests).
+    quick: dict[str, Any] = Field(default_factory=dict)
+
+    def flat(self) -> dict[str, Any]:
+        """The config as {dotted.key: value}, e.g. for MLflow params."""
+        return _flatten(self.model_dump(exclude={"quick"}))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.max_steps=100' -> ('train.max_steps', 100); values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. train.max_steps=100")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"config key '{key}' is not a known key"
+    return f"config key '{key}': {err['msg']} (got {err.get('input')!r})"
+
+
+def build_config(
+    raw: dict[str, Any] | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    quick: bool = False,
+) -> Config:
+    """Validate a raw config tree, applying `quick` then the dotted overrides."""
+    tree: dict[str, Any] = dict(raw or {})
+    if quick:
+        for key, value in (tree.get("quick") or {}).items():
+            _set_dotted(tree, key, value)
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    for key, value in items:
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    quick: bool = False,
+) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    return build_config(raw, overrides, quick)

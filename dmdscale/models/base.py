@@ -1,0 +1,87 @@
+"""The one score-network interface every family implements, and the critic built on it."""
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from dmdscale.schedule import NoiseSchedule
+
+# Conditioning: None (unconditional), a tensor (class labels) or a dict of tensors (text).
+Cond = Union[None, Tensor, dict[str, Tensor]]
+
+
+def cat_cond(a: Cond, b: Cond) -> Cond:
+    """Concatenate two conditionings along the batch axis (for one batched CFG forward)."""
+    if a is None:
+        return None
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
+class Denoiser(nn.Module):
+    """A score network seen as a denoiser: x0 = model(x_t, t, cond, guidance_scale).
+
+    Subclasses implement `predict` (the native output: eps, v or x0, per `prediction_type`)
+    and `features` (the bottleneck the discriminator head reads), and `null_cond` where the
+    family has an unconditional input for classifier-free guidance.
+    """
+
+    prediction_type: str = "epsilon"
+
+    def __init__(self, schedule: NoiseSchedule):
+        super().__init__()
+        self.schedule = schedule
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        raise NotImplementedError
+
+    def features(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        raise NotImplementedError
+
+    def null_cond(self, cond: Cond) -> Cond:
+        """The unconditional input matching `cond`; None where the family has none."""
+        return None
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond = None, guidance_scale: float = 1.0) -> Tensor:
+        uncond = self.null_cond(cond) if guidance_scale != 1.0 else None
+        if uncond is None:
+            return self.schedule.to_x0(self.predict(x_t, t, cond), x_t, t, self.prediction_type)
+        # CFG in x0 space equals CFG in eps space: x0 is affine in eps at fixed (x_t, t).
+        out = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(cond, uncond))
+        x0_cond, x0_uncond = self.schedule.to_x0(
+            out, torch.cat([x_t, x_t]), torch.cat([t, t]), self.prediction_type
+        ).chunk(2)
+        return x0_uncond + guidance_scale * (x0_cond - x0_uncond)
+
+
+class Critic(nn.Module):
+    """Fake score + discriminator head: trained together, by one optimiser."""
+
+    def __init__(self, fake_score: Denoiser, head: nn.Module):
+        super().__init__()
+        self.fake_score = fake_score
+        self.head = head
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        """GAN logits, one per sample, from the fake score's bottleneck."""
+        return self.head(self.fake_score.features(x_t, t, cond)).flatten(1).mean(1)
+
+
+class requires_grad:
+    """Context manager: temporarily set requires_grad on every parameter of a module."""
+
+    def __init__(self, module: nn.Module, flag: bool):
+        self.params = list(module.parameters())
+        self.flag = flag
+
+    def __enter__(self) -> None:
+        self.saved = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(self.flag)
+
+    def __exit__(self, *exc: Any) -> None:
+        for p, s in zip(self.params, self.saved):
+            p.requires_grad_(s)

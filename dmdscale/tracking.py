@@ -1,0 +1,35 @@
+"""MLflow tracking. The URI is MLflow's own default (sqlite:///mlflow.db in the working
+directory) unless MLFLOW_TRACKING_URI says otherwise."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+
+class Tracker:
+    """One MLflow run: flattened config as params, metrics with their step, artifacts."""
+
+    def __init__(self, experiment: str, run_name: str | None = None,
+                 params: dict[str, Any] | None = None):
+        mlflow.set_experiment(experiment)
+        self.run = mlflow.start_run(run_name=run_name)
+        self.run_id = self.run.info.run_id
+        if params:
+            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        mlflow.log_artifact(str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        mlflow.end_run(status)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, *_: Any) -> None:
+        self.end("FAILED" if exc_type else "FINISHED")
