@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from readme_table import update_readme_table
 
 from dmdscale import toy2d
 from dmdscale.config import load_config
@@ -74,12 +75,7 @@ def main() -> None:
                f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "results": results}
     out = ROOT / "bench" / "results" / "toy2d_ablations.json"
     out.write_text(json.dumps(payload, indent=2))
-    readme = ROOT / "bench" / "README.md"
-    start, end = "<!-- toy2d_ablations:start -->", "<!-- toy2d_ablations:end -->"
-    text = readme.read_text()
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    readme.write_text(f"{head}{start}\n{table(results)}\n{end}{tail}")
+    update_readme_table("toy2d_ablations", table(results))
     print(table(results))
 
 

@@ -1,6 +1,8 @@
 """The single-process training loop: iterate batches, run the DMD2 step, guard non-finite losses."""
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
@@ -14,22 +16,47 @@ def is_nonfinite(metrics: Metrics) -> bool:
     return any(v > 0 for k, v in metrics.items() if k.startswith("nonfinite_"))
 
 
+@dataclass
+class LoopResult:
+    history: list[Metrics] = field(default_factory=list)  # every iteration's metrics
+    seconds: float = 0.0  # wall time of the loop after the first batch arrived
+    data_wait_seconds: float = 0.0  # of which waiting for the next batch
+    first_batch_seconds: float = 0.0  # pipeline start-up, kept apart from the steady state
+
+    @property
+    def data_wait_fraction(self) -> float:
+        """Share of steady-state step time spent waiting on data."""
+        return self.data_wait_seconds / self.seconds if self.seconds else 0.0
+
+
 def train_loop(step_fn: Callable[[Batch, int], Metrics], batches: Iterable[Batch], max_steps: int,
                *, start_step: int = 0, max_nonfinite_steps: int = 10, log_every: int = 50,
                on_log: Callable[[Metrics, int], None] | None = None,
-               progress: bool = True) -> list[Metrics]:
-    """Run iterations start_step..max_steps-1; returns every iteration's metrics.
+               on_step_end: Callable[[Metrics, int], None] | None = None,
+               progress: bool = True) -> LoopResult:
+    """Run iterations start_step..max_steps-1, timing how long each waits for data.
 
-    A non-finite iteration is skipped by the step; more than `max_nonfinite_steps` of them in
-    a row stop the run with `NonFiniteLossError` naming the step and the losses.
+    `on_log` sees every `log_every`-th iteration's metrics; `on_step_end` every iteration's
+    (the distributed layer reports and checkpoints there). A non-finite iteration is skipped
+    by the step; more than `max_nonfinite_steps` of them in a row stop the run with
+    `NonFiniteLossError` naming the step and the losses.
     """
-    history: list[Metrics] = []
+    result = LoopResult()
+    history = result.history
     consecutive = 0
     it = iter(batches)
     bar = tqdm(range(start_step, max_steps), desc="distil", disable=not progress,
                mininterval=1.0, dynamic_ncols=True)
+    start = time.perf_counter()
     for step in bar:
-        metrics = step_fn(next(it), step)
+        t0 = time.perf_counter()
+        batch = next(it)
+        if step == start_step:
+            result.first_batch_seconds = time.perf_counter() - t0
+            start = time.perf_counter()
+        else:
+            result.data_wait_seconds += time.perf_counter() - t0
+        metrics = step_fn(batch, step)
         history.append(metrics)
         consecutive = consecutive + 1 if is_nonfinite(metrics) else 0
         if consecutive > max_nonfinite_steps:
@@ -43,4 +70,7 @@ def train_loop(step_fn: Callable[[Batch, int], Metrics], batches: Iterable[Batch
             bar.set_postfix(shown, refresh=False)
             if on_log is not None:
                 on_log(metrics, step)
-    return history
+        if on_step_end is not None:
+            on_step_end(metrics, step)
+    result.seconds = time.perf_counter() - start
+    return result

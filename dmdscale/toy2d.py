@@ -167,10 +167,10 @@ def plot_losses(history: list[dict[str, float]], path: Path) -> None:
 
 def train(cfg: Config, progress: bool = True, on_log=None) -> tuple[Toy2D, list[dict[str, float]]]:
     toy = Toy2D(cfg)
-    history = train_loop(toy.step_fn(), toy.batches(cfg.train.batch_size, cfg.train.seed),
-                         cfg.train.max_steps, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
-                         log_every=cfg.train.log_every, on_log=on_log, progress=progress)
-    return toy, history
+    result = train_loop(toy.step_fn(), toy.batches(cfg.train.batch_size, cfg.train.seed),
+                        cfg.train.max_steps, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
+                        log_every=cfg.train.log_every, on_log=on_log, progress=progress)
+    return toy, result.history
 
 
 def run(cfg: Config, out: Path) -> dict[str, Any]:

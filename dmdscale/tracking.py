@@ -8,11 +8,23 @@ from typing import Any
 import mlflow
 
 
+def absolute_tracking_uri() -> str:
+    """MLflow's URI with a relative sqlite path made absolute, so Ray workers (which run in
+    another working directory) log into the same database as the driver."""
+    uri = mlflow.get_tracking_uri()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).absolute())
+    return uri
+
+
 class Tracker:
     """One MLflow run: flattened config as params, metrics with their step, artifacts."""
 
     def __init__(self, experiment: str, run_name: str | None = None,
                  params: dict[str, Any] | None = None):
+        self.tracking_uri = absolute_tracking_uri()
+        mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_experiment(experiment)
         self.run = mlflow.start_run(run_name=run_name)
         self.run_id = self.run.info.run_id

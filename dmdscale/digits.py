@@ -1,0 +1,175 @@
+"""The embedded default end to end: distil a class-conditional digits teacher.
+
+Driver steps, in order: validate data and config (before any cluster work); build the digits
+Parquet; train (or load cached) the FID classifier and the teacher; distil on Ray Train with
+DeepSpeed over a Ray Data stream; evaluate teacher and student with clean-fid; write the run
+folder and the MLflow run.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmdscale.config import Config
+from dmdscale.data import DataError, build_digits_parquet, check_source, inspect_dataset, load_arrays, read_dataset
+from dmdscale.evaluate import class_accuracy, compute_fid, load_or_train_classifier, save_grid
+from dmdscale.generator import sample, teacher_sample
+from dmdscale.images import to_uint8
+from dmdscale.models.unet2d import ClassConditionalUNet, load_unet_teacher, tiny_unet_config
+from dmdscale.teacher import load_or_train_teacher
+from dmdscale.tracking import Tracker
+from dmdscale.train import STUDENT_DIR, plan_resources, train_worker
+
+
+def resolve_data(cfg: Config) -> tuple[str, str]:
+    """(train path, held-out path), validated on the driver before any cluster work."""
+    if cfg.data.path == "digits":
+        paths = build_digits_parquet(Path(cfg.cache_dir).expanduser() / "digits")
+        train, held_out = str(paths["train"]), str(paths["test"])
+    else:
+        train, held_out = cfg.data.path, cfg.data.eval_path or cfg.data.path
+    for path in {train, held_out}:
+        check_source(path, require_labels=True)  # class-conditional: labels are required
+    return train, held_out
+
+
+@torch.no_grad()
+def generate(fn, labels: np.ndarray, shape: tuple[int, int, int], seed: int, batch: int = 500) -> np.ndarray:
+    """Run `fn(noise, labels)` in chunks with fixed noise; uint8 NHWC images."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(labels), batch):
+        y = torch.from_numpy(labels[i:i + batch]).long()
+        out.append(to_uint8(fn(torch.randn((len(y), *shape), generator=g), y)))
+    return np.concatenate(out)
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def evaluate_run(cfg: Config, teacher: ClassConditionalUNet, student: ClassConditionalUNet,
+                 held_out: tuple[np.ndarray, np.ndarray], classifier, workdir: Path) -> dict[str, Any]:
+    """FID against held-out real images and class accuracy, for the teacher at its many-step
+    sampler and at 1 step, and for the student at its steps; plus the measured speedup."""
+    n, c, r = cfg.eval.num_samples, cfg.data.channels, cfg.data.resolution
+    labels = np.arange(n) % cfg.data.num_classes
+    gs, steps = cfg.loss.guidance_scale, cfg.generator.timesteps
+
+    def teacher_many(z, y):
+        return teacher_sample(teacher, z, cfg.eval.teacher_steps, y, gs)
+
+    def teacher_one(z, y):
+        return teacher_sample(teacher, z, 1, y, gs)
+
+    def student_fn(z, y):
+        return sample(student, student.schedule, z, steps, y)
+
+    extractor = classifier if cfg.eval.feature_extractor == "classifier" else "inception"
+    real = held_out[0]
+    images = {name: generate(fn, labels, (c, r, r), cfg.train.seed + 99)
+              for name, fn in [("teacher", teacher_many), ("teacher_1step", teacher_one), ("student", student_fn)]}
+    metrics: dict[str, Any] = {
+        "teacher_steps": cfg.eval.teacher_steps,
+        "student_steps": len(steps),
+    }
+    for name, imgs in images.items():
+        metrics[f"fid_{name}"] = compute_fid(imgs, real, extractor, workdir / f"fid_{name}")
+        metrics[f"class_accuracy_{name}"] = class_accuracy(classifier, imgs, labels)
+    # The floor of this FID: two halves of the held-out set.
+    half = len(real) // 2
+    metrics["fid_real_vs_real"] = compute_fid(real[:half], real[half:], extractor, workdir / "fid_real")
+    # Speed: the same batch through both samplers (after a warm-up call each).
+    z = torch.randn(min(n, 256), c, r, r)
+    y = torch.from_numpy(labels[: len(z)]).long()
+    for fn in (teacher_many, student_fn):
+        fn(z[:2], y[:2])
+    metrics["sampling_speedup"] = _timed(teacher_many, z, y) / _timed(student_fn, z, y)
+    return metrics | {"_images": images["student"], "_labels": labels}
+
+
+def distil_on_ray(cfg: Config, train_path: str, teacher_path: Path, out: Path, tracker: Tracker) -> tuple[Path, dict]:
+    """Ray Data stream -> Ray Train workers running DMD2 under DeepSpeed. Returns the final
+    checkpoint's student folder and the workers' final metrics."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    res, ch = cfg.data.resolution, cfg.data.channels
+    stats = inspect_dataset(train_path, res, ch, require_labels=True)
+    resources = plan_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.model_dump(), "teacher_path": str(teacher_path),
+                           "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id},
+        scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"{cfg.name}-{out.name}",
+                             storage_path=str(Path(cfg.scale.storage_path or out / "ray").absolute()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
+        datasets={"train": read_dataset(train_path, res, ch, require_labels=True,
+                                        num_cpus=min(1.0, cfg.scale.data_cpus))},
+    )
+    result = trainer.fit()
+    final_dir = out / STUDENT_DIR
+    with result.checkpoint.as_directory() as ckpt:
+        shutil.copytree(Path(ckpt) / STUDENT_DIR, final_dir, dirs_exist_ok=True)
+        train_metrics = json.loads((Path(ckpt) / "train_metrics.json").read_text())
+    return final_dir, train_metrics | {"skipped_rows": stats.skipped, "usable_rows": stats.usable}
+
+
+def run(cfg: Config, out: Path) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cfg.cache_dir).expanduser()
+    res, ch = cfg.data.resolution, cfg.data.channels
+    train_path, held_out_path = resolve_data(cfg)
+    train_images, train_labels, _ = load_arrays(train_path, res, ch, require_labels=True)
+    eval_images, eval_labels, _ = load_arrays(held_out_path, res, ch, require_labels=True)
+    if len(train_images) == 0 or len(eval_images) == 0:
+        raise DataError(f"no usable images in {train_path if len(train_images) == 0 else held_out_path}")
+
+    classifier = load_or_train_classifier(cache / "classifiers", train_images, train_labels,
+                                          steps=cfg.eval.classifier_steps)
+    if cfg.model.teacher == "train":
+        tt = cfg.teacher_training
+        teacher_path = load_or_train_teacher(
+            cache / "teachers", train_images, train_labels,
+            tiny_unet_config(res, ch, cfg.data.num_classes, tt.width),
+            steps=tt.steps, batch_size=tt.batch_size, lr=tt.lr, seed=cfg.train.seed)
+    else:
+        teacher_path = Path(cfg.model.teacher)
+    teacher = load_unet_teacher(teacher_path)
+
+    with Tracker(cfg.name, run_name=f"digits-{out.name}", params=cfg.flat()) as tracker:
+        student_dir, train_metrics = distil_on_ray(cfg, train_path, teacher_path, out, tracker)
+        student = load_unet_teacher(student_dir)
+        evals = evaluate_run(cfg, teacher, student, (eval_images, eval_labels), classifier, out / "fid")
+        images, labels = evals.pop("_images"), evals.pop("_labels")
+        metrics = {
+            **evals,
+            "classifier_accuracy_held_out": class_accuracy(classifier, eval_images, eval_labels),
+            **train_metrics,
+        }
+        np.savez(out / "samples.npz", images=images, labels=labels.astype(np.int64))
+        shown = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(cfg.data.num_classes)])
+        save_grid(images[shown], labels[shown], out / "samples.png",
+                  title=f"{len(cfg.generator.timesteps)}-step student (FID {metrics['fid_student']:.2f}, "
+                        f"teacher {cfg.eval.teacher_steps} steps {metrics['fid_teacher']:.2f})")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                            step=cfg.train.max_steps)
+        for name in ("metrics.json", "samples.png"):
+            tracker.log_artifact(out / name)
+        shutil.rmtree(out / "fid", ignore_errors=True)
+    print(json.dumps(metrics, indent=2))
+    return metrics

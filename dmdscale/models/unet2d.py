@@ -1,0 +1,187 @@
+"""unet2d: pixel-space class-conditional diffusers UNet2DModel as a dmdscale Denoiser.
+
+The class embedding has `num_classes + 1` rows; the last row is the null class, the
+unconditional input for classifier-free guidance (the teacher is trained with label dropout
+to it). The GAN head reads the mid-block output, the bottleneck DMD2's discriminator uses.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from torch import Tensor, nn
+
+from dmdscale.models.base import Cond, Denoiser
+from dmdscale.schedule import NoiseSchedule
+
+
+class ClassConditionalUNet(Denoiser):
+    """x0 = model(x_t, t, labels, guidance_scale) over a diffusers `UNet2DModel`.
+
+    `prediction_type` is read from the scheduler config per instance, so an eps-, v- or
+    x0-predicting teacher all plug in without code changes. A UNet without a class embedding
+    is accepted too (cond must then be None, and CFG is a no-op).
+    """
+
+    def __init__(self, unet: UNet2DModel, schedule: NoiseSchedule):
+        super().__init__(schedule)
+        self.unet = unet
+        self.prediction_type = str(schedule.scheduler_config.get("prediction_type", "epsilon"))
+        n = unet.config.num_class_embeds
+        self.num_classes = int(n) - 1 if n is not None else 0
+
+    @classmethod
+    def from_config(cls, unet_config: dict[str, Any], scheduler_config: dict[str, Any]) -> "ClassConditionalUNet":
+        """A freshly initialised model, e.g. for tests or training from scratch."""
+        return cls(UNet2DModel.from_config(unet_config), NoiseSchedule(scheduler_config))
+
+    @property
+    def null_class(self) -> int:
+        """Index of the unconditional class embedding (the last row)."""
+        return self.num_classes
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of `features` (the bottleneck), for sizing the discriminator head."""
+        return int(self.unet.config.block_out_channels[-1])
+
+    def null_cond(self, cond: Cond) -> Cond:
+        if cond is None or self.num_classes == 0:
+            return None
+        return torch.full_like(cond, self.null_class)
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        return self.unet(x_t, t, class_labels=cond).sample
+
+    def features(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        """The mid-block output (B, C, h, w): the first half of `UNet2DModel.forward`, mirrored
+        step by step (diffusers 0.42) so the head sees exactly what a full forward computes
+        without paying for the decoder."""
+        unet = self.unet
+        sample = x_t
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        # 1. time (+ class) embedding
+        timesteps = t
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.tensor([timesteps], dtype=torch.long, device=sample.device)
+        elif timesteps.ndim == 0:
+            timesteps = timesteps[None].to(sample.device)
+        timesteps = timesteps * torch.ones(sample.shape[0], dtype=timesteps.dtype, device=timesteps.device)
+        emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=unet.dtype))
+        if unet.class_embedding is not None:
+            if cond is None:
+                raise ValueError("class_labels should be provided when doing class conditioning")
+            labels = cond
+            if unet.config.class_embed_type == "timestep":
+                labels = unet.time_proj(labels)
+            emb = emb + unet.class_embedding(labels).to(dtype=unet.dtype)
+        elif cond is not None:
+            raise ValueError("class_embedding needs to be initialized in order to use class conditioning")
+        # 2. pre-process, 3. down (skip connections are discarded: the decoder is not run)
+        skip_sample = sample
+        sample = unet.conv_in(sample)
+        for block in unet.down_blocks:
+            if hasattr(block, "skip_conv"):
+                sample, _, skip_sample = block(hidden_states=sample, temb=emb, skip_sample=skip_sample)
+            else:
+                sample, _ = block(hidden_states=sample, temb=emb)
+        # 4. mid
+        if unet.mid_block is not None:
+            sample = unet.mid_block(sample, emb)
+        return sample
+
+
+def _groups(channels: int, max_groups: int = 32) -> int:
+    """Largest GroupNorm group count <= max_groups that divides `channels`."""
+    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+
+
+def tiny_unet_config(resolution: int = 16, channels: int = 1, num_classes: int = 10,
+                     width: int = 32) -> dict[str, Any]:
+    """A small class-conditional UNet2DModel config for low-resolution digits on CPU.
+
+    Three levels (width, 2w, 2w) at resolution, /2, /4, one resnet per level, self-attention
+    at /2 and in the mid block (4x4 for 16x16 inputs); the bottleneck has 2*width channels.
+    """
+    if resolution % 4:
+        raise ValueError(f"resolution must be divisible by 4 (two downsamplings), got {resolution}")
+    widths = (width, 2 * width, 2 * width)
+    return {
+        "sample_size": resolution,
+        "in_channels": channels,
+        "out_channels": channels,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": widths,
+        "layers_per_block": 1,
+        "attention_head_dim": width,
+        "norm_num_groups": _groups(width, 8),
+        "num_class_embeds": num_classes + 1,  # + the null class for CFG
+    }
+
+
+def _is_local(p: str | os.PathLike) -> bool:
+    """True when `p` must be a local folder: it exists, or it cannot be a hub id ("owner/name")."""
+    s = str(p)
+    if os.path.exists(s):
+        return True
+    parts = s.split("/")
+    looks_like_hub_id = 1 <= len(parts) <= 2 and all(parts) and not s.startswith((".", "~"))
+    return not looks_like_hub_id
+
+
+def load_unet_teacher(path_or_hub_id: str | os.PathLike) -> ClassConditionalUNet:
+    """A teacher from a diffusers folder (local, or a hub id) with `unet/` and `scheduler/`.
+
+    The same call serves a user's own teacher and the cached one `load_or_train_teacher` makes.
+    Returned in eval mode with gradients off (the teacher is frozen).
+    """
+    p = os.fspath(path_or_hub_id)
+    if _is_local(p):
+        root = Path(p).expanduser()
+        missing = [sub for sub, f in (("unet", "config.json"), ("scheduler", "scheduler_config.json"))
+                   if not (root / sub / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"teacher folder {str(root)!r} is not a diffusers UNet teacher: missing "
+                + ", ".join(f"{m}/" for m in missing)
+                + " (expected unet/config.json with weights and scheduler/scheduler_config.json)"
+            )
+        p = str(root)
+    try:
+        unet = UNet2DModel.from_pretrained(p, subfolder="unet")
+        scheduler = DDPMScheduler.from_pretrained(p, subfolder="scheduler")
+    except (OSError, ValueError) as e:
+        raise OSError(f"could not load the UNet teacher from {p!r}: {e}") from e
+    model = ClassConditionalUNet(unet, NoiseSchedule(dict(scheduler.config)))
+    return model.eval().requires_grad_(False)
+
+
+class ConvHead(nn.Module):
+    """DMD2 discriminator head on the (B, C, h, w) bottleneck: a logit map, averaged by Critic.
+
+    Conv 3x3 stride 2 -> GroupNorm -> SiLU -> Conv 1x1 to one channel. Small on purpose: the
+    fake score's trunk does the feature work and is trained together with the head.
+    """
+
+    def __init__(self, in_channels: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or in_channels
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, kernel_size=3, stride=2, padding=1),
+            nn.GroupNorm(_groups(hidden), hidden),
+            nn.SiLU(),
+            nn.Conv2d(hidden, 1, kernel_size=1),
+        )
+
+    @classmethod
+    def for_model(cls, model: ClassConditionalUNet, hidden: int | None = None) -> "ConvHead":
+        """A head sized to the model's bottleneck (its last `block_out_channels`)."""
+        return cls(model.feature_channels, hidden)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features)

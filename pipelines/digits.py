@@ -1,0 +1,10 @@
+"""Distil a class-conditional digits teacher into a 1-4 step generator on Ray Train + DeepSpeed.
+
+    python pipelines/digits.py --out runs/digits [--quick] [--config FILE] [key=value ...]
+"""
+from pathlib import Path
+
+from dmdscale import cli, digits
+
+if __name__ == "__main__":
+    cli.main(digits.run, None, Path(__file__).parent / "configs" / "digits.yaml", __doc__)
