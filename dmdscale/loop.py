@@ -24,6 +24,11 @@ class LoopResult:
     first_batch_seconds: float = 0.0  # pipeline start-up, kept apart from the steady state
 
     @property
+    def nonfinite_steps(self) -> int:
+        """Iterations the step skipped because a loss or gradient was not finite."""
+        return sum(is_nonfinite(m) for m in self.history)
+
+    @property
     def data_wait_fraction(self) -> float:
         """Share of steady-state step time spent waiting on data."""
         return self.data_wait_seconds / self.seconds if self.seconds else 0.0

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from dmdscale.config import Config
 from dmdscale.generator import sample, teacher_sample
-from dmdscale.loop import train_loop
+from dmdscale.loop import LoopResult, train_loop
 from dmdscale.models.base import Critic, Denoiser
 from dmdscale.models.heads import MLPHead
 from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
@@ -165,12 +165,12 @@ def plot_losses(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def train(cfg: Config, progress: bool = True, on_log=None) -> tuple[Toy2D, list[dict[str, float]]]:
+def train(cfg: Config, progress: bool = True, on_log=None) -> tuple[Toy2D, LoopResult]:
     toy = Toy2D(cfg)
     result = train_loop(toy.step_fn(), toy.batches(cfg.train.batch_size, cfg.train.seed),
                         cfg.train.max_steps, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
                         log_every=cfg.train.log_every, on_log=on_log, progress=progress)
-    return toy, result.history
+    return toy, result
 
 
 def run(cfg: Config, out: Path) -> dict[str, Any]:
@@ -180,12 +180,12 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     with Tracker(cfg.name, run_name=f"toy2d-{out.name}", params=cfg.flat()) as tracker:
         t0 = time.perf_counter()
-        toy, history = train(cfg, on_log=tracker.log_metrics)
+        toy, result = train(cfg, on_log=tracker.log_metrics)
+        history = result.history
         train_s = time.perf_counter() - t0
         metrics, points = toy.evaluate()
         metrics |= {"train_seconds": train_s, "steps_completed": len(history),
-                    "nonfinite_steps": sum(any(v > 0 for k, v in m.items() if k.startswith("nonfinite_"))
-                                           for m in history)}
+                    "nonfinite_steps": result.nonfinite_steps}
         np.savez(out / "samples.npz", points=points["student"].numpy().astype(np.float32),
                  teacher_points=points["teacher"].numpy().astype(np.float32))
         plot_samples(points, toy.mixture, out / "samples.png",

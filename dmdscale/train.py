@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from dmdscale.config import Config
-from dmdscale.loop import is_nonfinite, train_loop
+from dmdscale.loop import train_loop
 from dmdscale.models.base import Critic
 from dmdscale.models.unet2d import ClassConditionalUNet, ConvHead, load_unet_teacher
 from dmdscale.step import Batch, DMD2Step
@@ -145,12 +145,11 @@ def train_worker(config: dict[str, Any]) -> None:
                        rank=rank, device=device)
     log_mlflow = _MLflowFromWorker(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     epochs = [0]
-    counts = {"images": 0, "nonfinite": 0}
+    counts = {"images": 0}
     start = time.perf_counter()
 
     def on_step_end(metrics: dict[str, float], step: int) -> None:
         counts["images"] += micro * world
-        counts["nonfinite"] += int(is_nonfinite(metrics))
         last = step == cfg.train.max_steps - 1
         checkpoint_now = (step + 1) % cfg.train.checkpoint_every == 0 and not last
         if step % cfg.train.log_every == 0 or checkpoint_now or last:
@@ -182,7 +181,7 @@ def train_worker(config: dict[str, Any]) -> None:
              "data_wait_fraction": result.data_wait_fraction,
              "data_first_batch_seconds": result.first_batch_seconds,
              "train_images_per_s": steady_images / result.seconds if result.seconds else 0.0,
-             "nonfinite_steps": counts["nonfinite"]}
+             "nonfinite_steps": result.nonfinite_steps}
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             export_student(generator, cfg.generator.timesteps, Path(tmp) / STUDENT_DIR)
