@@ -13,13 +13,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) pipelines/toy2d.py --out runs/demo
+	$(PY) pipelines/digits.py --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/toy2d_ablations.py
+	$(PY) bench/digits_throughput.py
 
 clean:
 	rm -rf runs mlruns mlflow.db .pytest_cache

@@ -41,6 +41,7 @@ __all__ = [
     "check_source",
     "read_dataset",
     "inspect_dataset",
+    "materialize_if_small",
 ]
 
 METADATA_FILE = "metadata.jsonl"
@@ -50,6 +51,11 @@ DECODE_BATCH_SIZE = 32
 _MODES = {1: "L", 3: "RGB"}
 # What PIL raises on bytes that are not a readable image (truncated, garbage, bombs, None).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError)
+# Ray Data's Parquet reader starts this many footer-reading actors (default 32) each time it
+# lists files, i.e. every epoch; on a 2-CPU node with one file that is seconds of process
+# start-up per epoch. Unless the user set it, dmdscale uses one actor per file, up to 32.
+_FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+_USER_SET_FOOTER_ACTORS = _FOOTER_ACTORS_ENV in os.environ
 
 
 class DataError(ValueError):
@@ -367,6 +373,20 @@ def inspect_dataset(
     return DatasetStats(usable=usable, skipped=total - usable, kind=source.kind)
 
 
+def materialize_if_small(ds: "ray.data.Dataset", rows: int, resolution: int, channels: int,  # noqa: F821
+                         mode: str) -> "ray.data.Dataset":  # noqa: F821
+    """Decode once into the object store when `mode` is "always", or "auto" and the decoded
+    rows take at most a quarter of it. Otherwise every epoch re-reads and re-decodes, which
+    costs little per row at scale but dominates a data set of a few thousand small images."""
+    import ray
+
+    decoded_bytes = rows * channels * resolution * resolution * 4  # float32
+    budget = 0.25 * ray.cluster_resources().get("object_store_memory", 0)
+    if mode == "always" or (mode == "auto" and decoded_bytes <= budget):
+        return ds.materialize()
+    return ds
+
+
 def _raw_dataset(source: _Source) -> "ray.data.Dataset":  # noqa: F821
     """Undecoded rows: Parquet columns, or metadata.jsonl lines (file bytes read later, lazily)."""
     import ray.data
@@ -374,6 +394,8 @@ def _raw_dataset(source: _Source) -> "ray.data.Dataset":  # noqa: F821
     if source.kind == "imagefolder":
         return ray.data.read_json(list(source.files))
     columns = ["image"] + [c for c, ok in (("label", source.has_label), ("prompt", source.has_prompt)) if ok]
+    if not _USER_SET_FOOTER_ACTORS:
+        os.environ[_FOOTER_ACTORS_ENV] = str(min(32, len(source.files)))
     return ray.data.read_parquet(list(source.files)).select_columns(columns)
 
 

@@ -15,13 +15,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from dmdscale.config import Config
-from dmdscale.data import DataError, build_digits_parquet, check_source, inspect_dataset, load_arrays, read_dataset
-from dmdscale.evaluate import class_accuracy, compute_fid, load_or_train_classifier, save_grid
+from dmdscale.data import (DataError, build_digits_parquet, check_source, inspect_dataset, load_arrays,
+                           materialize_if_small, read_dataset)
+from dmdscale.evaluate import class_accuracy, compute_fid, load_or_train_classifier
 from dmdscale.generator import sample, teacher_sample
 from dmdscale.images import to_uint8
 from dmdscale.models.unet2d import ClassConditionalUNet, load_unet_teacher, tiny_unet_config
+from dmdscale.plots import plot_curves, save_grid
 from dmdscale.teacher import load_or_train_teacher
 from dmdscale.tracking import Tracker
 from dmdscale.train import STUDENT_DIR, plan_resources, train_worker
@@ -39,12 +42,26 @@ def resolve_data(cfg: Config) -> tuple[str, str]:
     return train, held_out
 
 
+def resolve_teacher(cfg: Config, images: np.ndarray, labels: np.ndarray) -> Path:
+    """The teacher's diffusers folder: the user's, or one trained here on the train split
+    (cached by its config and data, so later runs load it with from_pretrained at once)."""
+    if cfg.model.teacher != "train":
+        return Path(cfg.model.teacher)
+    tt = cfg.teacher_training
+    return load_or_train_teacher(
+        Path(cfg.cache_dir).expanduser() / "teachers", images, labels,
+        tiny_unet_config(cfg.data.resolution, cfg.data.channels, cfg.data.num_classes, tt.width),
+        steps=tt.steps, batch_size=tt.batch_size, lr=tt.lr, prediction_type=tt.prediction_type,
+        seed=cfg.train.seed)
+
+
 @torch.no_grad()
-def generate(fn, labels: np.ndarray, shape: tuple[int, int, int], seed: int, batch: int = 500) -> np.ndarray:
+def generate(fn, labels: np.ndarray, shape: tuple[int, int, int], seed: int, batch: int = 250,
+             desc: str = "sample") -> np.ndarray:
     """Run `fn(noise, labels)` in chunks with fixed noise; uint8 NHWC images."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(0, len(labels), batch):
+    for i in tqdm(range(0, len(labels), batch), desc=desc, dynamic_ncols=True):
         y = torch.from_numpy(labels[i:i + batch]).long()
         out.append(to_uint8(fn(torch.randn((len(y), *shape), generator=g), y)))
     return np.concatenate(out)
@@ -57,7 +74,8 @@ def _timed(fn, *args) -> float:
 
 
 def evaluate_run(cfg: Config, teacher: ClassConditionalUNet, student: ClassConditionalUNet,
-                 held_out: tuple[np.ndarray, np.ndarray], classifier, workdir: Path) -> dict[str, Any]:
+                 held_out: tuple[np.ndarray, np.ndarray], train_images: np.ndarray, classifier,
+                 workdir: Path) -> dict[str, Any]:
     """FID against held-out real images and class accuracy, for the teacher at its many-step
     sampler and at 1 step, and for the student at its steps; plus the measured speedup."""
     n, c, r = cfg.eval.num_samples, cfg.data.channels, cfg.data.resolution
@@ -75,7 +93,7 @@ def evaluate_run(cfg: Config, teacher: ClassConditionalUNet, student: ClassCondi
 
     extractor = classifier if cfg.eval.feature_extractor == "classifier" else "inception"
     real = held_out[0]
-    images = {name: generate(fn, labels, (c, r, r), cfg.train.seed + 99)
+    images = {name: generate(fn, labels, (c, r, r), cfg.train.seed + 99, desc=f"evaluate: {name}")
               for name, fn in [("teacher", teacher_many), ("teacher_1step", teacher_one), ("student", student_fn)]}
     metrics: dict[str, Any] = {
         "teacher_steps": cfg.eval.teacher_steps,
@@ -84,9 +102,8 @@ def evaluate_run(cfg: Config, teacher: ClassConditionalUNet, student: ClassCondi
     for name, imgs in images.items():
         metrics[f"fid_{name}"] = compute_fid(imgs, real, extractor, workdir / f"fid_{name}")
         metrics[f"class_accuracy_{name}"] = class_accuracy(classifier, imgs, labels)
-    # The floor of this FID: two halves of the held-out set.
-    half = len(real) // 2
-    metrics["fid_real_vs_real"] = compute_fid(real[:half], real[half:], extractor, workdir / "fid_real")
+    # The floor of this FID: as many real training images as samples, against the same held-out set.
+    metrics["fid_real_train"] = compute_fid(train_images[:n], real, extractor, workdir / "fid_real")
     # Speed: the same batch through both samplers (after a warm-up call each).
     z = torch.randn(min(n, 256), c, r, r)
     y = torch.from_numpy(labels[: len(z)]).long()
@@ -104,9 +121,12 @@ def distil_on_ray(cfg: Config, train_path: str, teacher_path: Path, out: Path, t
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(log_to_driver=True)
     res, ch = cfg.data.resolution, cfg.data.channels
     stats = inspect_dataset(train_path, res, ch, require_labels=True)
+    train_data = materialize_if_small(
+        read_dataset(train_path, res, ch, require_labels=True, num_cpus=min(1.0, cfg.scale.data_cpus)),
+        stats.usable, res, ch, cfg.data.materialize)
     resources = plan_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
     trainer = TorchTrainer(
         train_worker,
@@ -117,8 +137,7 @@ def distil_on_ray(cfg: Config, train_path: str, teacher_path: Path, out: Path, t
         run_config=RunConfig(name=f"{cfg.name}-{out.name}",
                              storage_path=str(Path(cfg.scale.storage_path or out / "ray").absolute()),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
-        datasets={"train": read_dataset(train_path, res, ch, require_labels=True,
-                                        num_cpus=min(1.0, cfg.scale.data_cpus))},
+        datasets={"train": train_data},
     )
     result = trainer.fit()
     final_dir = out / STUDENT_DIR
@@ -140,20 +159,14 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
 
     classifier = load_or_train_classifier(cache / "classifiers", train_images, train_labels,
                                           steps=cfg.eval.classifier_steps)
-    if cfg.model.teacher == "train":
-        tt = cfg.teacher_training
-        teacher_path = load_or_train_teacher(
-            cache / "teachers", train_images, train_labels,
-            tiny_unet_config(res, ch, cfg.data.num_classes, tt.width),
-            steps=tt.steps, batch_size=tt.batch_size, lr=tt.lr, seed=cfg.train.seed)
-    else:
-        teacher_path = Path(cfg.model.teacher)
+    teacher_path = resolve_teacher(cfg, train_images, train_labels)
     teacher = load_unet_teacher(teacher_path)
 
     with Tracker(cfg.name, run_name=f"digits-{out.name}", params=cfg.flat()) as tracker:
         student_dir, train_metrics = distil_on_ray(cfg, train_path, teacher_path, out, tracker)
         student = load_unet_teacher(student_dir)
-        evals = evaluate_run(cfg, teacher, student, (eval_images, eval_labels), classifier, out / "fid")
+        evals = evaluate_run(cfg, teacher, student, (eval_images, eval_labels), train_images, classifier,
+                             out / "fid")
         images, labels = evals.pop("_images"), evals.pop("_labels")
         metrics = {
             **evals,
@@ -166,9 +179,10 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
                   title=f"{len(cfg.generator.timesteps)}-step student (FID {metrics['fid_student']:.2f}, "
                         f"teacher {cfg.eval.teacher_steps} steps {metrics['fid_teacher']:.2f})")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_curves(tracker.curves("loss_"), out / "losses.png")  # what rank 0 logged, by step
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                             step=cfg.train.max_steps)
-        for name in ("metrics.json", "samples.png"):
+        for name in ("metrics.json", "samples.png", "losses.png"):
             tracker.log_artifact(out / name)
         shutil.rmtree(out / "fid", ignore_errors=True)
     print(json.dumps(metrics, indent=2))

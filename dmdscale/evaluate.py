@@ -39,7 +39,6 @@ __all__ = [
     "compute_fid",
     "inception_weights_path",
     "write_png_folder",
-    "save_grid",
 ]
 
 # Bump when the training procedure changes in a way the hyperparameters do not capture,
@@ -276,37 +275,3 @@ def compute_fid(gen_images: np.ndarray, ref_images: np.ndarray, extractor: str |
                 device=torch.device("cpu"), num_workers=0, batch_size=batch_size, verbose=False,
                 use_dataparallel=False)
     return float(score)
-
-
-def save_grid(images_uint8_nhwc: np.ndarray, labels_or_None: np.ndarray | None,
-              path: str | os.PathLike, ncols: int = 10, title: str | None = None,
-              scale: float = 0.8) -> Path:
-    """Save a grid of samples, each enlarged (nearest neighbour, `scale` inches per cell) and
-    captioned with its label, so a glance tells whether each digit matches its class."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    n = len(images_uint8_nhwc)
-    ncols = max(1, min(ncols, n))
-    nrows = max(1, math.ceil(n / ncols))
-    extra = 0.4 if title else 0.0
-    fig = Figure(figsize=(ncols * scale, nrows * scale * 1.2 + extra), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    for i, ax in enumerate(axes):
-        ax.set_axis_off()
-        if i >= n:
-            continue
-        img = images_uint8_nhwc[i]
-        gray = img.shape[-1] == 1
-        ax.imshow(img[..., 0] if gray else img, cmap="gray" if gray else None,
-                  vmin=0, vmax=255, interpolation="nearest")
-        if labels_or_None is not None:
-            ax.set_title(str(int(labels_or_None[i])), fontsize=9, pad=2)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path

@@ -1,15 +1,65 @@
 """The single-process training loop: iterate batches, run the DMD2 step, guard non-finite losses."""
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
 
 from dmdscale.step import Batch, NonFiniteLossError
 
 Metrics = dict[str, float]
+T = TypeVar("T")
+_END = object()
+
+
+def prefetched(items: Iterable[T], depth: int) -> Iterator[T]:
+    """Yield from `items` while a background thread keeps up to `depth` items ready.
+
+    Ray Data prefetches within an epoch but restarts its stream at each epoch boundary; this
+    keeps batches flowing across that restart. An error in the source is raised here, in the
+    consumer; closing the generator stops the thread.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            put(error)
+            return
+        put(_END)
+
+    thread = threading.Thread(target=fill, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def is_nonfinite(metrics: Metrics) -> bool:

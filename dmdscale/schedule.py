@@ -5,6 +5,7 @@ x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps. Conversions between a network's na
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -14,13 +15,23 @@ from torch import Tensor, nn
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def config_for(scheduler_class: type, config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of another scheduler's config that `scheduler_class` takes (diffusers warns
+    about the rest), without private keys such as "_use_default_values"."""
+    known = inspect.signature(scheduler_class.__init__).parameters
+    return {k: v for k, v in config.items() if k in known}
+
+
 class NoiseSchedule(nn.Module):
     """VP schedule taken from a diffusers scheduler. A module so `.to(device)` moves it."""
 
     def __init__(self, scheduler_config: dict[str, Any]):
         super().__init__()
-        scheduler = DDPMScheduler.from_config(scheduler_config)
-        self.scheduler_config = dict(scheduler.config)
+        # Any diffusers scheduler's config will do (an exported student's is LCMScheduler's).
+        scheduler = DDPMScheduler.from_config(config_for(DDPMScheduler, scheduler_config))
+        # Without diffusers' private keys: "_use_default_values" would make another scheduler
+        # class built from this config take its own defaults (e.g. LCMScheduler's betas).
+        self.scheduler_config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.register_buffer(
             "alphas_cumprod", scheduler.alphas_cumprod.to(torch.float64), persistent=False

@@ -18,6 +18,7 @@ from dmdscale.models.base import Critic, Denoiser
 from dmdscale.models.heads import MLPHead
 from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
 from dmdscale.optim import TorchOptimizedModule
+from dmdscale.plots import Curve, plot_curves
 from dmdscale.schedule import NoiseSchedule
 from dmdscale.step import Batch, DMD2Step, RegressionPairs
 
@@ -146,23 +147,9 @@ def plot_samples(points: dict[str, torch.Tensor], mixture: GaussianMixture2D, pa
     plt.close(fig)
 
 
-def plot_losses(history: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def loss_curves(history: list[dict[str, float]]) -> dict[str, Curve]:
     keys = sorted({k for m in history for k in m if k.startswith("loss_")})
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        steps = [i for i, m in enumerate(history) if key in m]
-        ax.plot(steps, [history[i][key] for i in steps], lw=0.6)
-        ax.set_yscale("symlog", linthresh=1e-2)  # the DM loss has rare large spikes
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return {k: ([i for i, m in enumerate(history) if k in m], [m[k] for m in history if k in m]) for k in keys}
 
 
 def train(cfg: Config, progress: bool = True, on_log=None) -> tuple[Toy2D, LoopResult]:
@@ -192,7 +179,7 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
                      f"toy2d: {metrics['student_steps']}-step student vs "
                      f"{metrics['teacher_steps']}-step teacher (energy distance "
                      f"{metrics['energy_distance_student']:.4f} vs {metrics['energy_distance_teacher']:.4f})")
-        plot_losses(history, out / "losses.png")
+        plot_curves(loss_curves(history), out / "losses.png")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                             step=cfg.train.max_steps)

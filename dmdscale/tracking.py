@@ -34,6 +34,17 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def curves(self, prefix: str) -> dict[str, tuple[list[int], list[float]]]:
+        """(steps, values) of every metric of this run whose name starts with `prefix`,
+        including those Ray workers logged into it."""
+        client = mlflow.MlflowClient(self.tracking_uri)
+        names = [k for k in client.get_run(self.run_id).data.metrics if k.startswith(prefix)]
+        out = {}
+        for name in names:
+            history = sorted(client.get_metric_history(self.run_id, name), key=lambda m: m.step)
+            out[name] = ([m.step for m in history], [m.value for m in history])
+        return out
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)
 

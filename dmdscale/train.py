@@ -7,8 +7,10 @@ rank reports to Ray Train at the same steps (reports are collective).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -16,10 +18,11 @@ from typing import Any, Iterator
 
 import torch
 
-from dmdscale.config import Config
-from dmdscale.loop import train_loop
+from dmdscale.config import Config, ScaleConfig
+from dmdscale.loop import prefetched, train_loop
 from dmdscale.models.base import Critic
 from dmdscale.models.unet2d import ClassConditionalUNet, ConvHead, load_unet_teacher
+from dmdscale.schedule import config_for
 from dmdscale.step import Batch, DMD2Step
 
 STUDENT_DIR = "student"
@@ -50,12 +53,26 @@ def plan_resources(cfg: Config, cluster_cpus: float) -> dict[str, float]:
     return {"CPU": min(1.0, share)}
 
 
-def _batches(shard: Any, batch_size: int, device: torch.device, epochs: list[int]) -> Iterator[Batch]:
-    """Endless batches from this worker's Ray Data shard, epoch after epoch."""
+def _batches(shard: Any, batch_size: int, device: torch.device, epochs: list[int],
+             shuffle_buffer: int) -> Iterator[Batch]:
+    """Endless batches from this worker's Ray Data shard, epoch after epoch, locally shuffled."""
     while True:
-        for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device):
+        for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                          local_shuffle_buffer_size=shuffle_buffer or None):
             yield Batch(b["image"], b.get("label"))
         epochs[0] += 1
+
+
+def _cpu_threads(scale: ScaleConfig, local_workers: int) -> int:
+    """Torch threads for a CPU worker: the config's, else this node's cores split among its
+    workers. Ray's CPU reservation is for scheduling (so Ray Data keeps a CPU); decoding is
+    light or done once (data.materialize), so the compute threads may use the whole node."""
+    return scale.cpu_threads_per_worker or max(1, node_cores() // max(local_workers, 1))
+
+
+def node_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class _MLflowFromWorker:
@@ -82,7 +99,7 @@ class _MLflowFromWorker:
         if self.client is None:
             return
         from dmdscale.images import to_uint8
-        from dmdscale.evaluate import save_grid
+        from dmdscale.plots import save_grid
         from dmdscale.generator import sample
 
         n, c, r = 10 * cfg.data.num_classes, cfg.data.channels, cfg.data.resolution
@@ -115,12 +132,19 @@ def _all_ranks_agree(ok: bool) -> bool:
 
 
 def export_student(generator: ClassConditionalUNet, timesteps: list[int], out_dir: Path) -> Path:
-    """The generator as a diffusers folder: unet/ + scheduler/ + dmdscale.json (its timesteps)."""
-    from diffusers import DDPMScheduler
+    """The generator as a diffusers folder: unet/ + scheduler/ + dmdscale.json (its timesteps).
+
+    The scheduler is diffusers' LCMScheduler, whose step is the student's sampler (x0 from the
+    UNet's prediction, re-noised to the next timestep). With `original_inference_steps` 1000
+    every timestep is on its grid, and `set_timesteps(timesteps=...)` reproduces
+    `dmdscale.generator.sample` (its boundary scalings are ~1e-7 from pure x0 at t >= 249).
+    """
+    from diffusers import LCMScheduler
 
     out = Path(out_dir)
     generator.unet.save_pretrained(out / "unet")
-    DDPMScheduler.from_config(generator.schedule.scheduler_config).save_pretrained(out / "scheduler")
+    config = config_for(LCMScheduler, generator.schedule.scheduler_config) | {"original_inference_steps": 1000}
+    LCMScheduler.from_config(config).save_pretrained(out / "scheduler")
     (out / "dmdscale.json").write_text(json.dumps({"timesteps": timesteps, "guidance_scale": 1.0}))
     return out
 
@@ -136,6 +160,8 @@ def train_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(_cpu_threads(cfg.scale, ctx.get_local_world_size()))
     torch.manual_seed(cfg.train.seed)
     micro = cfg.train.batch_size // world
     teacher, generator, critic = build_players(config["teacher_path"], device)
@@ -173,9 +199,12 @@ def train_worker(config: dict[str, Any]) -> None:
                 (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    result = train_loop(step_fn, _batches(ray.train.get_dataset_shard("train"), micro, device, epochs),
-                        cfg.train.max_steps, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
-                        log_every=cfg.train.log_every, on_step_end=on_step_end, progress=rank == 0)
+    shard = ray.train.get_dataset_shard("train")
+    with contextlib.closing(prefetched(_batches(shard, micro, device, epochs, cfg.scale.shuffle_buffer),
+                                       cfg.scale.prefetch_batches)) as batches:  # closing stops the thread
+        result = train_loop(step_fn, batches, cfg.train.max_steps,
+                            max_nonfinite_steps=cfg.train.max_nonfinite_steps, log_every=cfg.train.log_every,
+                            on_step_end=on_step_end, progress=rank == 0)
     steady_images = (len(result.history) - 1) * micro * world  # after the first batch
     final = {"steps_completed": len(result.history), "train_seconds": result.seconds,
              "data_wait_fraction": result.data_wait_fraction,

@@ -53,3 +53,9 @@ def test_pipeline_rejects_bad_value_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "train.ttur_ratio" in proc.stderr
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_every_config_key_is_documented_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key in build_config().flat() if f"`{key}`" not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"

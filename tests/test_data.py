@@ -27,6 +27,7 @@ from dmdscale.data import (
     decode_image,
     inspect_dataset,
     load_arrays,
+    materialize_if_small,
     read_dataset,
 )
 
@@ -219,6 +220,22 @@ def test_read_dataset_honours_resolution_with_drop_last(ray_cluster, digits):
     ds = read_dataset(digits["test"], 12, 1, require_labels=True)
     shapes = [tuple(b["image"].shape) for b in ds.iter_torch_batches(batch_size=64, drop_last=True)]
     assert shapes == [(64, 1, 12, 12)] * (pq.read_metadata(digits["test"]).num_rows // 64)
+
+
+def test_small_data_sets_are_decoded_once_into_the_object_store(ray_cluster, digits):
+    from ray.data.dataset import MaterializedDataset
+
+    rows = pq.read_metadata(digits["test"]).num_rows
+    ds = read_dataset(digits["test"], 16, 1, require_labels=True)
+    cached = materialize_if_small(ds, rows, 16, 1, "auto")
+    assert isinstance(cached, MaterializedDataset) and cached.count() == rows
+    streamed = materialize_if_small(ds, rows, 16, 1, "never")
+    assert not isinstance(streamed, MaterializedDataset)
+    # Too big for a quarter of the store: streamed each epoch instead.
+    huge = materialize_if_small(ds, 10**9, 1024, 3, "auto")
+    assert not isinstance(huge, MaterializedDataset)
+    labels = [int(x) for b in cached.iter_batches(batch_size=None) for x in b["label"]]
+    assert sorted(labels) == sorted(int(r["label"]) for r in ds.take_all())
 
 
 def test_corrupt_rows_are_skipped_and_counted(ray_cluster, tmp_path, digits):

@@ -82,4 +82,6 @@ def test_quick_digits_run_end_to_end(tmp_path, mlflow_uri):
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(run.info.run_id, "loss_fake_score")) >= 3  # logged per step by rank 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "samples.png", "samples_over_training"} <= artifacts
+    assert {"metrics.json", "samples.png", "losses.png", "samples_over_training"} <= artifacts
+    assert (out / "losses.png").stat().st_size > 5_000
+    assert m["fid_real_train"] < m["fid_teacher_1step"]  # the floor sits below a 1-step teacher's blur

@@ -13,6 +13,7 @@ from sklearn.model_selection import train_test_split
 
 from cleanfid import fid as cleanfid_fid
 from dmdscale import evaluate as ev
+from dmdscale.plots import plot_curves, save_grid
 
 CPU = torch.device("cpu")
 
@@ -147,10 +148,19 @@ def test_inception_without_weights_raises_clear_error(digits, tmp_path):
 
 
 def test_save_grid_grows_with_images(digits, tmp_path):
-    small = ev.save_grid(digits["xa"][:10], digits["ya"][:10], tmp_path / "small.png", title="ten")
-    big = ev.save_grid(digits["xa"][:40], digits["ya"][:40], tmp_path / "big.png")
-    unlabelled = ev.save_grid(digits["xa"][:3], None, tmp_path / "sub" / "three.png")
+    small = save_grid(digits["xa"][:10], digits["ya"][:10], tmp_path / "small.png", title="ten")
+    big = save_grid(digits["xa"][:40], digits["ya"][:40], tmp_path / "big.png")
+    unlabelled = save_grid(digits["xa"][:3], None, tmp_path / "sub" / "three.png")
     with Image.open(small) as s, Image.open(big) as b, Image.open(unlabelled) as u:
         assert s.format == b.format == u.format == "PNG"
         assert b.size[1] > s.size[1] and b.size[0] == s.size[0] and u.size[0] < s.size[0]
         assert s.size[0] >= 10 * 16 * 3  # digits shown enlarged
+
+
+def test_plot_curves_draws_one_panel_per_curve(tmp_path):
+    one = plot_curves({"loss_dm": ([0, 10, 20], [1.0, 0.5, 0.2])}, tmp_path / "one.png")
+    three = plot_curves({"loss_dm": ([0, 1], [1.0, 2.0]), "loss_fake_score": ([0, 1], [0.3, 0.2]),
+                         "fid": ([100, 200], [40.0, 20.0])}, tmp_path / "three.png")
+    with Image.open(one) as a, Image.open(three) as b:
+        assert a.format == b.format == "PNG"
+        assert b.size[0] > 2 * a.size[0] and b.size[1] == a.size[1]

@@ -47,3 +47,11 @@ def test_unknown_prediction_type_is_named():
     sched = NoiseSchedule.ddpm()
     with pytest.raises(ValueError, match="prediction_type"):
         sched.to_x0(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), "flow")
+
+
+def test_config_builds_other_schedulers_with_the_same_betas():
+    from diffusers import LCMScheduler
+
+    schedule = NoiseSchedule(DDPMScheduler(beta_schedule="linear").config)
+    other = LCMScheduler.from_config(schedule.scheduler_config)
+    torch.testing.assert_close(other.alphas_cumprod.double(), schedule.alphas_cumprod)

@@ -134,3 +134,30 @@ def test_short_training_lowers_the_ddpm_loss():
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.7 * first, (first, last)
     assert not unet.training
+
+
+@pytest.mark.parametrize("timesteps", [[999], [999, 749, 499, 249]])
+def test_exported_student_samples_with_diffusers_alone(tmp_path, timesteps):
+    """The export's LCMScheduler + UNet2DModel reproduce dmdscale's few-step sampler."""
+    import json
+
+    from diffusers import LCMScheduler, UNet2DModel
+
+    from dmdscale.generator import sample
+    from dmdscale.train import export_student
+
+    student = _model("v_prediction")
+    export_student(student, timesteps, tmp_path / "student")
+    unet = UNet2DModel.from_pretrained(tmp_path / "student", subfolder="unet").eval()
+    scheduler = LCMScheduler.from_pretrained(tmp_path / "student", subfolder="scheduler")
+    saved = json.loads((tmp_path / "student" / "dmdscale.json").read_text())["timesteps"]
+    scheduler.set_timesteps(timesteps=saved)
+    assert scheduler.timesteps.tolist() == timesteps
+
+    noise, labels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([1, 4, 7])
+    with torch.no_grad():
+        x, g = noise, torch.Generator().manual_seed(9)
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=g).prev_sample
+        ours = sample(student, student.schedule, noise, timesteps, labels, rng=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(x, ours, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,69 @@
+"""The pictures people look at: labelled sample grids and training curves (matplotlib, Agg)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+Curve = tuple[Sequence[int], Sequence[float]]  # (steps, values)
+
+
+def save_grid(images_uint8_nhwc: np.ndarray, labels_or_None: np.ndarray | None,
+              path: str | os.PathLike, ncols: int = 10, title: str | None = None,
+              scale: float = 0.8) -> Path:
+    """Save a grid of samples, each enlarged (nearest neighbour, `scale` inches per cell) and
+    captioned with its label, so a glance tells whether each digit matches its class."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(images_uint8_nhwc)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, math.ceil(n / ncols))
+    extra = 0.4 if title else 0.0
+    fig = Figure(figsize=(ncols * scale, nrows * scale * 1.2 + extra), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for i, ax in enumerate(axes):
+        ax.set_axis_off()
+        if i >= n:
+            continue
+        img = images_uint8_nhwc[i]
+        gray = img.shape[-1] == 1
+        ax.imshow(img[..., 0] if gray else img, cmap="gray" if gray else None,
+                  vmin=0, vmax=255, interpolation="nearest")
+        if labels_or_None is not None:
+            ax.set_title(str(int(labels_or_None[i])), fontsize=9, pad=2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def plot_curves(curves: dict[str, Curve], path: str | os.PathLike) -> Path:
+    """One panel per named curve against the step (e.g. each loss, or FID over training)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = sorted(curves)
+    fig = Figure(figsize=(3.2 * max(len(names), 1), 3), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, max(len(names), 1), squeeze=False)).ravel()
+    for ax, name in zip(axes, names):
+        steps, values = curves[name]
+        ax.plot(steps, values, lw=0.8)
+        positive = [v for v in values if v > 0]
+        if positive and max(positive) > 100 * min(positive):  # e.g. the DM loss's rare spikes
+            ax.set_yscale("symlog", linthresh=max(min(positive), 1e-4 * max(positive)))
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
