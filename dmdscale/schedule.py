@@ -31,7 +31,7 @@ class NoiseSchedule(nn.Module):
         scheduler = DDPMScheduler.from_config(config_for(DDPMScheduler, scheduler_config))
         # Without diffusers' private keys: "_use_default_values" would make another scheduler
         # class built from this config take its own defaults (e.g. LCMScheduler's betas).
-        self.scheduler_config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+        self.scheduler_config = config_for(DDPMScheduler, scheduler.config)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.register_buffer(
             "alphas_cumprod", scheduler.alphas_cumprod.to(torch.float64), persistent=False
