@@ -105,6 +105,9 @@ class TrainConfig(_Section):
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     checkpoints_to_keep: int = Field(2, ge=1)
+    # Worker-group restarts Ray Train makes after a failure (each resumes from the latest
+    # checkpoint) before the run fails: FailureConfig(max_failures).
+    max_failures: int = Field(2, ge=0)
 
 
 class LossConfig(_Section):
@@ -126,6 +129,22 @@ class LossConfig(_Section):
                 f"dm_min_step ({self.dm_min_step}) must be <= dm_max_step ({self.dm_max_step})"
             )
         return self
+
+
+class RolloutConfig(_Section):
+    """Where backward simulation runs for multi-step students (one-step students never simulate)."""
+
+    # inline: the trainer simulates with its own generator (the reference). actors: a pool of
+    # Ray actors per train worker, each holding a generator copy, simulates ahead of the trainer.
+    mode: Literal["inline", "actors"] = "inline"
+    num_actors: int = Field(1, ge=1)  # per train worker
+    # Rank 0 publishes the generator's weights every this many generator updates.
+    publish_every: int = Field(1, ge=1)
+    # A rollout made with weights more than this many versions old is dropped and redone.
+    max_staleness: int = Field(1, ge=0)
+    lookahead: int = Field(2, ge=1)  # iterations requested ahead of the trainer
+    actor_cpus: float = Field(0.5, gt=0)
+    actor_gpus: float = Field(0.25, ge=0)  # fraction of a GPU per actor when scale.use_gpu
 
 
 class ScaleConfig(_Section):
@@ -152,6 +171,12 @@ class EvalConfig(_Section):
     # FID features: a digit classifier dmdscale trains, or clean-fid's Inception (local weights only).
     feature_extractor: Literal["classifier", "inception"] = "classifier"
     classifier_steps: int = Field(1500, ge=1)
+    # Evaluate every checkpoint on separate Ray actors while training goes on (FID + a grid,
+    # logged to MLflow at the checkpoint's step); the final evaluation is always run.
+    during_training: bool = True
+    num_actors: int = Field(1, ge=1)
+    actor_cpus: float = Field(0.25, gt=0)
+    actor_gpus: float = Field(0.25, ge=0)  # fraction of a GPU per actor when scale.use_gpu
 
 
 class Config(_Section):
@@ -164,6 +189,7 @@ class Config(_Section):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     # Dotted overrides applied by `--quick` (a reduced configuration for smoke tests).

@@ -15,14 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dmdscale.config import Config
 from dmdscale.data import (DataError, build_digits_parquet, check_source, inspect_dataset, load_arrays,
                            materialize_if_small, read_dataset)
-from dmdscale.evaluate import class_accuracy, compute_fid, load_or_train_classifier
+from dmdscale.evaluate import class_accuracy, compute_fid, generate, load_or_train_classifier
 from dmdscale.generator import sample, teacher_sample
-from dmdscale.images import to_uint8
 from dmdscale.models.unet2d import ClassConditionalUNet, load_unet_teacher, tiny_unet_config
 from dmdscale.plots import plot_curves, save_grid
 from dmdscale.teacher import load_or_train_teacher
@@ -53,18 +51,6 @@ def resolve_teacher(cfg: Config, images: np.ndarray, labels: np.ndarray) -> Path
         tiny_unet_config(cfg.data.resolution, cfg.data.channels, cfg.data.num_classes, tt.width),
         steps=tt.steps, batch_size=tt.batch_size, lr=tt.lr, prediction_type=tt.prediction_type,
         seed=cfg.train.seed)
-
-
-@torch.no_grad()
-def generate(fn, labels: np.ndarray, shape: tuple[int, int, int], seed: int, batch: int = 250,
-             desc: str = "sample") -> np.ndarray:
-    """Run `fn(noise, labels)` in chunks with fixed noise; uint8 NHWC images."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in tqdm(range(0, len(labels), batch), desc=desc, dynamic_ncols=True):
-        y = torch.from_numpy(labels[i:i + batch]).long()
-        out.append(to_uint8(fn(torch.randn((len(y), *shape), generator=g), y)))
-    return np.concatenate(out)
 
 
 def _timed(fn, *args) -> float:

@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from dmdscale.images import to_model_space as to_model_input  # the one conversion
+from dmdscale.images import to_uint8
 
 __all__ = [
     "DigitClassifier",
@@ -37,6 +38,7 @@ __all__ = [
     "load_or_train_classifier",
     "class_accuracy",
     "compute_fid",
+    "generate",
     "inception_weights_path",
     "write_png_folder",
 ]
@@ -275,3 +277,15 @@ def compute_fid(gen_images: np.ndarray, ref_images: np.ndarray, extractor: str |
                 device=torch.device("cpu"), num_workers=0, batch_size=batch_size, verbose=False,
                 use_dataparallel=False)
     return float(score)
+
+
+@torch.no_grad()
+def generate(fn, labels: np.ndarray, shape: tuple[int, int, int], seed: int, batch: int = 250,
+             desc: str = "sample") -> np.ndarray:
+    """Run `fn(noise, labels)` in chunks with fixed noise; uint8 NHWC images."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in tqdm(range(0, len(labels), batch), desc=desc, dynamic_ncols=True):
+        y = torch.from_numpy(labels[i:i + batch]).long()
+        out.append(to_uint8(fn(torch.randn((len(y), *shape), generator=g), y)))
+    return np.concatenate(out)

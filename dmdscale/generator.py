@@ -17,13 +17,52 @@ def _full(t: int, n: int, device: torch.device) -> Tensor:
     return torch.full((n,), t, dtype=torch.long, device=device)
 
 
-def _randn_like(x: Tensor, rng: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+class NoiseStream:
+    """This rank's rows of a global random draw.
+
+    Every rank seeds the same generator and draws for the whole global batch (world x its own
+    rows), then keeps rows [rank*n, (rank+1)*n). Sample i of the global batch therefore gets
+    the same noise however the batch is split over workers, which is what makes 2 workers with
+    batch b/2 follow 1 worker with batch b. Draws are cheap next to a UNet forward.
+    """
+
+    def __init__(self, generator: torch.Generator, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
+        self.generator, self.rank, self.world_size = generator, rank, world_size
+
+    def randn(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> Tensor:
+        n = shape[0]
+        full = torch.randn((n * self.world_size, *shape[1:]), generator=self.generator, device=device, dtype=dtype)
+        return full[self.rank * n:(self.rank + 1) * n]
+
+    def randint(self, low: int, high: int, n: int, device: torch.device | str) -> Tensor:
+        full = torch.randint(low, high, (n * self.world_size,), generator=self.generator, device=device)
+        return full[self.rank * n:(self.rank + 1) * n]
+
+    def get_state(self) -> Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: Tensor) -> None:
+        self.generator.set_state(state)
+
+
+Rng = torch.Generator | NoiseStream | None
+
+
+def randn(shape: tuple[int, ...], rng: Rng, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    if isinstance(rng, NoiseStream):
+        return rng.randn(shape, device, dtype)
+    return torch.randn(shape, generator=rng, device=device, dtype=dtype)
+
+
+def _randn_like(x: Tensor, rng: Rng) -> Tensor:
+    return randn(tuple(x.shape), rng, x.device, x.dtype)
 
 
 @torch.no_grad()
 def sample(generator: GeneratorFn, schedule: NoiseSchedule, noise: Tensor, timesteps: list[int],
-           cond: Cond = None, rng: torch.Generator | None = None) -> Tensor:
+           cond: Cond = None, rng: Rng = None) -> Tensor:
     """Few-step sampling: for each t, x0 = G(x, t); x = add_noise(x0, fresh noise, next t).
     Starts from pure noise at timesteps[0] and returns the last x0."""
     x = noise
@@ -45,9 +84,15 @@ def draw_k(step: int, num_steps: int, seed: int) -> int:
     return int(torch.randint(num_steps, (1,), generator=rng))
 
 
+def simulation_seed(seed: int, step: int) -> int:
+    """Seed of an iteration's backward-simulation noise: a pure function of (seed, step), so a
+    rollout actor handed the same request draws exactly what the trainer would inline."""
+    return (seed * 2_000_003 + step * 7_919 + 10_000_019) % 2**63
+
+
 @torch.no_grad()
 def backward_simulate(generator: GeneratorFn, schedule: NoiseSchedule, timesteps: list[int], k: int,
-                      shape: tuple[int, ...], cond: Cond = None, rng: torch.Generator | None = None,
+                      shape: tuple[int, ...], cond: Cond = None, rng: Rng = None,
                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
                       ) -> tuple[Tensor, Tensor]:
     """The generator's own input at step k, as inference would produce it (DMD2 sec. 4.5).
@@ -61,7 +106,7 @@ def backward_simulate(generator: GeneratorFn, schedule: NoiseSchedule, timesteps
         raise ValueError(f"k must be in [0, {len(timesteps) - 1}], got {k}")
     device = torch.device(device)
     n = shape[0]
-    x = torch.randn(shape, generator=rng, device=device, dtype=dtype)
+    x = randn(shape, rng, device, dtype)
     if k == 0:
         return x, _full(timesteps[0], n, device)
     x0 = sample(generator, schedule, x, timesteps[:k], cond, rng)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from dmdscale.config import Config
-from dmdscale.generator import backward_simulate, draw_k, teacher_sample
+from dmdscale.generator import NoiseStream, backward_simulate, draw_k, simulation_seed, teacher_sample
 from dmdscale.losses import (dm_loss, denoising_loss, gan_critic_loss, gan_generator_loss,
                              regression_loss)
 from dmdscale.models.base import Cond, Critic, Denoiser, requires_grad
@@ -32,6 +32,8 @@ from dmdscale.optim import OptimizedModule
 class Batch:
     images: Tensor  # real x0 in the model's space: pixels in [-1, 1], latents, or 2-D points
     cond: Cond = None  # labels / text embeddings / None, one per image
+    # (x_in, t_in) already simulated for this iteration by a rollout actor; None: simulate inline.
+    generator_input: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass
@@ -66,7 +68,7 @@ class DMD2Step:
 
     def __init__(self, cfg: Config, teacher: Denoiser, generator: OptimizedModule,
                  critic: OptimizedModule, *, regression_pairs: RegressionPairs | None = None,
-                 sync_flag: Callable[[bool], bool] = lambda ok: ok, rank: int = 0,
+                 sync_flag: Callable[[bool], bool] = lambda ok: ok, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.teacher = teacher.eval().requires_grad_(False)
@@ -77,11 +79,12 @@ class DMD2Step:
         self.device = torch.device(device)
         self.schedule = teacher.schedule
         self.T = self.schedule.num_train_timesteps
-        seed = cfg.train.seed
-        # Training noise and backward-simulation noise come from separate streams, so the
-        # generator's training input is never correlated with the noise that simulated it.
-        self.rng = torch.Generator(self.device).manual_seed(seed * 7919 + rank)
-        self.sim_rng = torch.Generator(self.device).manual_seed(seed * 7919 + rank + 10_000_019)
+        self.rank, self.world_size = rank, world_size
+        # Every rank draws this rank's rows of one global stream, so a global batch gets the
+        # same noise however it is split over workers. Backward-simulation noise is seeded per
+        # iteration (simulation_seed), apart from the training noise, so the generator's input
+        # is never correlated with it and a rollout actor can reproduce it exactly.
+        self.rng = NoiseStream(torch.Generator(self.device).manual_seed(cfg.train.seed * 7919), rank, world_size)
 
     # -- helpers ------------------------------------------------------------------------
     def _autocast(self):
@@ -90,10 +93,15 @@ class DMD2Step:
         return contextlib.nullcontext()
 
     def _randn(self, like: Tensor) -> Tensor:
-        return torch.randn(like.shape, generator=self.rng, device=like.device, dtype=like.dtype)
+        return self.rng.randn(tuple(like.shape), like.device, like.dtype)
 
     def _randint(self, low: int, high: int, n: int) -> Tensor:
-        return torch.randint(low, high, (n,), generator=self.rng, device=self.device)
+        return self.rng.randint(low, high, n, self.device)
+
+    def simulation_rng(self, step: int) -> NoiseStream:
+        """The backward-simulation noise of iteration `step` (what a rollout actor is given)."""
+        generator = torch.Generator(self.device).manual_seed(simulation_seed(self.cfg.train.seed, step))
+        return NoiseStream(generator, self.rank, self.world_size)
 
     @property
     def _critic(self) -> Critic:
@@ -101,13 +109,15 @@ class DMD2Step:
 
     def generator_input(self, batch: Batch, step: int) -> tuple[Tensor, Tensor]:
         """(x_in, t_in) the generator trains on at this iteration."""
+        if batch.generator_input is not None:
+            return batch.generator_input
         timesteps = self.cfg.generator.timesteps
         shape, n = tuple(batch.images.shape), len(batch.images)
         k = draw_k(step, len(timesteps), self.cfg.train.seed) if len(timesteps) > 1 else 0
         if k == 0 or self.cfg.generator.backward_simulation:
             with self._autocast():
                 return backward_simulate(self.generator.module, self.schedule, timesteps, k, shape,
-                                         batch.cond, self.sim_rng, self.device, batch.images.dtype)
+                                         batch.cond, self.simulation_rng(step), self.device, batch.images.dtype)
         # Without backward simulation: noised real data at t_k (the train/inference mismatch
         # that backward simulation removes; kept for the ablation).
         t = torch.full((n,), timesteps[k], dtype=torch.long, device=self.device)
@@ -152,7 +162,7 @@ class DMD2Step:
 
     def _regression(self, n: int) -> Tensor:
         pairs = self.regression_pairs
-        idx = torch.randint(len(pairs.noise), (n,), generator=self.rng, device=self.device)
+        idx = self._randint(0, len(pairs.noise), n)
         t0 = torch.full((len(idx),), self.cfg.generator.timesteps[0], dtype=torch.long, device=self.device)
         pred = self.generator.module(pairs.noise[idx], t0, _index_cond(pairs.cond, idx))
         return regression_loss(pred, pairs.target[idx], self.cfg.loss.regression_metric)

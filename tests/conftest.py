@@ -13,3 +13,13 @@ def mlflow_uri(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray cluster on this machine's 2 CPUs, shared by one test module."""
+    import ray
+
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -12,7 +12,7 @@ from dmdscale.schedule import NoiseSchedule
 from dmdscale.step import Batch, DMD2Step, NonFiniteLossError, RegressionPairs
 
 
-def make_step(overrides=None, teacher_cls=MixtureDenoiser, regression=False, rank=0):
+def make_step(overrides=None, teacher_cls=MixtureDenoiser, regression=False, rank=0, world_size=1):
     cfg = build_config({}, {"train.batch_size": 16, "train.warmup_steps": 0, "train.lr": 1e-3,
                             "toy2d.hidden_dim": 16, "toy2d.num_layers": 2, **(overrides or {})})
     torch.manual_seed(0)
@@ -23,7 +23,8 @@ def make_step(overrides=None, teacher_cls=MixtureDenoiser, regression=False, ran
     critic = Critic(MLPDenoiser(sched, 2, 16, 2), MLPHead(16, 16))
     pairs = RegressionPairs.build(teacher, torch.randn(32, 2), 5) if regression else None
     step = DMD2Step(cfg, teacher, TorchOptimizedModule(gen, cfg.train),
-                    TorchOptimizedModule(critic, cfg.train), regression_pairs=pairs, rank=rank)
+                    TorchOptimizedModule(critic, cfg.train), regression_pairs=pairs, rank=rank,
+                    world_size=world_size)
     return step, gen, critic, mixture
 
 
@@ -87,7 +88,7 @@ def test_multistep_input_uses_backward_simulation_or_noised_real():
 
 def test_simulated_ranks_share_k_but_not_noise():
     four = {"generator.timesteps": [999, 749, 499, 249]}
-    (rank0, _, _, mixture), (rank1, _, _, _) = make_step(four, rank=0), make_step(four, rank=1)
+    (rank0, _, _, mixture), (rank1, _, _, _) = make_step(four, rank=0, world_size=2), make_step(four, rank=1, world_size=2)
     batch = Batch(mixture.sample(16))
     ts = []
     for step in range(12):
