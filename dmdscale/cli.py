@@ -27,4 +27,7 @@ def parse(argv: list[str] | None, default_config: str | Path, description: str) 
 
 def main(run, argv: list[str] | None, default_config: str | Path, description: str) -> None:
     cfg, out = parse(argv if argv is not None else sys.argv[1:], default_config, description)
-    run(cfg, out)
+    try:
+        run(cfg, out)
+    except ConfigError as exc:  # found by the run's own checks (e.g. an unfinished run's config)
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {exc}")

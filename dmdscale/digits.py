@@ -7,7 +7,9 @@ folder and the MLflow run.
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,10 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from dmdscale.checkpoint import RunJournal, parse_fail_at_step
 from dmdscale.config import Config
 from dmdscale.data import (DataError, build_digits_parquet, check_source, inspect_dataset, load_arrays,
                            materialize_if_small, read_dataset)
-from dmdscale.evaluate import class_accuracy, compute_fid, generate, load_or_train_classifier
+from dmdscale.evalpool import EvaluationPool, eval_spec
+from dmdscale.evaluate import class_accuracy, compute_fid, generate, load_or_train_classifier, sample_student
 from dmdscale.generator import sample, teacher_sample
 from dmdscale.models.unet2d import ClassConditionalUNet, load_unet_teacher, tiny_unet_config
 from dmdscale.plots import plot_curves, save_grid
@@ -59,13 +63,18 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
+def fid_extractor(cfg: Config, classifier: Any) -> Any:
+    """FID features: the digit classifier, or clean-fid's Inception (local weights)."""
+    return classifier if cfg.eval.feature_extractor == "classifier" else "inception"
+
+
 def evaluate_run(cfg: Config, teacher: ClassConditionalUNet, student: ClassConditionalUNet,
                  held_out: tuple[np.ndarray, np.ndarray], train_images: np.ndarray, classifier,
                  workdir: Path) -> dict[str, Any]:
     """FID against held-out real images and class accuracy, for the teacher at its many-step
     sampler and at 1 step, and for the student at its steps; plus the measured speedup."""
-    n, c, r = cfg.eval.num_samples, cfg.data.channels, cfg.data.resolution
-    labels = np.arange(n) % cfg.data.num_classes
+    spec = eval_spec(cfg)  # the checkpoint evaluations sample with the same spec
+    n, (c, r, _), labels = cfg.eval.num_samples, spec["shape"], spec["labels"]
     gs, steps = cfg.loss.guidance_scale, cfg.generator.timesteps
 
     def teacher_many(z, y):
@@ -77,10 +86,11 @@ def evaluate_run(cfg: Config, teacher: ClassConditionalUNet, student: ClassCondi
     def student_fn(z, y):
         return sample(student, student.schedule, z, steps, y)
 
-    extractor = classifier if cfg.eval.feature_extractor == "classifier" else "inception"
+    extractor = fid_extractor(cfg, classifier)
     real = held_out[0]
-    images = {name: generate(fn, labels, (c, r, r), cfg.train.seed + 99, desc=f"evaluate: {name}")
-              for name, fn in [("teacher", teacher_many), ("teacher_1step", teacher_one), ("student", student_fn)]}
+    images = {name: generate(fn, labels, spec["shape"], spec["seed"], desc=f"evaluate: {name}")
+              for name, fn in [("teacher", teacher_many), ("teacher_1step", teacher_one)]}
+    images["student"] = sample_student(student, steps, labels, spec["shape"], spec["seed"], desc="evaluate: student")
     metrics: dict[str, Any] = {
         "teacher_steps": cfg.eval.teacher_steps,
         "student_steps": len(steps),
@@ -99,13 +109,26 @@ def evaluate_run(cfg: Config, teacher: ClassConditionalUNet, student: ClassCondi
     return metrics | {"_images": images["student"], "_labels": labels}
 
 
-def distil_on_ray(cfg: Config, train_path: str, teacher_path: Path, out: Path, tracker: Tracker) -> tuple[Path, dict]:
-    """Ray Data stream -> Ray Train workers running DMD2 under DeepSpeed. Returns the final
-    checkpoint's student folder and the workers' final metrics."""
+def run_storage(cfg: Config, out: Path) -> tuple[str, str]:
+    """(storage path or URI, run name) of the Ray Train run: where its checkpoints live."""
+    storage = cfg.scale.storage_path or str(out / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().absolute())
+    return storage, f"{cfg.name}-{out.name}"
+
+
+def distil_on_ray(cfg: Config, train_path: str, teacher_path: Path, out: Path, tracker: Tracker,
+                  eval_setup: tuple[np.ndarray, Any] | None = None,
+                  fail_at_step: int | None = None) -> tuple[Path, dict]:
+    """Ray Data stream -> Ray Train workers running DMD2 under DeepSpeed, with checkpoints
+    evaluated on separate actors meanwhile. A run restarted with the same name and storage
+    resumes from its latest checkpoint. Returns the final student folder and the workers'
+    final metrics."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    storage, name = run_storage(cfg, out)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     res, ch = cfg.data.resolution, cfg.data.channels
@@ -114,30 +137,48 @@ def distil_on_ray(cfg: Config, train_path: str, teacher_path: Path, out: Path, t
         read_dataset(train_path, res, ch, require_labels=True, num_cpus=min(1.0, cfg.scale.data_cpus)),
         stats.usable, res, ch, cfg.data.materialize)
     resources = plan_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
+    eval_pool = None
+    if eval_setup is not None and cfg.eval.during_training:
+        real_images, extractor = eval_setup
+        eval_pool = EvaluationPool.start(cfg, functools.partial(load_unet_teacher, str(teacher_path)),
+                                         real_images, extractor, tracker.tracking_uri, tracker.run_id)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(), "teacher_path": str(teacher_path),
-                           "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id},
+                           "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id,
+                           "eval_pool": eval_pool, "fail_at_step": fail_at_step},
         scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=f"{cfg.name}-{out.name}",
-                             storage_path=str(Path(cfg.scale.storage_path or out / "ray").absolute()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
         datasets={"train": train_data},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+        evaluations = eval_pool.drain() if eval_pool is not None else []
+    finally:
+        if eval_pool is not None:
+            eval_pool.shutdown()
+    RunJournal.at(storage, name).mark_finished()
     final_dir = out / STUDENT_DIR
     with result.checkpoint.as_directory() as ckpt:
         shutil.copytree(Path(ckpt) / STUDENT_DIR, final_dir, dirs_exist_ok=True)
         train_metrics = json.loads((Path(ckpt) / "train_metrics.json").read_text())
-    return final_dir, train_metrics | {"skipped_rows": stats.skipped, "usable_rows": stats.usable}
+    return final_dir, train_metrics | {"skipped_rows": stats.skipped, "usable_rows": stats.usable,
+                                       "checkpoint_evaluations": len(evaluations)}
 
 
 def run(cfg: Config, out: Path) -> dict[str, Any]:
+    fail_at_step = parse_fail_at_step(os.environ.get("DMDSCALE_FAIL_AT_STEP"))
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir).expanduser()
     res, ch = cfg.data.resolution, cfg.data.channels
     train_path, held_out_path = resolve_data(cfg)
+    journal = RunJournal.at(*run_storage(cfg, out))
+    resuming = journal.begin(cfg.flat()) == "resume"  # a changed config is an error, before any work
+    if resuming:
+        print(f"dmdscale: {journal.directory} holds an unfinished run of this config; resuming it")
     train_images, train_labels, _ = load_arrays(train_path, res, ch, require_labels=True)
     eval_images, eval_labels, _ = load_arrays(held_out_path, res, ch, require_labels=True)
     if len(train_images) == 0 or len(eval_images) == 0:
@@ -148,8 +189,11 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     teacher_path = resolve_teacher(cfg, train_images, train_labels)
     teacher = load_unet_teacher(teacher_path)
 
-    with Tracker(cfg.name, run_name=f"digits-{out.name}", params=cfg.flat()) as tracker:
-        student_dir, train_metrics = distil_on_ray(cfg, train_path, teacher_path, out, tracker)
+    resume_run_id = journal.read().get("mlflow_run_id") if resuming else None
+    with Tracker(cfg.name, run_name=f"digits-{out.name}", params=cfg.flat(), resume_run_id=resume_run_id) as tracker:
+        journal.note("mlflow_run_id", tracker.run_id)
+        student_dir, train_metrics = distil_on_ray(cfg, train_path, teacher_path, out, tracker,
+                                                   (eval_images, fid_extractor(cfg, classifier)), fail_at_step)
         student = load_unet_teacher(student_dir)
         evals = evaluate_run(cfg, teacher, student, (eval_images, eval_labels), train_images, classifier,
                              out / "fid")
@@ -168,7 +212,9 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
         plot_curves(tracker.curves("loss_"), out / "losses.png")  # what rank 0 logged, by step
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                             step=cfg.train.max_steps)
-        for name in ("metrics.json", "samples.png", "losses.png"):
+        # FID over training: the evaluation actors' checkpoints, then the final figure.
+        plot_curves({k: v for k, v in tracker.curves("fid_student").items() if k == "fid_student"}, out / "fid.png")
+        for name in ("metrics.json", "samples.png", "losses.png", "fid.png"):
             tracker.log_artifact(out / name)
         shutil.rmtree(out / "fid", ignore_errors=True)
     print(json.dumps(metrics, indent=2))

@@ -6,10 +6,11 @@ group Ray Train already created.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +52,23 @@ def ensure_single_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def deepspeed_record_types() -> list[type]:
+    """The only non-tensor classes DeepSpeed pickles into its checkpoints (optimizer files):
+    plain records, allowed by name so loading stays `weights_only=True`."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str | Path, map_location: Any = None) -> Any:
+    """torch.load that never unpickles arbitrary objects: tensors, containers and the few
+    DeepSpeed records above. A checkpoint carrying anything else raises UnpicklingError."""
+    with torch.serialization.safe_globals(deepspeed_record_types()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 class DeepSpeedOptimizedModule:
     """A module trained by a DeepSpeed engine; same interface as TorchOptimizedModule."""
 
@@ -65,6 +83,9 @@ class DeepSpeedOptimizedModule:
             dist_init_required=not torch.distributed.is_initialized(),
         )
         self.module = self.engine.module
+        # DeepSpeed's own loader unpickles with weights_only=False; checkpoints may come from
+        # shared storage, so restore through the weights-only loader instead.
+        self.engine.checkpoint_engine.load = load_weights_only
 
     def backward(self, loss: Tensor) -> None:
         self.engine.backward(loss)
@@ -77,9 +98,30 @@ class DeepSpeedOptimizedModule:
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Full parameters on every rank inside the block (ZeRO-3 partitions them); a
+        collective call, so every rank must enter it. No-op for ZeRO 0-2."""
+        if self.engine.zero_optimization_partition_weights():
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The module's full weights as CPU tensors (a collective call under ZeRO-3)."""
+        with self.gathered():
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+
     def save(self, directory: str | Path, tag: str) -> None:
-        """Engine state (weights, optimiser, scheduler) under directory/tag; a collective call."""
-        self.engine.save_checkpoint(str(directory), tag=tag)
+        """Engine state (weights, optimiser, LR scheduler) under directory/tag; a collective
+        call: each rank writes its own ZeRO partition."""
+        self.engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
 
     def load(self, directory: str | Path, tag: str) -> None:
-        self.engine.load_checkpoint(str(directory), tag=tag)
+        """Restore what `save` wrote (same number of workers), weights-only."""
+        path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' under {directory}")

@@ -289,3 +289,22 @@ def generate(fn, labels: np.ndarray, shape: tuple[int, int, int], seed: int, bat
         y = torch.from_numpy(labels[i:i + batch]).long()
         out.append(to_uint8(fn(torch.randn((len(y), *shape), generator=g), y)))
     return np.concatenate(out)
+
+
+def sample_student(student: nn.Module, timesteps: list[int], labels: np.ndarray,
+                   shape: tuple[int, int, int], seed: int, device: torch.device | str | None = None,
+                   batch: int = 250, desc: str = "sample student") -> np.ndarray:
+    """A few-step student's evaluation images (uint8 NHWC): `generate` with fixed noise, and
+    the re-noising between steps drawn from a generator seeded by `seed` too, so multi-step
+    students give the same images every time (one-step students never re-noise: their images
+    equal `generate(lambda z, y: sample(student, student.schedule, z, timesteps, y), ...)`).
+    Noise is drawn on the CPU and moved to `device` (default: the student's)."""
+    from dmdscale.generator import sample
+
+    device = torch.device(device) if device is not None else next(student.parameters()).device
+    renoise = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def fn(z: Tensor, y: Tensor) -> Tensor:
+        return sample(student, student.schedule, z.to(device), timesteps, y.to(device), rng=renoise)
+
+    return generate(fn, labels, shape, seed, batch=batch, desc=desc)

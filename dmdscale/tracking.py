@@ -22,14 +22,23 @@ class Tracker:
     """One MLflow run: flattened config as params, metrics with their step, artifacts."""
 
     def __init__(self, experiment: str, run_name: str | None = None,
-                 params: dict[str, Any] | None = None):
+                 params: dict[str, Any] | None = None, resume_run_id: str | None = None):
         self.tracking_uri = absolute_tracking_uri()
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_experiment(experiment)
-        self.run = mlflow.start_run(run_name=run_name)
+        self.run = None
+        if resume_run_id:  # a resumed training run continues its MLflow run's curves
+            try:
+                self.run = mlflow.start_run(run_id=resume_run_id)
+            except mlflow.exceptions.MlflowException as exc:
+                print(f"warning: cannot continue MLflow run {resume_run_id} ({exc}); starting a new one")
+        if self.run is None:
+            self.run = mlflow.start_run(run_name=run_name)
         self.run_id = self.run.info.run_id
+        logged = self.run.data.params  # a resumed run keeps the values it started with
+        params = {k: str(v)[:6000] for k, v in (params or {}).items() if k not in logged}
         if params:
-            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+            mlflow.log_params(params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)

@@ -1,8 +1,11 @@
 """The digits pipeline end to end through the real stack: Ray Data, Ray Train + DeepSpeed,
 clean-fid and MLflow (sqlite), on --quick, with corrupt rows in the training data."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -43,15 +46,22 @@ def test_missing_labels_stop_before_training(tmp_path):
     assert not (tmp_path / "o" / "ray").exists()  # no cluster work happened
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache (digits Parquet, classifier, teacher) for the module's runs, as users get."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.mark.slow
-def test_quick_digits_run_end_to_end(tmp_path, mlflow_uri):
-    cache = tmp_path / "cache"
+def test_quick_digits_run_end_to_end_through_an_injected_failure(tmp_path, mlflow_uri, cache):
+    """Corrupt rows, rank 0 failing once at step 12 (quick checkpoints every 5 steps), and
+    checkpoints evaluated on actors while training goes on."""
     splits = build_digits_parquet(cache / "digits")
     train = _with_corrupt_rows(splits["train"], tmp_path / "train_with_corrupt.parquet", n_bad=7)
     out = tmp_path / "run"
     subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(out), f"cache_dir={cache}",
                     f"data.path={train}", f"data.eval_path={splits['test']}"],
-                   check=True, timeout=1500, cwd=tmp_path)
+                   check=True, timeout=1500, cwd=tmp_path, env=os.environ | {"DMDSCALE_FAIL_AT_STEP": "12"})
 
     m = json.loads((out / "metrics.json").read_text())
     for key in ["fid_teacher", "teacher_steps", "fid_student", "student_steps", "class_accuracy_student",
@@ -60,6 +70,8 @@ def test_quick_digits_run_end_to_end(tmp_path, mlflow_uri):
         assert key in m, key
     assert m["skipped_rows"] == 7  # the corrupt rows were skipped and counted, not fatal
     assert m["steps_completed"] == 20 and m["student_steps"] == 1
+    # The failure at step 12 was recovered from the checkpoint after step 9, not from step 0.
+    assert m["restarts"] == 1 and m["resumed_from_step"] == 10
     assert m["sampling_speedup"] > 1 and 0 <= m["data_wait_fraction"] < 1
     assert m["classifier_accuracy_held_out"] > 0.9
     assert np.isfinite([m["fid_teacher"], m["fid_student"]]).all()
@@ -81,7 +93,58 @@ def test_quick_digits_run_end_to_end(tmp_path, mlflow_uri):
     assert run.info.status == "FINISHED" and run.data.params["train.ttur_ratio"] == "5"
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(run.info.run_id, "loss_fake_score")) >= 3  # logged per step by rank 0
+    # Checkpoints after 5, 10 (before the failure) and 15 iterations were evaluated by the
+    # actors while training went on, then the final student at 20.
+    fid_steps = sorted(x.step for x in client.get_metric_history(run.info.run_id, "fid_student"))
+    assert fid_steps == [5, 10, 15, 20] and m["checkpoint_evaluations"] == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "samples.png", "losses.png", "samples_over_training"} <= artifacts
+    assert {"metrics.json", "samples.png", "losses.png", "fid.png", "eval_grids"} <= artifacts
+    assert len(client.list_artifacts(run.info.run_id, "eval_grids")) == 3
     assert (out / "losses.png").stat().st_size > 5_000
     assert m["fid_real_train"] < m["fid_teacher_1step"]  # the floor sits below a 1-step teacher's blur
+
+
+@pytest.mark.slow
+def test_a_stopped_driver_restarted_with_the_same_name_resumes(tmp_path, mlflow_uri, cache):
+    """Ctrl-C the driver once a checkpoint exists; the same command resumes from it."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(PIPELINE), "--quick", "--out", str(out), f"cache_dir={cache}",
+           "eval.during_training=false"]
+    driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = out / "ray" / "digits-run"
+    deadline = time.time() + 900
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # Ray's record of reported checkpoints
+
+    def registered() -> bool:
+        return snapshot.exists() and "checkpoint_" in snapshot.read_text()
+
+    while not registered() and time.time() < deadline:
+        assert driver.poll() is None, "the driver ended before its first checkpoint"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)
+    driver.wait(timeout=300)
+    assert not (out / "metrics.json").exists()  # it really stopped before finishing
+
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming it" in proc.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["resumed_from_step"] > 0 and m["resumed_from_step"] % 5 == 0  # from a checkpoint, not step 0
+    assert m["steps_completed"] == 20 and m["restarts"] == 1
+    # One MLflow run carries the whole loss curve across both drivers.
+    runs = mlflow.search_runs(experiment_names=["digits"], output_format="list")
+    assert len(runs) == 1
+    steps = {x.step for x in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss_fake_score")}
+    assert 0 in steps and 19 in steps
+
+
+def test_a_changed_config_does_not_resume_someone_elses_run(tmp_path, cache):
+    from dmdscale.checkpoint import RunJournal
+    from dmdscale.config import load_config
+
+    out = tmp_path / "run"
+    cfg = load_config(ROOT / "pipelines" / "configs" / "digits.yaml", [f"cache_dir={cache}"], quick=True)
+    RunJournal.at(str(out / "ray"), "digits-run").begin(cfg.flat())  # an unfinished run
+    proc = subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(out), f"cache_dir={cache}",
+                           "train.lr=0.1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0 and "train.lr" in proc.stderr

@@ -28,14 +28,14 @@ def test_deepspeed_config_carries_the_paper_optimiser_settings():
     (2, 1.0, 16, 1.0),
 ])
 def test_plan_resources_always_leaves_cpus_for_data(workers, data_cpus, cpus, expected):
-    cfg = build_config({}, {"scale.num_workers": workers, "scale.data_cpus": data_cpus})
+    cfg = build_config({}, {"scale.num_workers": workers, "scale.data_cpus": data_cpus, "eval.during_training": False})
     planned = plan_resources(cfg, cpus)
     assert planned == {"CPU": expected}
     assert cpus - workers * planned["CPU"] >= data_cpus
 
 
 def test_plan_resources_rejects_an_impossible_plan():
-    cfg = build_config({}, {"scale.num_workers": 2, "scale.data_cpus": 2.0})
+    cfg = build_config({}, {"scale.num_workers": 2, "scale.data_cpus": 2.0, "eval.during_training": False})
     with pytest.raises(ValueError, match="scale.num_workers"):
         plan_resources(cfg, 2)
 

@@ -1,4 +1,5 @@
 """Few-step sampling and backward simulation."""
+import pytest
 import torch
 
 from dmdscale.generator import backward_simulate, draw_k, sample
@@ -70,3 +71,18 @@ def test_training_noise_is_independent_of_simulation_noise():
     assert abs(float(z1.std()) - 1) < 0.03  # z1 is a real unit-variance noise draw
     corr = float(torch.corrcoef(torch.cat([z0, z1], 1).T)[0, 1])
     assert abs(corr) < 0.03, corr
+
+
+def test_noise_stream_gives_each_sample_the_same_noise_however_the_batch_is_split():
+    from dmdscale.generator import NoiseStream
+
+    def draw(rank, world):
+        s = NoiseStream(torch.Generator().manual_seed(3), rank, world)
+        return s.randn((4, 2), "cpu", torch.float32), s.randint(0, 1000, 4, "cpu")
+
+    whole = NoiseStream(torch.Generator().manual_seed(3))
+    full_x, full_t = whole.randn((8, 2), "cpu", torch.float32), whole.randint(0, 1000, 8, "cpu")
+    (x0, t0), (x1, t1) = draw(0, 2), draw(1, 2)
+    assert torch.equal(torch.cat([x0, x1]), full_x) and torch.equal(torch.cat([t0, t1]), full_t)
+    with pytest.raises(ValueError, match="rank 2"):
+        NoiseStream(torch.Generator(), 2, 2)

@@ -8,20 +8,43 @@ from dmdscale.train import _cpu_threads, node_cores, plan_resources
 
 
 def test_two_cpus_leave_one_for_ray_data():
-    cfg = build_config({"scale": {"num_workers": 1, "data_cpus": 1.0}})
+    no_eval = {"during_training": False}
+    cfg = build_config({"scale": {"num_workers": 1, "data_cpus": 1.0}, "eval": no_eval})
     assert plan_resources(cfg, 2.0) == {"CPU": 1.0}
-    two = build_config({"scale": {"num_workers": 2, "data_cpus": 1.0}})
+    two = build_config({"scale": {"num_workers": 2, "data_cpus": 1.0}, "eval": no_eval})
     assert plan_resources(two, 2.0) == {"CPU": 0.5}
 
 
+def test_rollout_and_evaluation_actors_get_their_cpus_before_the_workers():
+    four = [999, 749, 499, 249]
+    cfg = build_config({"scale": {"num_workers": 1, "data_cpus": 1.0}, "generator": {"timesteps": four},
+                        "rollout": {"mode": "actors", "num_actors": 1, "actor_cpus": 0.25},
+                        "eval": {"num_actors": 1, "actor_cpus": 0.25}})
+    assert plan_resources(cfg, 2.0) == {"CPU": 0.5}  # 2 - 1 data - 0.25 rollout - 0.25 eval
+    # A one-step student never simulates, so its rollout actors are not started or planned.
+    one = build_config({"scale": {"data_cpus": 1.0}, "rollout": {"mode": "actors", "actor_cpus": 0.25},
+                        "eval": {"actor_cpus": 0.25}})
+    assert plan_resources(one, 2.0) == {"CPU": 0.75}
+    with pytest.raises(ValueError, match="rollout/evaluation actors"):
+        plan_resources(cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"num_actors": 4})}), 2.0)
+
+
+def test_gpu_rollout_actors_share_their_workers_gpu():
+    cfg = build_config({"scale": {"use_gpu": True, "num_workers": 2}, "generator": {"timesteps": [999, 499]},
+                        "rollout": {"mode": "actors", "num_actors": 1, "actor_gpus": 0.25},
+                        "eval": {"num_actors": 1, "actor_gpus": 0.5}})
+    assert plan_resources(cfg, 8.0) == {"CPU": 1.0, "GPU": 0.5}  # 1 - 0.25 rollout - 0.5/2 eval
+
+
 def test_plan_that_starves_ray_data_is_refused_naming_the_keys():
-    cfg = build_config({"scale": {"num_workers": 2, "data_cpus": 2.0}})
+    cfg = build_config({"scale": {"num_workers": 2, "data_cpus": 2.0}, "eval": {"during_training": False}})
     with pytest.raises(ValueError, match="scale.num_workers=2 with scale.data_cpus=2"):
         plan_resources(cfg, 2.0)
 
 
 def test_gpu_workers_take_one_gpu_each():
-    assert plan_resources(build_config({"scale": {"use_gpu": True}}), 8.0) == {"CPU": 1.0, "GPU": 1.0}
+    cfg = build_config({"scale": {"use_gpu": True}, "eval": {"during_training": False}})
+    assert plan_resources(cfg, 8.0) == {"CPU": 1.0, "GPU": 1.0}
 
 
 def test_cpu_threads_split_the_node_or_follow_the_config():
