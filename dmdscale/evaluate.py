@@ -286,7 +286,7 @@ def generate(fn, labels: np.ndarray, shape: tuple[int, int, int], seed: int, bat
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in tqdm(range(0, len(labels), batch), desc=desc, dynamic_ncols=True):
-        y = torch.from_numpy(labels[i:i + batch]).long()
+        y = torch.tensor(labels[i:i + batch], dtype=torch.long)  # a copy: Ray hands actors read-only arrays
         out.append(to_uint8(fn(torch.randn((len(y), *shape), generator=g), y)))
     return np.concatenate(out)
 

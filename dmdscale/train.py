@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import tempfile
@@ -18,7 +19,9 @@ from typing import Any, Iterator
 
 import torch
 
-from dmdscale.config import Config, ScaleConfig
+from dmdscale.checkpoint import (DataPosition, InjectedFailure, RunJournal, TrainingState, load_training_state,
+                                 rng_states, save_training_state, set_rng_states)
+from dmdscale.config import Config
 from dmdscale.loop import prefetched, train_loop
 from dmdscale.models.base import Critic
 from dmdscale.models.unet2d import ClassConditionalUNet, ConvHead, load_unet_teacher
@@ -36,38 +39,73 @@ def build_players(teacher_path: str, device: torch.device) -> tuple[ClassConditi
     return teacher, generator, Critic(fake_score, ConvHead.for_model(fake_score)).to(device)
 
 
-def plan_resources(cfg: Config, cluster_cpus: float) -> dict[str, float]:
-    """CPUs per train worker: leave `scale.data_cpus` to Ray Data so neither starves.
+def uses_rollout_actors(cfg: Config) -> bool:
+    """Backward simulation runs on the rollout pool (multi-step students with rollout.mode actors)."""
+    return (cfg.rollout.mode == "actors" and len(cfg.generator.timesteps) > 1
+            and cfg.generator.backward_simulation)
 
-    On a 2-CPU machine with one worker: 1 CPU for the worker, 1 for data. A default plan
-    (1 CPU per worker and 2 workers) leaves Ray Data 0 CPUs and deadlocks.
+
+def plan_resources(cfg: Config, cluster_cpus: float) -> dict[str, float]:
+    """Resources per train worker, leaving room for what runs beside the workers.
+
+    CPU: `scale.data_cpus` stay with Ray Data and the rollout and evaluation actors get
+    theirs; the workers share the rest (a default plan of 1 CPU per worker on a 2-CPU machine
+    leaves Ray Data 0 CPUs and deadlocks). GPU: each worker's rollout actors share its GPU,
+    and the evaluation actors take their fraction spread over the workers' GPUs.
     """
+    rollout_actors = cfg.rollout.num_actors if uses_rollout_actors(cfg) else 0
+    eval_actors = cfg.eval.num_actors if cfg.eval.during_training else 0
+    workers = cfg.scale.num_workers
     if cfg.scale.use_gpu:
-        return {"CPU": 1.0, "GPU": 1.0}
-    share = (cluster_cpus - cfg.scale.data_cpus) / cfg.scale.num_workers
+        gpu = 1.0 - rollout_actors * cfg.rollout.actor_gpus - eval_actors * cfg.eval.actor_gpus / workers
+        if gpu <= 0:
+            raise ValueError(f"rollout.actor_gpus and eval.actor_gpus leave no GPU share for the train workers "
+                             f"(each would get {gpu:g})")
+        return {"CPU": 1.0, "GPU": gpu}
+    side = eval_actors * cfg.eval.actor_cpus + workers * rollout_actors * cfg.rollout.actor_cpus
+    share = (cluster_cpus - cfg.scale.data_cpus - side) / workers
     if share <= 0:
         raise ValueError(
-            f"scale.num_workers={cfg.scale.num_workers} with scale.data_cpus={cfg.scale.data_cpus} "
-            f"does not fit the cluster's {cluster_cpus:g} CPUs"
+            f"scale.num_workers={workers} with scale.data_cpus={cfg.scale.data_cpus} and {side:g} CPUs "
+            f"for rollout/evaluation actors does not fit the cluster's {cluster_cpus:g} CPUs"
         )
     return {"CPU": min(1.0, share)}
 
 
-def _batches(shard: Any, batch_size: int, device: torch.device, epochs: list[int],
-             shuffle_buffer: int) -> Iterator[Batch]:
-    """Endless batches from this worker's Ray Data shard, epoch after epoch, locally shuffled."""
+def _batches(shard: Any, batch_size: int, device: torch.device, shuffle_buffer: int, seed: int,
+             position: DataPosition) -> Iterator[Batch]:
+    """Endless batches from this worker's Ray Data shard, epoch after epoch, from `position`.
+
+    The local shuffle is seeded by epoch, so a resumed run skips into the same epoch order it
+    left (as far as Ray Data's block order within a shard repeats). The reader records the
+    epoch's length in `position` when it first reaches an epoch's end.
+    """
+    epoch, skip = position.epoch, position.batch
     while True:
+        count = 0
         for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
-                                          local_shuffle_buffer_size=shuffle_buffer or None):
-            yield Batch(b["image"], b.get("label"))
-        epochs[0] += 1
+                                          local_shuffle_buffer_size=shuffle_buffer or None,
+                                          local_shuffle_seed=seed * 1_000_003 + epoch if shuffle_buffer else None):
+            count += 1
+            if count > skip:
+                yield Batch(b["image"], b.get("label"))
+        if count == 0:
+            raise ValueError(f"this worker's data shard holds fewer rows than its batch ({batch_size}): "
+                             "lower train.batch_size or scale.num_workers")
+        position.epoch_length, epoch, skip = count, epoch + 1, 0
 
 
-def _cpu_threads(scale: ScaleConfig, local_workers: int) -> int:
+def cpu_threads(cfg: Config, local_workers: int) -> int:
     """Torch threads for a CPU worker: the config's, else this node's cores split among its
-    workers. Ray's CPU reservation is for scheduling (so Ray Data keeps a CPU); decoding is
-    light or done once (data.materialize), so the compute threads may use the whole node."""
-    return scale.cpu_threads_per_worker or max(1, node_cores() // max(local_workers, 1))
+    workers, less the cores its rollout actors compute on (else trainer and actors fight over
+    them: 0.75x on 2 cores, see bench/README.md). Ray's CPU reservation is for scheduling (so
+    Ray Data keeps a CPU); decoding is light or done once (data.materialize), and evaluation
+    actors run only at checkpoints, so the compute threads may use the rest of the node."""
+    if cfg.scale.cpu_threads_per_worker:
+        return cfg.scale.cpu_threads_per_worker
+    workers = max(local_workers, 1)
+    actors = workers * cfg.rollout.num_actors * cfg.rollout.actor_cpus if uses_rollout_actors(cfg) else 0.0
+    return max(1, int((node_cores() - actors) // workers))
 
 
 def node_cores() -> int:
@@ -93,26 +131,6 @@ class _MLflowFromWorker:
         now = int(time.time() * 1000)
         self._safely(step, self.client.log_batch, self.run_id,
                      metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-    def grid(self, generator: ClassConditionalUNet, cfg: Config, step: int) -> None:
-        """A 10 x num_classes grid from fixed noise, so grids over training are comparable."""
-        if self.client is None:
-            return
-        from dmdscale.images import to_uint8
-        from dmdscale.plots import save_grid
-        from dmdscale.generator import sample
-
-        n, c, r = 10 * cfg.data.num_classes, cfg.data.channels, cfg.data.resolution
-        labels = torch.arange(n) // 10
-        device = next(generator.parameters()).device
-        noise = torch.randn((n, c, r, r), generator=torch.Generator().manual_seed(1234)).to(device)
-        generator.eval()
-        images = to_uint8(sample(generator, generator.schedule, noise, cfg.generator.timesteps, labels.to(device)))
-        generator.train()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_grid(images, labels.numpy(), Path(tmp) / f"samples_step{step:07d}.png",
-                             title=f"step {step}")
-            self._safely(step, self.client.log_artifact, self.run_id, str(path), "samples_over_training")
 
     @staticmethod
     def _safely(step: int, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -150,7 +168,8 @@ def export_student(generator: ClassConditionalUNet, timesteps: list[int], out_di
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point, run on every worker."""
+    """Ray Train entry point, run on every worker (again after a failure: it then resumes
+    from the latest checkpoint that `ray.train.get_checkpoint()` hands back)."""
     import ray.train
     import ray.train.torch
 
@@ -161,58 +180,99 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(_cpu_threads(cfg.scale, ctx.get_local_world_size()))
+        torch.set_num_threads(cpu_threads(cfg, ctx.get_local_world_size()))
     torch.manual_seed(cfg.train.seed)
     micro = cfg.train.batch_size // world
     teacher, generator, critic = build_players(config["teacher_path"], device)
     gen_engine = DeepSpeedOptimizedModule(generator, cfg.train, cfg.scale, micro)
     critic_engine = DeepSpeedOptimizedModule(critic, cfg.train, cfg.scale, micro)
+    engines = {"generator": gen_engine, "critic": critic_engine}
     step_fn = DMD2Step(cfg, teacher, gen_engine, critic_engine, sync_flag=_all_ranks_agree,
-                       rank=rank, device=device)
+                       rank=rank, world_size=world, device=device)
+
+    start_step, position = 0, DataPosition()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt:
+            state, rngs = load_training_state(ckpt, engines, rank)
+        set_rng_states(rngs, step_fn.rng)
+        start_step, position = state.step, DataPosition(state.data_epoch, state.data_batch)
+    storage = ctx.get_storage()
+    journal = RunJournal(storage.storage_filesystem, storage.experiment_fs_path)
+    earlier_starts = journal.record_start(start_step) if rank == 0 else 0
+    if rank == 0 and start_step:
+        print(f"dmdscale: resumed from the checkpoint at step {start_step} (start {earlier_starts + 1} of this run)")
+
+    rollouts = None
+    if uses_rollout_actors(cfg):
+        from dmdscale.rollouts import RolloutPool
+
+        rollouts = RolloutPool.create(cfg, functools.partial(load_unet_teacher, config["teacher_path"]),
+                                      rank, world, device)
+        rollouts.start(start_step, gen_engine.full_state_dict)
+    eval_pool = config.get("eval_pool")
+    fail_at = config.get("fail_at_step")
     log_mlflow = _MLflowFromWorker(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
-    epochs = [0]
     counts = {"images": 0}
     start = time.perf_counter()
 
+    def step_or_fail(batch: Batch, step: int) -> dict[str, float]:
+        if step == fail_at and rank == 0 and journal.mark_once(f"failed_at_step_{step}"):
+            raise InjectedFailure(f"DMDSCALE_FAIL_AT_STEP={step}: rank 0 fails once here, to rehearse recovery")
+        return step_fn(batch, step)
+
     def on_step_end(metrics: dict[str, float], step: int) -> None:
+        position.consumed += 1
         counts["images"] += micro * world
+        if rollouts is not None:
+            rollouts.after_step(step, gen_engine.full_state_dict)
         last = step == cfg.train.max_steps - 1
         checkpoint_now = (step + 1) % cfg.train.checkpoint_every == 0 and not last
         if step % cfg.train.log_every == 0 or checkpoint_now or last:
-            report = {**metrics, "step": step, "epoch": epochs[0],
+            report = {**metrics, "step": step, "epoch": position.now()[0],
                       "train_images_per_s": counts["images"] / (time.perf_counter() - start)}
             if log_mlflow is not None:
                 log_mlflow(report, step)
             if checkpoint_now:
-                if log_mlflow is not None:
-                    log_mlflow.grid(generator, cfg, step)
                 save_checkpoint(report, step)
             elif not last:  # the last step reports with the final checkpoint, below
                 ray.train.report(report)
 
     def save_checkpoint(report: dict[str, float], step: int) -> None:
-        """Every rank writes its ZeRO partitions of both engines; Ray merges the folders."""
+        """Every rank writes its own part into a local folder; Ray merges them in storage."""
+        epoch, batch = position.now()
         with tempfile.TemporaryDirectory() as tmp:
-            gen_engine.save(tmp, "generator")
-            critic_engine.save(tmp, "critic")
-            if rank == 0:
-                (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
+            save_training_state(tmp, TrainingState(step + 1, epoch, batch), engines, rng_states(step_fn.rng), rank)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if eval_pool is not None:
+            weights = gen_engine.full_state_dict()  # collective under ZeRO-3: every rank gathers
+            if rank == 0:  # at the count of iterations done, like the final figure at max_steps
+                eval_pool.submit(step + 1, weights)  # queued on the evaluation actors; never awaited
 
     shard = ray.train.get_dataset_shard("train")
-    with contextlib.closing(prefetched(_batches(shard, micro, device, epochs, cfg.scale.shuffle_buffer),
-                                       cfg.scale.prefetch_batches)) as batches:  # closing stops the thread
-        result = train_loop(step_fn, batches, cfg.train.max_steps,
-                            max_nonfinite_steps=cfg.train.max_nonfinite_steps, log_every=cfg.train.log_every,
-                            on_step_end=on_step_end, progress=rank == 0)
+    reader = _batches(shard, micro, device, cfg.scale.shuffle_buffer, cfg.train.seed, position)
+    with contextlib.closing(prefetched(reader, cfg.scale.prefetch_batches)) as batches:  # closing stops the thread
+        if rollouts is not None:
+            batches = rollouts.attach(batches, start_step)
+        try:
+            result = train_loop(step_or_fail, batches, cfg.train.max_steps, start_step=start_step,
+                                max_nonfinite_steps=cfg.train.max_nonfinite_steps, log_every=cfg.train.log_every,
+                                on_step_end=on_step_end, progress=rank == 0)
+        finally:
+            rollout_stats = rollouts.stats() if rollouts is not None else {}
+            if rollouts is not None:
+                rollouts.close()
     steady_images = (len(result.history) - 1) * micro * world  # after the first batch
-    final = {"steps_completed": len(result.history), "train_seconds": result.seconds,
+    final = {"steps_completed": start_step + len(result.history), "resumed_from_step": start_step,
+             "restarts": earlier_starts, "train_seconds": result.seconds,
              "data_wait_fraction": result.data_wait_fraction,
              "data_first_batch_seconds": result.first_batch_seconds,
              "train_images_per_s": steady_images / result.seconds if result.seconds else 0.0,
-             "nonfinite_steps": result.nonfinite_steps}
+             "nonfinite_steps": result.nonfinite_steps,
+             **{f"rollout_{k}": v for k, v in rollout_stats.items()}}
     with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            export_student(generator, cfg.generator.timesteps, Path(tmp) / STUDENT_DIR)
-            (Path(tmp) / "train_metrics.json").write_text(json.dumps(final))
+        with gen_engine.gathered():  # every rank gathers under ZeRO-3; rank 0 writes
+            if rank == 0:
+                export_student(generator, cfg.generator.timesteps, Path(tmp) / STUDENT_DIR)
+                (Path(tmp) / "train_metrics.json").write_text(json.dumps(final))
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)

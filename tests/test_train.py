@@ -4,7 +4,7 @@ import os
 import pytest
 
 from dmdscale.config import build_config
-from dmdscale.train import _cpu_threads, node_cores, plan_resources
+from dmdscale.train import cpu_threads, node_cores, plan_resources
 
 
 def test_two_cpus_leave_one_for_ray_data():
@@ -50,6 +50,10 @@ def test_gpu_workers_take_one_gpu_each():
 def test_cpu_threads_split_the_node_or_follow_the_config():
     cfg = build_config({})
     assert 1 <= node_cores() <= os.cpu_count()
-    assert _cpu_threads(cfg.scale, 1) == node_cores()
-    assert _cpu_threads(cfg.scale, node_cores() * 2) == 1
-    assert _cpu_threads(build_config({"scale": {"cpu_threads_per_worker": 3}}).scale, 1) == 3
+    assert cpu_threads(cfg, 1) == node_cores()
+    assert cpu_threads(cfg, node_cores() * 2) == 1
+    assert cpu_threads(build_config({"scale": {"cpu_threads_per_worker": 3}}), 1) == 3
+    # Rollout actors' cores are left to them (a 4-step student with one 1-CPU actor).
+    rollouts = build_config({"generator": {"timesteps": [999, 749, 499, 249]},
+                             "rollout": {"mode": "actors", "num_actors": 1, "actor_cpus": 1.0}})
+    assert cpu_threads(rollouts, 1) == max(1, node_cores() - 1)
