@@ -7,6 +7,7 @@ group Ray Train already created.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from pathlib import Path
@@ -16,10 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from dmdscale.config import ScaleConfig, TrainConfig
+from dmdscale.optim import warmup_lr_scheduler
 
 
 def deepspeed_config(train: TrainConfig, scale: ScaleConfig, micro_batch: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config for one trainable module (AdamW, warm-up, clipping, ZeRO)."""
+    """The DeepSpeed JSON config for one trainable module (AdamW, clipping, ZeRO). The warm-up
+    is the plain path's (`warmup_lr_scheduler`), handed to DeepSpeed as a client scheduler."""
     zero: dict[str, Any] = {"stage": scale.zero_stage}
     if scale.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": scale.use_gpu}
@@ -31,11 +34,6 @@ def deepspeed_config(train: TrainConfig, scale: ScaleConfig, micro_batch: int) -
             # torch_adam: torch's AdamW instead of compiling DeepSpeed's fused kernel (~45 s on CPU).
             "params": {"lr": train.lr, "betas": list(train.betas), "weight_decay": train.weight_decay,
                        "torch_adam": True},
-        },
-        "scheduler": {
-            "type": "WarmupLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr,
-                       "warmup_num_steps": max(train.warmup_steps, 1), "warmup_type": "linear"},
         },
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
@@ -80,6 +78,9 @@ class DeepSpeedOptimizedModule:
         params = [p for p in module.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, model_parameters=params, config=deepspeed_config(train, scale, micro_batch),
+            # The same schedule as one plain process. DeepSpeed's WarmupLR starts at warmup_min_lr
+            # for two optimiser steps, which made each engine's first two updates no-ops.
+            lr_scheduler=functools.partial(warmup_lr_scheduler, warmup_steps=train.warmup_steps),
             dist_init_required=not torch.distributed.is_initialized(),
         )
         self.module = self.engine.module

@@ -6,6 +6,7 @@ in `dmdscale.engine` implement the same interface, so the step never knows which
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Protocol
 
@@ -30,6 +31,11 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
 
 
+def warmup_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of every trainable module, plain or DeepSpeed."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_factor, warmup_steps=warmup_steps))
+
+
 class TorchOptimizedModule:
     """AdamW (betas, weight decay from config), linear warm-up, gradient-norm clipping.
     A step whose gradient norm is not finite is skipped, never applied."""
@@ -40,9 +46,7 @@ class TorchOptimizedModule:
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_factor(s, cfg.warmup_steps)
-        )
+        self.scheduler = warmup_lr_scheduler(self.optimizer, cfg.warmup_steps)
         self.grad_clip = cfg.grad_clip
 
     def backward(self, loss: Tensor) -> None:

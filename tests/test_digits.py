@@ -109,7 +109,7 @@ def test_a_stopped_driver_restarted_with_the_same_name_resumes(tmp_path, mlflow_
     """Ctrl-C the driver once a checkpoint exists; the same command resumes from it."""
     out = tmp_path / "run"
     cmd = [sys.executable, str(PIPELINE), "--quick", "--out", str(out), f"cache_dir={cache}",
-           "eval.during_training=false"]
+           "eval.during_training=false", "eval.num_samples=100", "eval.teacher_steps=2"]
     driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = out / "ray" / "digits-run"
     deadline = time.time() + 900

@@ -19,7 +19,7 @@ def test_deepspeed_config_carries_the_paper_optimiser_settings():
     assert ds["optimizer"]["params"]["weight_decay"] == 0.01 and ds["optimizer"]["params"]["torch_adam"]
     assert ds["gradient_clipping"] == 10.0 and ds["bf16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert ds["scheduler"]["params"]["warmup_num_steps"] == 500
+    assert "scheduler" not in ds  # the warm-up is the client scheduler, shared with the plain path
 
 
 @pytest.mark.parametrize("workers, data_cpus, cpus, expected", [
@@ -57,3 +57,27 @@ def test_dmd2_step_runs_on_deepspeed_zero(stage):
         assert m["generator_updated"] == float(i % 2 == 0)
         assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
         assert m["nonfinite_critic"] == 0
+
+
+@pytest.mark.slow
+def test_deepspeed_engine_follows_the_plain_optimiser_through_the_warm_up():
+    """Same AdamW, warm-up and clipping: a ZeRO-2 engine and the plain path take the same steps
+    (DeepSpeed's own WarmupLR would leave the first two updates at learning rate 0)."""
+    from dmdscale.optim import TorchOptimizedModule
+
+    cfg = build_config({}, {"train.warmup_steps": 3, "train.lr": 1e-2, "scale.zero_stage": 2})
+    sched = NoiseSchedule.ddpm()
+    torch.manual_seed(0)
+    plain_model = MLPDenoiser(sched, 2, 16, 2)
+    ds_model = MLPDenoiser(sched, 2, 16, 2)
+    ds_model.load_state_dict(plain_model.state_dict())
+    plain = TorchOptimizedModule(plain_model, cfg.train)
+    engine = DeepSpeedOptimizedModule(ds_model, cfg.train, cfg.scale, 8)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, t = torch.randn(8, 2, generator=g), torch.randint(0, 1000, (8,), generator=g)
+        for opt in (plain, engine):
+            opt.backward(opt.module(x, t, None).pow(2).mean())
+            opt.step()
+        for a, b in zip(plain_model.parameters(), engine.module.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
