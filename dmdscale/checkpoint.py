@@ -89,6 +89,10 @@ def load_training_state(directory: str | Path, modules: dict[str, Checkpointable
     """Restore the modules in place; return this rank's state and RNG states."""
     directory = Path(directory)
     state_file = directory / _state_file(rank)
+    if not state_file.is_file() and (directory / "train_metrics.json").is_file():
+        raise FileNotFoundError(
+            f"checkpoint {directory} is the final one of a finished run (it holds the exported "
+            f"student, not training state); delete the run's folder or use another --out")
     if not state_file.is_file():
         raise FileNotFoundError(
             f"checkpoint {directory} has no {state_file.name}: it was written by fewer workers "

@@ -160,11 +160,11 @@ def distil_on_ray(cfg: Config, train_path: str, teacher_path: Path, out: Path, t
     finally:
         if eval_pool is not None:
             eval_pool.shutdown()
-    RunJournal.at(storage, name).mark_finished()
     final_dir = out / STUDENT_DIR
     with result.checkpoint.as_directory() as ckpt:
         shutil.copytree(Path(ckpt) / STUDENT_DIR, final_dir, dirs_exist_ok=True)
         train_metrics = json.loads((Path(ckpt) / "train_metrics.json").read_text())
+    RunJournal.at(storage, name).mark_finished()  # the student is out: a rerun starts afresh
     return final_dir, train_metrics | {"skipped_rows": stats.skipped, "usable_rows": stats.usable,
                                        "checkpoint_evaluations": len(evaluations)}
 

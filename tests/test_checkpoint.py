@@ -78,6 +78,9 @@ def test_a_checkpoint_that_carries_code_is_refused_not_run(tmp_path, monkeypatch
 def test_missing_rank_files_name_the_cause(tmp_path):
     with pytest.raises(FileNotFoundError, match="scale.num_workers"):
         load_training_state(tmp_path, {}, rank=1)
+    (tmp_path / "train_metrics.json").write_text("{}")  # a finished run's final checkpoint
+    with pytest.raises(FileNotFoundError, match="finished run"):
+        load_training_state(tmp_path, {}, rank=0)
 
 
 def test_data_position_counts_consumed_batches_across_epochs():
