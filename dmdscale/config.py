@@ -69,6 +69,12 @@ class DataConfig(_Section):
     # Keep the decoded data set in Ray's object store across epochs: "auto" when it takes at
     # most a quarter of the store (digits: 1.5 MB); otherwise each epoch streams from the source.
     materialize: Literal["auto", "always", "never"] = "auto"
+    # Latent families (sd15, sdxl): VAE latents and text embeddings are computed by a Ray Data
+    # actor pool (a GPU each when scale.use_gpu). With latent_cache set, they are written there
+    # as Parquet once and streamed from it afterwards (the VAE and text encoders never reload).
+    latent_cache: str | None = None
+    encode_actors: int = Field(1, ge=1)
+    encode_batch_size: int = Field(16, ge=1)
 
 
 class GeneratorConfig(_Section):
@@ -89,6 +95,18 @@ class GeneratorConfig(_Section):
         return v
 
 
+class LoraConfig(_Section):
+    """LoRA on the generator's UNet through peft; the critic stays fully trained, as in the
+    DMD2 authors' SDXL LoRA run. Targets: the authors' list (attention, convs, ff, time proj)."""
+
+    enabled: bool = False
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(8.0, gt=0)
+    targets: list[str] = Field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+        "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"])
+
+
 class TrainConfig(_Section):
     max_steps: int = Field(2000, ge=1)
     batch_size: int = Field(256, ge=1)  # global, across workers
@@ -98,7 +116,10 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(500, ge=0)
     grad_clip: float = Field(10.0, gt=0)
+    # bf16: autocast and DeepSpeed bf16 engines, and the frozen teacher stored in bf16.
     mixed_precision: Literal["no", "bf16"] = "no"
+    # Recompute the generator's and fake score's activations in backward (UNet2DConditionModel).
+    gradient_checkpointing: bool = False
     seed: int = 0
     # Consecutive non-finite iterations tolerated (each is skipped) before the run stops.
     max_nonfinite_steps: int = Field(10, ge=0)
@@ -187,6 +208,7 @@ class Config(_Section):
     toy2d: Toy2dConfig = Field(default_factory=Toy2dConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
@@ -194,6 +216,18 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     # Dotted overrides applied by `--quick` (a reduced configuration for smoke tests).
     quick: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_family(self) -> "Config":
+        text = self.model.family in ("sd15", "sdxl")
+        if text and self.model.teacher in ("analytic", "train"):
+            raise ValueError(f"model.teacher: a {self.model.family} teacher is a diffusers pipeline folder or hub id, "
+                             f"got {self.model.teacher!r}")
+        if text and self.data.channels != 3:
+            raise ValueError(f"data.channels: {self.model.family} VAEs take RGB images, set 3 (got {self.data.channels})")
+        if self.lora.enabled and not text:
+            raise ValueError(f"lora.enabled: LoRA applies to the sd15 and sdxl families, not {self.model.family!r}")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """The config as {dotted.key: value}, e.g. for MLflow params."""
@@ -234,6 +268,8 @@ def _describe(err: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"config key '{key}' is not a known key"
+    if not key:  # a check across sections: its message names the keys itself
+        return str(err["msg"]).removeprefix("Value error, ")
     return f"config key '{key}': {err['msg']} (got {err.get('input')!r})"
 
 

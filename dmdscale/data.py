@@ -38,6 +38,7 @@ __all__ = [
     "build_imagefolder",
     "decode_image",
     "load_arrays",
+    "load_prompts",
     "check_source",
     "read_dataset",
     "inspect_dataset",
@@ -204,14 +205,18 @@ def _decode_all(data: Sequence[bytes | None], resolution: int, channels: int) ->
 # --------------------------------------------------------------------------- validation
 
 
-def check_source(path: str | os.PathLike, require_labels: bool) -> str:
+def check_source(path: str | os.PathLike, require_labels: bool, require_prompts: bool = False) -> str:
     """Validate a source on the driver before any cluster work; returns its kind.
 
     Reads only Parquet schemas or the small metadata.jsonl, never the images, so a wrong path
     or a missing column fails in a second with a message naming it, instead of deep inside a
     Ray task after the cluster has started.
     """
-    return _describe(path, require_labels).kind
+    source = _describe(path, require_labels)
+    if require_prompts and not source.has_prompt:
+        column = "'text' in metadata.jsonl" if source.kind == "imagefolder" else "column 'prompt'"
+        raise DataError(f"{source.root}: text-to-image training needs captions: {column} is missing")
+    return source.kind
 
 
 def _describe(path: str | os.PathLike, require_labels: bool) -> _Source:
@@ -303,6 +308,18 @@ def load_arrays(
     if source.has_label:
         labels = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)[keep]
     return images, labels, int((~keep).sum())
+
+
+def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]:
+    """The captions of a source, in row order (for evaluation prompts), without decoding images."""
+    source = _describe(path, require_labels=False)
+    if not source.has_prompt:
+        raise DataError(f"{source.root}: no captions ('prompt' column or 'text' in {METADATA_FILE})")
+    if source.kind == "imagefolder":
+        prompts = _read_metadata(Path(source.files[0])).column("text")
+    else:
+        prompts = pds.dataset(list(source.files), format="parquet").to_table(columns=["prompt"]).column("prompt")
+    return [str(p) for p in prompts.to_pylist()[:limit]]
 
 
 def _read_table(source: _Source) -> pa.Table:

@@ -20,7 +20,7 @@ import torch
 
 from dmdscale.checkpoint import RunJournal, parse_fail_at_step
 from dmdscale.config import Config
-from dmdscale.data import (DataError, build_digits_parquet, check_source, inspect_dataset, load_arrays,
+from dmdscale.data import (DataError, check_source, inspect_dataset, load_arrays,
                            materialize_if_small, read_dataset)
 from dmdscale.evalpool import EvaluationPool, eval_spec
 from dmdscale.evaluate import class_accuracy, compute_fid, generate, load_or_train_classifier, sample_student
@@ -29,16 +29,12 @@ from dmdscale.models.unet2d import ClassConditionalUNet, load_unet_teacher, tiny
 from dmdscale.plots import plot_curves, save_grid
 from dmdscale.teacher import load_or_train_teacher
 from dmdscale.tracking import Tracker
-from dmdscale.train import STUDENT_DIR, plan_resources, train_worker
+from dmdscale.train import STUDENT_DIR, fit_on_ray, run_storage, source_paths
 
 
 def resolve_data(cfg: Config) -> tuple[str, str]:
     """(train path, held-out path), validated on the driver before any cluster work."""
-    if cfg.data.path == "digits":
-        paths = build_digits_parquet(Path(cfg.cache_dir).expanduser() / "digits")
-        train, held_out = str(paths["train"]), str(paths["test"])
-    else:
-        train, held_out = cfg.data.path, cfg.data.eval_path or cfg.data.path
+    train, held_out = source_paths(cfg)
     for path in {train, held_out}:
         check_source(path, require_labels=True)  # class-conditional: labels are required
     return train, held_out
@@ -109,26 +105,13 @@ def evaluate_run(cfg: Config, teacher: ClassConditionalUNet, student: ClassCondi
     return metrics | {"_images": images["student"], "_labels": labels}
 
 
-def run_storage(cfg: Config, out: Path) -> tuple[str, str]:
-    """(storage path or URI, run name) of the Ray Train run: where its checkpoints live."""
-    storage = cfg.scale.storage_path or str(out / "ray")
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().absolute())
-    return storage, f"{cfg.name}-{out.name}"
-
-
 def distil_on_ray(cfg: Config, train_path: str, teacher_path: Path, out: Path, tracker: Tracker,
                   eval_setup: tuple[np.ndarray, Any] | None = None,
                   fail_at_step: int | None = None) -> tuple[Path, dict]:
-    """Ray Data stream -> Ray Train workers running DMD2 under DeepSpeed, with checkpoints
-    evaluated on separate actors meanwhile. A run restarted with the same name and storage
-    resumes from its latest checkpoint. Returns the final student folder and the workers'
-    final metrics."""
+    """The digits rows as a Ray Data stream, checkpoints evaluated on separate actors meanwhile,
+    and DMD2 on Ray Train (`fit_on_ray`). Returns the student folder and the final metrics."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    storage, name = run_storage(cfg, out)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     res, ch = cfg.data.resolution, cfg.data.channels
@@ -136,37 +119,20 @@ def distil_on_ray(cfg: Config, train_path: str, teacher_path: Path, out: Path, t
     train_data = materialize_if_small(
         read_dataset(train_path, res, ch, require_labels=True, num_cpus=min(1.0, cfg.scale.data_cpus)),
         stats.usable, res, ch, cfg.data.materialize)
-    resources = plan_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
     eval_pool = None
     if eval_setup is not None and cfg.eval.during_training:
         real_images, extractor = eval_setup
         eval_pool = EvaluationPool.start(cfg, functools.partial(load_unet_teacher, str(teacher_path)),
                                          real_images, extractor, tracker.tracking_uri, tracker.run_id)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "teacher_path": str(teacher_path),
-                           "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id,
-                           "eval_pool": eval_pool, "fail_at_step": fail_at_step},
-        scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
-        datasets={"train": train_data},
-    )
     try:
-        result = trainer.fit()
+        train_metrics = fit_on_ray(cfg, train_data, teacher_path, out, tracker, eval_pool, fail_at_step)
         evaluations = eval_pool.drain() if eval_pool is not None else []
     finally:
         if eval_pool is not None:
             eval_pool.shutdown()
-    final_dir = out / STUDENT_DIR
-    with result.checkpoint.as_directory() as ckpt:
-        shutil.copytree(Path(ckpt) / STUDENT_DIR, final_dir, dirs_exist_ok=True)
-        train_metrics = json.loads((Path(ckpt) / "train_metrics.json").read_text())
-    RunJournal.at(storage, name).mark_finished()  # the student is out: a rerun starts afresh
-    return final_dir, train_metrics | {"skipped_rows": stats.skipped, "usable_rows": stats.usable,
-                                       "checkpoint_evaluations": len(evaluations)}
+    RunJournal.at(*run_storage(cfg, out)).mark_finished()  # the student is out: a rerun starts afresh
+    return out / STUDENT_DIR, train_metrics | {"skipped_rows": stats.skipped, "usable_rows": stats.usable,
+                                               "checkpoint_evaluations": len(evaluations)}
 
 
 def run(cfg: Config, out: Path) -> dict[str, Any]:

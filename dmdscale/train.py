@@ -22,20 +22,46 @@ import torch
 from dmdscale.checkpoint import (DataPosition, InjectedFailure, RunJournal, TrainingState, load_training_state,
                                  rng_states, save_training_state, set_rng_states)
 from dmdscale.config import Config
+from dmdscale.latents import TEXT_COLUMNS
 from dmdscale.loop import prefetched, train_loop
-from dmdscale.models.base import Critic
+from dmdscale.models.base import Critic, Denoiser
+from dmdscale.models.sd import TEXT_FAMILIES, load_sd_teacher
 from dmdscale.models.unet2d import ClassConditionalUNet, ConvHead, load_unet_teacher
 from dmdscale.schedule import config_for
 from dmdscale.step import Batch, DMD2Step
 
 STUDENT_DIR = "student"
+STUDENT_UNET_DIR = "student_unet"  # text families: the driver builds STUDENT_DIR around it
+STUDENT_LORA = "student_lora.safetensors"
 
 
-def build_players(teacher_path: str, device: torch.device) -> tuple[ClassConditionalUNet, ClassConditionalUNet, Critic]:
-    """(frozen teacher, generator, critic) with generator and fake score copied from the teacher."""
-    teacher = load_unet_teacher(teacher_path).to(device)
+def load_teacher(cfg: Config, teacher_path: str) -> Denoiser:
+    """The frozen teacher of `cfg.model.family` from a diffusers folder or hub id (bf16 weights
+    for text families under bf16 mixed precision: a frozen network needs no fp32 copy)."""
+    if cfg.model.family in TEXT_FAMILIES:
+        dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32
+        return load_sd_teacher(teacher_path, cfg.model.family, dtype)
+    return load_unet_teacher(teacher_path)
+
+
+def build_players(cfg: Config, teacher_path: str, device: torch.device) -> tuple[Denoiser, Denoiser, Critic]:
+    """(frozen teacher, generator, critic) with generator and fake score copied from the teacher.
+
+    With `lora.enabled` the generator's base weights stay frozen and only a peft LoRA adapter on
+    its UNet trains; the critic is always trained in full.
+    """
+    teacher = load_teacher(cfg, teacher_path).to(device)
     generator = copy.deepcopy(teacher).train().requires_grad_(True)
     fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
+    if cfg.lora.enabled:
+        from peft import LoraConfig
+
+        generator.requires_grad_(False)
+        generator.unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                                              target_modules=cfg.lora.targets, init_lora_weights="gaussian"))
+    if cfg.train.gradient_checkpointing:
+        for model in (generator, fake_score):
+            model.unet.enable_gradient_checkpointing()
     return teacher, generator, Critic(fake_score, ConvHead.for_model(fake_score)).to(device)
 
 
@@ -88,11 +114,18 @@ def _batches(shard: Any, batch_size: int, device: torch.device, shuffle_buffer: 
                                           local_shuffle_seed=seed * 1_000_003 + epoch if shuffle_buffer else None):
             count += 1
             if count > skip:
-                yield Batch(b["image"], b.get("label"))
+                yield to_batch(b)
         if count == 0:
             raise ValueError(f"this worker's data shard holds fewer rows than its batch ({batch_size}): "
                              "lower train.batch_size or scale.num_workers")
         position.epoch_length, epoch, skip = count, epoch + 1, 0
+
+
+def to_batch(columns: dict[str, torch.Tensor]) -> Batch:
+    """A Ray Data batch as the step's Batch: pixels + labels, or latents + text embeddings."""
+    if "latent" in columns:
+        return Batch(columns["latent"], {k: columns[k] for k in TEXT_COLUMNS if k in columns})
+    return Batch(columns["image"], columns.get("label"))
 
 
 def cpu_threads(cfg: Config, local_workers: int) -> int:
@@ -167,6 +200,26 @@ def export_student(generator: ClassConditionalUNet, timesteps: list[int], out_di
     return out
 
 
+def save_student(cfg: Config, generator: Denoiser, folder: Path) -> None:
+    """What the final checkpoint carries of the student. Pixel UNets: the finished diffusers
+    folder (STUDENT_DIR). Text families: only the UNet (LoRA merged) and the LoRA weights; the
+    driver assembles the pipeline around them from the teacher's own VAE and text encoders,
+    which need not travel through checkpoint storage."""
+    if cfg.model.family not in TEXT_FAMILIES:
+        export_student(generator, cfg.generator.timesteps, folder / STUDENT_DIR)
+        return
+    from safetensors.torch import save_file
+
+    from dmdscale.export import lora_state_dict, merged_unet
+
+    if cfg.lora.enabled:
+        lora = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(generator.unet).items()}
+        save_file(lora, str(folder / STUDENT_LORA))
+        merged_unet(generator.unet).save_pretrained(folder / STUDENT_UNET_DIR)
+    else:
+        generator.unet.save_pretrained(folder / STUDENT_UNET_DIR)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point, run on every worker (again after a failure: it then resumes
     from the latest checkpoint that `ray.train.get_checkpoint()` hands back)."""
@@ -183,7 +236,7 @@ def train_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(cpu_threads(cfg, ctx.get_local_world_size()))
     torch.manual_seed(cfg.train.seed)
     micro = cfg.train.batch_size // world
-    teacher, generator, critic = build_players(config["teacher_path"], device)
+    teacher, generator, critic = build_players(cfg, config["teacher_path"], device)
     gen_engine = DeepSpeedOptimizedModule(generator, cfg.train, cfg.scale, micro)
     critic_engine = DeepSpeedOptimizedModule(critic, cfg.train, cfg.scale, micro)
     engines = {"generator": gen_engine, "critic": critic_engine}
@@ -207,7 +260,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if uses_rollout_actors(cfg):
         from dmdscale.rollouts import RolloutPool
 
-        rollouts = RolloutPool.create(cfg, functools.partial(load_unet_teacher, config["teacher_path"]),
+        rollouts = RolloutPool.create(cfg, functools.partial(load_teacher, cfg, config["teacher_path"]),
                                       rank, world, device)
         rollouts.start(start_step, gen_engine.full_state_dict)
     eval_pool = config.get("eval_pool")
@@ -273,6 +326,67 @@ def train_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         with gen_engine.gathered():  # every rank gathers under ZeRO-3; rank 0 writes
             if rank == 0:
-                export_student(generator, cfg.generator.timesteps, Path(tmp) / STUDENT_DIR)
+                save_student(cfg, generator, Path(tmp))
                 (Path(tmp) / "train_metrics.json").write_text(json.dumps(final))
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+def source_paths(cfg: Config) -> tuple[str, str]:
+    """(train, held-out) data paths; "digits" builds scikit-learn's digits (with captions such as
+    "a handwritten digit 3") as Parquet with a held-out split under cache_dir."""
+    if cfg.data.path == "digits":
+        from dmdscale.data import build_digits_parquet
+
+        paths = build_digits_parquet(Path(cfg.cache_dir).expanduser() / "digits")
+        return str(paths["train"]), str(paths["test"])
+    return cfg.data.path, cfg.data.eval_path or cfg.data.path
+
+
+def run_storage(cfg: Config, out: Path) -> tuple[str, str]:
+    """(storage path or URI, run name) of the Ray Train run: where its checkpoints live."""
+    storage = cfg.scale.storage_path or str(out / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().absolute())
+    return storage, f"{cfg.name}-{out.name}"
+
+
+STUDENT_PARTS = (STUDENT_DIR, STUDENT_UNET_DIR, STUDENT_LORA)
+
+
+def fit_on_ray(cfg: Config, train_data: Any, teacher_path: str | Path, out: Path, tracker: Any,
+               eval_pool: Any = None, fail_at_step: int | None = None) -> dict[str, Any]:
+    """Ray Train workers running DMD2 under DeepSpeed over the `train_data` stream.
+
+    A run restarted with the same name and storage resumes from its latest checkpoint. Copies
+    what the final checkpoint holds of the student (STUDENT_PARTS) into `out` and returns the
+    workers' final metrics.
+    """
+    import shutil
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage, name = run_storage(cfg, out)
+    resources = plan_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.model_dump(), "teacher_path": str(teacher_path),
+                           "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id,
+                           "eval_pool": eval_pool, "fail_at_step": fail_at_step},
+        scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        datasets={"train": train_data},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as ckpt:
+        for part in STUDENT_PARTS:
+            src, dst = Path(ckpt) / part, out / part
+            if src.is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            elif src.is_file():
+                shutil.copy2(src, dst)
+        return json.loads((Path(ckpt) / "train_metrics.json").read_text())

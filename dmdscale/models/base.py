@@ -1,6 +1,7 @@
 """The one score-network interface every family implements, and the critic built on it."""
 from __future__ import annotations
 
+import os
 from typing import Any, Union
 
 import torch
@@ -10,6 +11,16 @@ from dmdscale.schedule import NoiseSchedule
 
 # Conditioning: None (unconditional), a tensor (class labels) or a dict of tensors (text).
 Cond = Union[None, Tensor, dict[str, Tensor]]
+
+
+def is_local(p: str | os.PathLike) -> bool:
+    """True when `p` must be a local folder: it exists, or it cannot be a hub id ("owner/name")."""
+    s = str(p)
+    if os.path.exists(s):
+        return True
+    parts = s.split("/")
+    looks_like_hub_id = 1 <= len(parts) <= 2 and all(parts) and not s.startswith((".", "~"))
+    return not looks_like_hub_id
 
 
 def cat_cond(a: Cond, b: Cond) -> Cond:

@@ -14,7 +14,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
 
-from dmdscale.models.base import Cond, Denoiser
+from dmdscale.models.base import Cond, Denoiser, is_local
 from dmdscale.schedule import NoiseSchedule
 
 
@@ -124,16 +124,6 @@ def tiny_unet_config(resolution: int = 16, channels: int = 1, num_classes: int =
     }
 
 
-def _is_local(p: str | os.PathLike) -> bool:
-    """True when `p` must be a local folder: it exists, or it cannot be a hub id ("owner/name")."""
-    s = str(p)
-    if os.path.exists(s):
-        return True
-    parts = s.split("/")
-    looks_like_hub_id = 1 <= len(parts) <= 2 and all(parts) and not s.startswith((".", "~"))
-    return not looks_like_hub_id
-
-
 def load_unet_teacher(path_or_hub_id: str | os.PathLike) -> ClassConditionalUNet:
     """A teacher from a diffusers folder (local, or a hub id) with `unet/` and `scheduler/`.
 
@@ -141,7 +131,7 @@ def load_unet_teacher(path_or_hub_id: str | os.PathLike) -> ClassConditionalUNet
     Returned in eval mode with gradients off (the teacher is frozen).
     """
     p = os.fspath(path_or_hub_id)
-    if _is_local(p):
+    if is_local(p):
         root = Path(p).expanduser()
         missing = [sub for sub, f in (("unet", "config.json"), ("scheduler", "scheduler_config.json"))
                    if not (root / sub / f).is_file()]
