@@ -42,7 +42,7 @@ def plain_loop_images_per_s(cfg, teacher_path: Path, images: np.ndarray, labels:
     """The same DMD2 step in one process, batches already in memory: the ceiling for P2.
     With `deepspeed`, through the ZeRO engines the Ray workers use (splits P2's gap)."""
     torch.manual_seed(cfg.train.seed)
-    teacher, generator, critic = build_players(str(teacher_path), torch.device("cpu"))
+    teacher, generator, critic = build_players(cfg, str(teacher_path), torch.device("cpu"))
     if deepspeed:
         from dmdscale.engine import DeepSpeedOptimizedModule
 

@@ -227,6 +227,9 @@ class Config(_Section):
             raise ValueError(f"data.channels: {self.model.family} VAEs take RGB images, set 3 (got {self.data.channels})")
         if self.lora.enabled and not text:
             raise ValueError(f"lora.enabled: LoRA applies to the sd15 and sdxl families, not {self.model.family!r}")
+        if self.lora.enabled and self.rollout.mode == "actors":
+            raise ValueError("rollout.mode: 'actors' publishes full UNet weights, not LoRA adapters; "
+                             "use rollout.mode=inline with lora.enabled")
         return self
 
     def flat(self) -> dict[str, Any]:

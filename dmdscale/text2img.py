@@ -25,8 +25,8 @@ from dmdscale.latents import check_cache_target, latent_dataset
 from dmdscale.models.sd import check_pipeline_folder
 from dmdscale.plots import plot_curves, save_grid
 from dmdscale.tracking import Tracker
-from dmdscale.train import (STUDENT_DIR, STUDENT_LORA, STUDENT_UNET_DIR, fit_on_ray, run_storage,
-                            source_paths)
+from dmdscale.train import (STUDENT_DIR, STUDENT_LORA, STUDENT_UNET_DIR, fit_on_ray, lora_config,
+                            run_storage, source_paths)
 
 
 def resolve_data(cfg: Config) -> tuple[str, str]:
@@ -45,7 +45,8 @@ def assemble_student(cfg: Config, out: Path) -> Path:
 
     lora = load_file(str(out / STUDENT_LORA)) if cfg.lora.enabled else None
     folder = export_pipeline(cfg.model.teacher, cfg.model.family, out / STUDENT_UNET_DIR,
-                             cfg.generator.timesteps, out / STUDENT_DIR, lora_state_dict=lora)
+                             cfg.generator.timesteps, out / STUDENT_DIR, lora_state_dict=lora,
+                             lora_config=lora_config(cfg) if cfg.lora.enabled else None)
     shutil.rmtree(out / STUDENT_UNET_DIR)
     (out / STUDENT_LORA).unlink(missing_ok=True)
     return folder

@@ -44,6 +44,14 @@ def load_teacher(cfg: Config, teacher_path: str) -> Denoiser:
     return load_unet_teacher(teacher_path)
 
 
+def lora_config(cfg: Config) -> Any:
+    """The generator's peft LoraConfig (B starts at zero, so the student starts as the teacher)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.targets,
+                      init_lora_weights="gaussian")
+
+
 def build_players(cfg: Config, teacher_path: str, device: torch.device) -> tuple[Denoiser, Denoiser, Critic]:
     """(frozen teacher, generator, critic) with generator and fake score copied from the teacher.
 
@@ -54,11 +62,8 @@ def build_players(cfg: Config, teacher_path: str, device: torch.device) -> tuple
     generator = copy.deepcopy(teacher).train().requires_grad_(True)
     fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
     if cfg.lora.enabled:
-        from peft import LoraConfig
-
         generator.requires_grad_(False)
-        generator.unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-                                              target_modules=cfg.lora.targets, init_lora_weights="gaussian"))
+        generator.unet.add_adapter(lora_config(cfg))
     if cfg.train.gradient_checkpointing:
         for model in (generator, fake_score):
             model.unet.enable_gradient_checkpointing()

@@ -32,14 +32,14 @@ def tiny_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32)
 
 
 def _text_encoder(with_projection: bool, vocab: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(vocab_size=vocab, hidden_size=TEXT_DIM, intermediate_size=64,
-                            num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=16,
+                            num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=32,
                             projection_dim=POOLED_DIM, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 

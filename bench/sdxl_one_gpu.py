@@ -1,0 +1,131 @@
+"""One DMD2 iteration on an SDXL-size UNet on a single GPU: seconds per iteration and peak memory.
+
+The UNet is SDXL's published architecture (dmdscale.memory.unet_config("sdxl"), 2.57B
+parameters) with random weights, so nothing is downloaded; the teacher is frozen in bf16, and the
+generator and critic (fake score + head) are DeepSpeed engines as the Ray workers build them.
+Each iteration is a generator turn and a critic turn (ttur_ratio 1), CFG 8 on the teacher, GAN
+on, gradient checkpointing, micro-batch 1 at 1024 px (128x128 latents). Set-ups, each in its own
+process so one's memory cannot leak into the next:
+  zero3_offload: full fine-tune, ZeRO-3 with the optimizer offloaded to CPU;
+  lora: LoRA (r 64, alpha 8) on the generator, ZeRO-3 with offload for the critic too.
+The DMD2 authors needed at least two 80 GB GPUs for SDXL; the question is whether one is enough.
+
+    python bench/sdxl_one_gpu.py [--steps 3]          # on a GPU machine
+    python bench/sdxl_one_gpu.py --size tiny --out /tmp/x.json   # a CPU smoke run of the script
+
+Writes bench/results/sdxl_one_gpu.json (with the device name) and its table in bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SETUPS = {"zero3_offload": {"lora.enabled": False}, "lora": {"lora.enabled": True}}
+
+
+def one_setup(setup: str, size: str, steps: int) -> dict:
+    from dmdscale.config import build_config
+    from dmdscale.engine import DeepSpeedOptimizedModule, ensure_single_process_env
+    from dmdscale.memory import unet_config
+    from dmdscale.models.base import Critic
+    from dmdscale.models.sd import TextConditionalUNet
+    from dmdscale.models.tiny_sd import tiny_unet_config
+    from dmdscale.models.unet2d import ConvHead
+    from dmdscale.schedule import NoiseSchedule
+    from dmdscale.step import Batch, DMD2Step
+    from dmdscale.train import lora_config
+    from diffusers import UNet2DConditionModel
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    config = unet_config("sdxl") if size == "sdxl" else tiny_unet_config("sdxl")
+    latent = int(config["sample_size"])
+    cfg = build_config({}, {"model.family": "sdxl", "model.teacher": "random-sdxl", "data.channels": 3,
+                            "train.mixed_precision": "bf16", "train.gradient_checkpointing": True,
+                            "train.ttur_ratio": 1, "train.warmup_steps": 0, "loss.guidance_scale": 8.0,
+                            "loss.gan_generator_weight": 5e-3, "loss.gan_critic_weight": 1e-2,
+                            "scale.zero_stage": 3, "scale.offload_optimizer": True, "scale.use_gpu": gpu,
+                            **SETUPS[setup]})
+    ensure_single_process_env()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    schedule = NoiseSchedule.ddpm("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(config).to(torch.bfloat16)
+    teacher = TextConditionalUNet(unet, schedule, "sdxl").to(device).eval().requires_grad_(False)
+    generator = copy.deepcopy(teacher).train().requires_grad_(not cfg.lora.enabled)
+    if cfg.lora.enabled:
+        generator.unet.add_adapter(lora_config(cfg))
+    fake = copy.deepcopy(teacher).train().requires_grad_(True)
+    for model in (generator, fake):
+        model.unet.enable_gradient_checkpointing()
+    critic = Critic(fake, ConvHead.for_model(fake)).to(device, torch.bfloat16)
+    gen_engine = DeepSpeedOptimizedModule(generator, cfg.train, cfg.scale, 1)
+    critic_engine = DeepSpeedOptimizedModule(critic, cfg.train, cfg.scale, 1)
+    step = DMD2Step(cfg, teacher, gen_engine, critic_engine, device=device)
+    text = config["cross_attention_dim"]
+    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    batch = Batch(torch.randn(1, 4, latent, latent, device=device, dtype=torch.bfloat16),
+                  {"prompt_embeds": torch.randn(1, 77, text, device=device, dtype=torch.bfloat16),
+                   "pooled_prompt_embeds": torch.randn(1, pooled, device=device, dtype=torch.bfloat16)})
+    seconds = []
+    for i in range(steps + 1):  # the first iteration warms up (allocations, offload buffers)
+        t0 = time.perf_counter()
+        metrics = step(batch, i)
+        if gpu:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+        if not all(torch.isfinite(torch.tensor(v)) for v in metrics.values()):
+            raise FloatingPointError(f"{setup}: non-finite metrics {metrics}")
+    trainable = sum(p.numel() for p in generator.parameters() if p.requires_grad)
+    return {"setup": setup, "size": size, "parameters_per_unet": sum(p.numel() for p in unet.parameters()),
+            "generator_trainable_parameters": trainable, "latent_size": latent,
+            "seconds_per_iteration": sorted(seconds[1:])[len(seconds[1:]) // 2],
+            "first_iteration_seconds": seconds[0],
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+            "loss_dm": metrics.get("loss_dm")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["sdxl", "tiny"], default="sdxl")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--setups", nargs="+", choices=sorted(SETUPS), default=list(SETUPS))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sdxl_one_gpu.json"))
+    parser.add_argument("--one", choices=sorted(SETUPS), help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one_setup(args.one, args.size, args.steps)), flush=True)
+        return
+    rows = []
+    for setup in args.setups:
+        proc = subprocess.run([sys.executable, __file__, "--one", setup, "--size", args.size,
+                               "--steps", str(args.steps)], capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        row = json.loads(lines[-1][7:]) if lines else {"setup": setup, "error": proc.stderr[-2000:]}
+        print(row)
+        rows.append(row)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no GPU)"
+    result = {"device": device, "steps": args.steps, "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.size == "sdxl" and torch.cuda.is_available():
+        sys.path.insert(0, str(Path(__file__).parent))
+        from readme_table import update_readme_table
+
+        table = ["| set-up | device | s / iteration | peak GPU GiB | trainable generator params |", "|---|---|---|---|---|"]
+        table += [f"| {r['setup']} | {device} | {r.get('seconds_per_iteration', float('nan')):.2f} | "
+                  f"{r.get('peak_gpu_gib') or float('nan'):.1f} | {r.get('generator_trainable_parameters', 0):,} |"
+                  for r in rows]
+        update_readme_table("sdxl_one_gpu", "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
