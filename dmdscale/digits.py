@@ -29,7 +29,7 @@ from dmdscale.models.unet2d import ClassConditionalUNet, load_unet_teacher, tiny
 from dmdscale.plots import plot_curves, save_grid
 from dmdscale.teacher import load_or_train_teacher
 from dmdscale.tracking import Tracker
-from dmdscale.train import STUDENT_DIR, fit_on_ray, run_storage, source_paths
+from dmdscale.train import STUDENT_DIR, fit_on_ray, run_storage, source_paths, uses_eval_actors
 
 
 def resolve_data(cfg: Config) -> tuple[str, str]:
@@ -120,7 +120,7 @@ def distil_on_ray(cfg: Config, train_path: str, teacher_path: Path, out: Path, t
         read_dataset(train_path, res, ch, require_labels=True, num_cpus=min(1.0, cfg.scale.data_cpus)),
         stats.usable, res, ch, cfg.data.materialize)
     eval_pool = None
-    if eval_setup is not None and cfg.eval.during_training:
+    if eval_setup is not None and uses_eval_actors(cfg):
         real_images, extractor = eval_setup
         eval_pool = EvaluationPool.start(cfg, functools.partial(load_unet_teacher, str(teacher_path)),
                                          real_images, extractor, tracker.tracking_uri, tracker.run_id)

@@ -112,7 +112,9 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     stats = inspect_dataset(train_path, res, 3)
     train_data = latent_dataset(cfg, train_path)
     if cfg.data.latent_cache is None:  # else it streams from the cache: encoding happened once
-        train_data = materialize_if_small(train_data, stats.usable, res, 3, cfg.data.materialize)
+        # On GPUs the encoders must be done before the trainers take the GPUs they hold.
+        mode = "always" if cfg.scale.use_gpu else cfg.data.materialize
+        train_data = materialize_if_small(train_data, stats.usable, res, 3, mode)
 
     resume_run_id = journal.read().get("mlflow_run_id") if resuming else None
     with Tracker(cfg.name, run_name=f"{cfg.model.family}-{out.name}", params=cfg.flat(),

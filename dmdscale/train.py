@@ -76,6 +76,12 @@ def uses_rollout_actors(cfg: Config) -> bool:
             and cfg.generator.backward_simulation)
 
 
+def uses_eval_actors(cfg: Config) -> bool:
+    """Checkpoints are evaluated on actors during training (the class-conditional family only:
+    its FID and class accuracy need labels and the digit classifier)."""
+    return cfg.eval.during_training and cfg.model.family == "unet2d"
+
+
 def plan_resources(cfg: Config, cluster_cpus: float) -> dict[str, float]:
     """Resources per train worker, leaving room for what runs beside the workers.
 
@@ -85,7 +91,7 @@ def plan_resources(cfg: Config, cluster_cpus: float) -> dict[str, float]:
     and the evaluation actors take their fraction spread over the workers' GPUs.
     """
     rollout_actors = cfg.rollout.num_actors if uses_rollout_actors(cfg) else 0
-    eval_actors = cfg.eval.num_actors if cfg.eval.during_training else 0
+    eval_actors = cfg.eval.num_actors if uses_eval_actors(cfg) else 0
     workers = cfg.scale.num_workers
     if cfg.scale.use_gpu:
         gpu = 1.0 - rollout_actors * cfg.rollout.actor_gpus - eval_actors * cfg.eval.actor_gpus / workers

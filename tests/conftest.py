@@ -23,3 +23,17 @@ def ray_local():
     ray.init(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def captioned_parquet(tmp_path_factory):
+    """A small image + caption Parquet (96 digits, "a handwritten digit N"): text-to-image runs
+    on it encode in seconds, where the whole digits split would take most of a minute."""
+    import pyarrow.parquet as pq
+
+    from dmdscale.data import build_digits_parquet
+
+    root = tmp_path_factory.mktemp("captioned")
+    table = pq.read_table(build_digits_parquet(root / "digits")["train"]).slice(0, 96)
+    pq.write_table(table, root / "captioned.parquet")
+    return str(root / "captioned.parquet")

@@ -71,13 +71,13 @@ def head():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # `ray start --block` can take half a minute to wind down
             os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run(["pkill", "-KILL", "-f", temp], check=False)  # any worker that left the session
 
 
-def test_ray_job_submit_runs_the_sdxl_pipeline(head, tmp_path):
+def test_ray_job_submit_runs_the_sdxl_pipeline(head, captioned_parquet, tmp_path):
     teacher = build_tiny_pipeline("sdxl", tmp_path / "tiny-sdxl")
     out = tmp_path / "run"
     env, address = head["env"], head["address"]
@@ -95,7 +95,7 @@ def test_ray_job_submit_runs_the_sdxl_pipeline(head, tmp_path):
         [RAY, "job", "submit", "--address", address, "--no-wait", "--submission-id", job_id, "--working-dir", ".",
          "--runtime-env-json", json.dumps(runtime_env), "--",
          "python", "pipelines/sdxl.py", "--quick", f"--out={out}", f"model.teacher={teacher}",
-         f"cache_dir={tmp_path / 'cache'}", "train.max_steps=4"],
+         f"cache_dir={tmp_path / 'cache'}", f"data.path={captioned_parquet}", "train.max_steps=4"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert submit.returncode == 0, submit.stdout + submit.stderr
 

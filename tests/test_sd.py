@@ -169,3 +169,27 @@ def test_latent_rows_on_a_ray_data_actor_pool_and_the_cache(ray_local, tmp_path,
     other = text_cfg("sd15", tiny["sd15"], **{"data.path": cfg.data.path, "data.latent_cache": str(cache)})
     with pytest.raises(DataError, match="data.latent_cache.*family.*teacher"):
         latent_dataset(other, other.data.path)
+
+
+def test_a_v_prediction_teacher_is_read_from_its_scheduler(tmp_path):
+    """eps and v teachers plug in without code changes: x0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
+    folder = build_tiny_pipeline("sd15", tmp_path / "v", prediction_type="v_prediction")
+    teacher = load_sd_teacher(folder, "sd15")
+    assert teacher.prediction_type == "v_prediction"
+    cond = PromptEncoder.load(folder, "sd15").encode(PROMPTS[:2])
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([100, 700])
+    abar = teacher.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    v = teacher.unet(x, t, encoder_hidden_states=cond["prompt_embeds"]).sample
+    torch.testing.assert_close(teacher(x, t, cond), abar.sqrt() * x - (1 - abar).sqrt() * v)
+
+
+def test_text_family_config_errors_name_the_key():
+    from dmdscale.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.teacher"):
+        build_config({}, {"model.family": "sdxl"})
+    with pytest.raises(ConfigError, match="data.channels"):
+        build_config({}, {"model.family": "sd15", "model.teacher": "x", "data.channels": 1})
+    with pytest.raises(ConfigError, match="rollout.mode"):
+        build_config({}, {"model.family": "sdxl", "model.teacher": "x", "data.channels": 3,
+                          "lora.enabled": True, "rollout.mode": "actors"})
