@@ -122,7 +122,7 @@ def parse_fail_at_step(value: str | None) -> int | None:
 
 # Keys that may change when a run resumes; any other change means a different run.
 RESUMABLE_CHANGES = ("train.max_steps", "train.max_failures", "eval.", "scale.prefetch_batches",
-                     "scale.cpu_threads_per_worker", "scale.storage_path", "rollout.")
+                     "scale.cpu_threads_per_worker", "scale.storage_path", "rollout.", "data.encode_")
 
 
 class RunJournal:
