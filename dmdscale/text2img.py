@@ -70,8 +70,11 @@ def evaluate_run(cfg: Config, student_dir: Path, prompts: list[str], real: np.nd
     from dmdscale.evaluate import compute_fid, inception_weights_path
 
     res, seed = cfg.data.resolution, cfg.train.seed
-    student = DiffusionPipeline.from_pretrained(str(student_dir))
-    teacher = DiffusionPipeline.from_pretrained(cfg.model.teacher)
+    # The driver's own GPU when it has one (`ray job submit --entrypoint-num-gpus 1`); at 1024 px
+    # a CPU driver takes minutes per teacher image.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    student = DiffusionPipeline.from_pretrained(str(student_dir)).to(device)
+    teacher = DiffusionPipeline.from_pretrained(cfg.model.teacher).to(device)
     for pipe in (student, teacher):
         pipe.set_progress_bar_config(disable=True)
     teacher_call = {"num_inference_steps": cfg.eval.teacher_steps, "guidance_scale": cfg.loss.guidance_scale}
