@@ -9,7 +9,7 @@ with `weights_only=True` (`dmdscale.engine.load_weights_only`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,6 +57,9 @@ class TrainingState:
     step: int  # the next iteration to run
     data_epoch: int = 0
     data_batch: int = 0  # batches of data_epoch already consumed
+    # Rank 0: the reports it logged so far (losses by step), so the run folder's train_log.json
+    # is whole after a resume even if MLflow missed some. Other ranks: empty.
+    logged: list[dict[str, float]] = field(default_factory=list)
 
 
 def rng_states(step_rng: Any) -> dict[str, Tensor]:
@@ -122,7 +125,8 @@ def parse_fail_at_step(value: str | None) -> int | None:
 
 # Keys that may change when a run resumes; any other change means a different run.
 RESUMABLE_CHANGES = ("train.max_steps", "train.max_failures", "eval.", "scale.prefetch_batches",
-                     "scale.cpu_threads_per_worker", "scale.storage_path", "rollout.", "data.encode_")
+                     "scale.cpu_threads_per_worker", "scale.storage_path", "scale.cluster_cpus", "rollout.",
+                     "data.encode_")
 
 
 class RunJournal:

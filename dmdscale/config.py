@@ -184,6 +184,9 @@ class ScaleConfig(_Section):
     # Rows mixed in each worker's local shuffle buffer (Ray Data iter_torch_batches); 0: off.
     shuffle_buffer: int = Field(512, ge=0)
     storage_path: str | None = None  # Ray Train checkpoints; default <out>/ray
+    # CPUs the run plans its train workers and side actors within; None: the whole Ray
+    # cluster's. A sweep sets each trial's share, so concurrent trials do not oversubscribe.
+    cluster_cpus: float | None = Field(None, gt=0)
 
 
 class EvalConfig(_Section):
@@ -200,6 +203,62 @@ class EvalConfig(_Section):
     actor_gpus: float = Field(0.25, ge=0)  # fraction of a GPU per actor when scale.use_gpu
 
 
+class SearchDimension(_Section):
+    """One swept config key: a list of `values`, or a range `low`..`high` (log-uniform with
+    `log`, whole numbers with `integer`)."""
+
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchDimension":
+        ranged = self.low is not None or self.high is not None
+        if (self.values is None) == (not ranged):
+            raise ValueError("give either values: [...] or low and high")
+        if self.values is not None and not self.values:
+            raise ValueError("values must not be empty")
+        if ranged:
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ValueError(f"a range needs low < high (got low={self.low}, high={self.high})")
+            if self.log and self.low <= 0:
+                raise ValueError(f"a log range needs low > 0 (got {self.low})")
+        return self
+
+
+def _default_space() -> dict[str, SearchDimension]:
+    # The knobs DMD2 users tune by hand, around the authors' values (GAN weights 3e-3 / 1e-2,
+    # TTUR 5, lr 1e-4 to 5e-4 depending on the data set).
+    return {
+        "loss.gan_generator_weight": SearchDimension(low=1e-3, high=3e-2, log=True),
+        "loss.gan_critic_weight": SearchDimension(low=3e-3, high=1e-1, log=True),
+        "train.ttur_ratio": SearchDimension(values=[1, 3, 5, 10]),
+        "train.lr": SearchDimension(low=1e-4, high=1e-3, log=True),
+    }
+
+
+class SweepConfig(_Section):
+    """Ray Tune over dotted config keys (pipelines/sweep.py). `space` is set in the YAML file:
+    its keys hold dots, so dotted command-line overrides cannot address them."""
+
+    # grid: every combination of `values` (ranges not allowed); random: sampled; bayesian:
+    # Optuna's TPE, which proposes each trial from the figures of the finished ones.
+    search: Literal["grid", "random", "bayesian"] = "random"
+    num_samples: int = Field(8, ge=1)  # trials (grid: repeats of the whole grid)
+    space: dict[str, SearchDimension] = Field(default_factory=_default_space)
+    metric: str = "fid_student"
+    mode: Literal["min", "max"] = "min"
+    # asha: stop trials whose intermediate `metric` (each checkpoint's evaluation) trails the
+    # others' at the same step; needs checkpoints evaluated during training (family unet2d).
+    early_stopping: Literal["asha", "none"] = "asha"
+    grace_period: int | None = Field(None, ge=1)  # training steps before a stop; None: 2 checkpoints
+    reduction_factor: int = Field(3, ge=2)
+    # Trials at a time; None: as many as the Ray cluster holds (set it on autoscaling clusters).
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
 class Config(_Section):
     name: str = "dmdscale"
     cache_dir: str = "~/.cache/dmdscale"  # data sets, teachers, classifiers, keyed by config
@@ -214,6 +273,7 @@ class Config(_Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
     # Dotted overrides applied by `--quick` (a reduced configuration for smoke tests).
     quick: dict[str, Any] = Field(default_factory=dict)
 
@@ -233,8 +293,9 @@ class Config(_Section):
         return self
 
     def flat(self) -> dict[str, Any]:
-        """The config as {dotted.key: value}, e.g. for MLflow params."""
-        return _flatten(self.model_dump(exclude={"quick"}))
+        """The config of one run as {dotted.key: value}, e.g. for MLflow params (the sweep
+        section describes a sweep, not a run)."""
+        return _flatten(self.model_dump(exclude={"quick", "sweep"}))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

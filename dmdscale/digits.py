@@ -7,13 +7,15 @@ folder and the MLflow run.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import functools
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,10 +28,10 @@ from dmdscale.evalpool import EvaluationPool, eval_spec
 from dmdscale.evaluate import class_accuracy, compute_fid, generate, load_or_train_classifier, sample_student
 from dmdscale.generator import sample, teacher_sample
 from dmdscale.models.unet2d import ClassConditionalUNet, load_unet_teacher, tiny_unet_config
-from dmdscale.plots import plot_curves, save_grid
+from dmdscale.plots import curves_from_log, plot_curves, save_grid
 from dmdscale.teacher import load_or_train_teacher
 from dmdscale.tracking import Tracker
-from dmdscale.train import STUDENT_DIR, fit_on_ray, run_storage, source_paths, uses_eval_actors
+from dmdscale.train import STUDENT_DIR, TRAIN_LOG, fit_on_ray, run_storage, source_paths, uses_eval_actors
 
 
 def resolve_data(cfg: Config) -> tuple[str, str]:
@@ -51,6 +53,33 @@ def resolve_teacher(cfg: Config, images: np.ndarray, labels: np.ndarray) -> Path
         tiny_unet_config(cfg.data.resolution, cfg.data.channels, cfg.data.num_classes, tt.width),
         steps=tt.steps, batch_size=tt.batch_size, lr=tt.lr, prediction_type=tt.prediction_type,
         seed=cfg.train.seed)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What a digits run needs before training: data, the FID classifier, the teacher."""
+
+    train_path: str
+    held_out_path: str
+    train: tuple[np.ndarray, np.ndarray]  # (uint8 NHWC images, labels)
+    held_out: tuple[np.ndarray, np.ndarray]
+    classifier: Any
+    teacher_path: Path
+
+
+def prepare(cfg: Config) -> Inputs:
+    """Load the data; train or load (cached under cache_dir) the classifier and the teacher.
+    A sweep calls this once before its trials, so they all find them cached."""
+    res, ch = cfg.data.resolution, cfg.data.channels
+    train_path, held_out_path = resolve_data(cfg)
+    train_images, train_labels, _ = load_arrays(train_path, res, ch, require_labels=True)
+    eval_images, eval_labels, _ = load_arrays(held_out_path, res, ch, require_labels=True)
+    if len(train_images) == 0 or len(eval_images) == 0:
+        raise DataError(f"no usable images in {train_path if len(train_images) == 0 else held_out_path}")
+    classifier = load_or_train_classifier(Path(cfg.cache_dir).expanduser() / "classifiers", train_images,
+                                          train_labels, steps=cfg.eval.classifier_steps)
+    return Inputs(train_path, held_out_path, (train_images, train_labels), (eval_images, eval_labels),
+                  classifier, resolve_teacher(cfg, train_images, train_labels))
 
 
 def _timed(fn, *args) -> float:
@@ -105,11 +134,39 @@ def evaluate_run(cfg: Config, teacher: ClassConditionalUNet, student: ClassCondi
     return metrics | {"_images": images["student"], "_labels": labels}
 
 
+def _fit_watching(fit: Callable[[], dict[str, Any]], eval_pool: EvaluationPool,
+                  on_evaluation: Callable[[dict[str, Any]], None],
+                  poll_seconds: float = 2.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`fit()` in a thread while this one hands each finished checkpoint evaluation to
+    `on_evaluation` as it lands (a sweep trial reports it to Tune, whose scheduler may stop
+    the trial on it); then waits for the rest. Returns fit's metrics and every evaluation."""
+    delivered: set[int] = set()
+
+    def deliver(results: list[dict[str, Any]]) -> None:
+        for result in results:
+            if result["step"] not in delivered:
+                delivered.add(result["step"])
+                on_evaluation(result)
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dmdscale-fit") as pool:
+        future = pool.submit(fit)
+        while True:
+            try:
+                train_metrics = future.result(timeout=poll_seconds)
+                break
+            except concurrent.futures.TimeoutError:
+                deliver(eval_pool.results())
+    evaluations = eval_pool.drain()
+    deliver(evaluations)
+    return train_metrics, evaluations
+
+
 def distil_on_ray(cfg: Config, train_path: str, teacher_path: Path, out: Path, tracker: Tracker,
-                  eval_setup: tuple[np.ndarray, Any] | None = None,
-                  fail_at_step: int | None = None) -> tuple[Path, dict]:
+                  eval_setup: tuple[np.ndarray, Any] | None = None, fail_at_step: int | None = None,
+                  on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> tuple[Path, dict]:
     """The digits rows as a Ray Data stream, checkpoints evaluated on separate actors meanwhile,
-    and DMD2 on Ray Train (`fit_on_ray`). Returns the student folder and the final metrics."""
+    and DMD2 on Ray Train (`fit_on_ray`). Returns the student folder and the final metrics.
+    `on_evaluation(result)` receives each checkpoint evaluation as soon as it is finished."""
     import ray
 
     if not ray.is_initialized():
@@ -124,42 +181,47 @@ def distil_on_ray(cfg: Config, train_path: str, teacher_path: Path, out: Path, t
         real_images, extractor = eval_setup
         eval_pool = EvaluationPool.start(cfg, functools.partial(load_unet_teacher, str(teacher_path)),
                                          real_images, extractor, tracker.tracking_uri, tracker.run_id)
+    def fit() -> dict[str, Any]:
+        return fit_on_ray(cfg, train_data, teacher_path, out, tracker, eval_pool, fail_at_step)
+
     try:
-        train_metrics = fit_on_ray(cfg, train_data, teacher_path, out, tracker, eval_pool, fail_at_step)
-        evaluations = eval_pool.drain() if eval_pool is not None else []
+        if eval_pool is not None and on_evaluation is not None:
+            train_metrics, evaluations = _fit_watching(fit, eval_pool, on_evaluation)
+        else:
+            train_metrics = fit()
+            evaluations = eval_pool.drain() if eval_pool is not None else []
     finally:
         if eval_pool is not None:
             eval_pool.shutdown()
+    (out / "checkpoint_evaluations.json").write_text(json.dumps(evaluations, indent=1, default=float))  # for fid.png
     RunJournal.at(*run_storage(cfg, out)).mark_finished()  # the student is out: a rerun starts afresh
     return out / STUDENT_DIR, train_metrics | {"skipped_rows": stats.skipped, "usable_rows": stats.usable,
                                                "checkpoint_evaluations": len(evaluations)}
 
 
-def run(cfg: Config, out: Path) -> dict[str, Any]:
+def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
+        on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The whole run into `out` (metrics.json, samples, student/). A sweep trial tags its
+    MLflow run (`run_tags`) and follows the checkpoint evaluations (`on_evaluation`)."""
     fail_at_step = parse_fail_at_step(os.environ.get("DMDSCALE_FAIL_AT_STEP"))
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(cfg.cache_dir).expanduser()
-    res, ch = cfg.data.resolution, cfg.data.channels
-    train_path, held_out_path = resolve_data(cfg)
+    resolve_data(cfg)
     journal = RunJournal.at(*run_storage(cfg, out))
     resuming = journal.begin(cfg.flat()) == "resume"  # a changed config is an error, before any work
     if resuming:
         print(f"dmdscale: {journal.directory} holds an unfinished run of this config; resuming it")
-    train_images, train_labels, _ = load_arrays(train_path, res, ch, require_labels=True)
-    eval_images, eval_labels, _ = load_arrays(held_out_path, res, ch, require_labels=True)
-    if len(train_images) == 0 or len(eval_images) == 0:
-        raise DataError(f"no usable images in {train_path if len(train_images) == 0 else held_out_path}")
-
-    classifier = load_or_train_classifier(cache / "classifiers", train_images, train_labels,
-                                          steps=cfg.eval.classifier_steps)
-    teacher_path = resolve_teacher(cfg, train_images, train_labels)
+    inputs = prepare(cfg)
+    train_path, classifier, teacher_path = inputs.train_path, inputs.classifier, inputs.teacher_path
+    train_images, (eval_images, eval_labels) = inputs.train[0], inputs.held_out
     teacher = load_unet_teacher(teacher_path)
 
     resume_run_id = journal.read().get("mlflow_run_id") if resuming else None
-    with Tracker(cfg.name, run_name=f"digits-{out.name}", params=cfg.flat(), resume_run_id=resume_run_id) as tracker:
+    with Tracker(cfg.name, run_name=f"digits-{out.name}", params=cfg.flat(), resume_run_id=resume_run_id,
+                 tags=run_tags) as tracker:
         journal.note("mlflow_run_id", tracker.run_id)
         student_dir, train_metrics = distil_on_ray(cfg, train_path, teacher_path, out, tracker,
-                                                   (eval_images, fid_extractor(cfg, classifier)), fail_at_step)
+                                                   (eval_images, fid_extractor(cfg, classifier)), fail_at_step,
+                                                   on_evaluation)
         student = load_unet_teacher(student_dir)
         evals = evaluate_run(cfg, teacher, student, (eval_images, eval_labels), train_images, classifier,
                              out / "fid")
@@ -175,11 +237,14 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
                   title=f"{len(cfg.generator.timesteps)}-step student (FID {metrics['fid_student']:.2f}, "
                         f"teacher {cfg.eval.teacher_steps} steps {metrics['fid_teacher']:.2f})")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        plot_curves(tracker.curves("loss_"), out / "losses.png")  # what rank 0 logged, by step
+        # From the run folder, not MLflow (which may have missed some): what rank 0 logged, by step.
+        plot_curves(curves_from_log(json.loads((out / TRAIN_LOG).read_text()), "loss_"), out / "losses.png")
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                             step=cfg.train.max_steps)
         # FID over training: the evaluation actors' checkpoints, then the final figure.
-        plot_curves({k: v for k, v in tracker.curves("fid_student").items() if k == "fid_student"}, out / "fid.png")
+        evaluations = json.loads((out / "checkpoint_evaluations.json").read_text())
+        final = {"step": cfg.train.max_steps, "fid_student": metrics["fid_student"]}
+        plot_curves(curves_from_log([*evaluations, final], "fid_student"), out / "fid.png")
         for name in ("metrics.json", "samples.png", "losses.png", "fid.png"):
             tracker.log_artifact(out / name)
         shutil.rmtree(out / "fid", ignore_errors=True)

@@ -61,20 +61,15 @@ class CheckpointEvaluator:
     def __init__(self, build_generator: Callable[[], nn.Module], spec: dict[str, Any],
                  real_images: np.ndarray, extractor: str | nn.Module, tracking_uri: str | None,
                  run_id: str | None, device: torch.device | str = "cpu"):
+        from dmdscale.tracking import MlflowSink
+
         self.device = torch.device(device)
         self.model = build_generator().to(self.device).eval().requires_grad_(False)
         self.spec = spec
         self.real = np.array(real_images, copy=True)  # owned here, not a view into the object store
         self.extractor = extractor
         self.tracking_uri, self.run_id = tracking_uri, run_id
-        self._client = None
-        if tracking_uri and run_id:
-            try:  # connect now, so the first evaluation does not pay MLflow's start-up
-                from mlflow import MlflowClient
-
-                self._client = MlflowClient(tracking_uri)
-            except Exception as exc:  # retried at the first evaluation
-                _warn(f"no MLflow client for {tracking_uri!r} yet: {exc}")
+        self.sink = MlflowSink(tracking_uri, run_id)  # its calls never raise
         self.workdir = Path(tempfile.gettempdir())  # compute_fid makes and removes its own folder
 
     def evaluate(self, step: int, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -105,34 +100,16 @@ class CheckpointEvaluator:
         return result
 
     def _log(self, step: int, result: dict[str, Any], images: np.ndarray) -> list[str]:
-        """Metrics at `step` and the sample grid into the MLflow run; failures are returned
-        (and printed as warnings), never raised."""
+        """Metrics at `step` and the sample grid into the MLflow run; failures are returned,
+        never raised (the sink prints one warning per outage, not one per call)."""
         from dmdscale.plots import save_grid
 
-        if not (self.tracking_uri and self.run_id):
+        if not self.sink.enabled:
             return []
         problems = []
-
-        def safely(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-            try:
-                fn(*args, **kwargs)
-            except Exception as exc:  # tracking must never stop evaluation (or training)
-                problems.append(f"{what}: {type(exc).__name__}: {exc}")
-                _warn(f"MLflow logging of the evaluation at step {step} failed ({what}): {exc}")
-
-        try:
-            from mlflow import MlflowClient
-            from mlflow.entities import Metric
-
-            if self._client is None:
-                self._client = MlflowClient(self.tracking_uri)
-        except Exception as exc:
-            _warn(f"no MLflow client for {self.tracking_uri!r}: {exc}")
-            return [f"client: {type(exc).__name__}: {exc}"]
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), now, step)
-                   for k in ("fid_student", "class_accuracy_student") if result[k] is not None]
-        safely("metrics", self._client.log_batch, self.run_id, metrics=metrics)
+        figures = {k: result[k] for k in ("fid_student", "class_accuracy_student") if result[k] is not None}
+        if not self.sink.log_metrics(figures, step, what=f"metrics of the evaluation at step {step}"):
+            problems.append(f"metrics: {self.sink.last_problem}")
         labels, num_classes = self.spec["labels"], self.spec["num_classes"]
         shown = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(num_classes)])
         with tempfile.TemporaryDirectory(prefix="dmdscale-grid-") as tmp:
@@ -143,7 +120,8 @@ class CheckpointEvaluator:
                 problems.append(f"grid: {type(exc).__name__}: {exc}")
                 _warn(f"sample grid of the evaluation at step {step} failed: {exc}")
             else:
-                safely("grid", self._client.log_artifact, self.run_id, str(path), GRID_ARTIFACT_DIR)
+                if not self.sink.log_artifact(path, GRID_ARTIFACT_DIR):
+                    problems.append(f"grid: {self.sink.last_problem}")
         return problems
 
 
@@ -252,6 +230,7 @@ class EvaluationPool:
         DigitClassifier or "inception", as for the final evaluation.
         """
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         spec = eval_spec(cfg)
         real_ref = ray.put(np.ascontiguousarray(real_images))
@@ -260,6 +239,9 @@ class EvaluationPool:
             num_gpus=cfg.eval.actor_gpus if cfg.scale.use_gpu else 0,
             max_concurrency=4,  # submit / results / wait answer while the thread evaluates
             runtime_env={"env_vars": {"TQDM_DISABLE": "1"}},  # no sampling bars in the driver's log
+            # Out of any placement group the driver runs in: a Tune trial's would capture the
+            # actors into its own small reservation, where they would never be scheduled.
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
         )
         threads = max(1, int(cfg.eval.actor_cpus))
         actors = [actor_cls.remote(i, build_generator, spec, real_ref, extractor, tracking_uri, run_id, threads)

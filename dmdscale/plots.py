@@ -45,6 +45,18 @@ def save_grid(images_uint8_nhwc: np.ndarray, labels_or_None: np.ndarray | None,
     return path
 
 
+def curves_from_log(records: Sequence[dict], prefix: str) -> dict[str, Curve]:
+    """(steps, values) by step of every numeric key starting with `prefix` in records that
+    carry a "step" (a run folder's train_log.json, checkpoint_evaluations.json)."""
+    records = sorted((r for r in records if "step" in r), key=lambda r: r["step"])
+    names = sorted({k for r in records for k in r if k.startswith(prefix)})
+    curves = {}
+    for name in names:
+        points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
+        curves[name] = ([s for s, _ in points], [v for _, v in points])
+    return curves
+
+
 def plot_curves(curves: dict[str, Curve], path: str | os.PathLike) -> Path:
     """One panel per named curve against the step (e.g. each loss, or FID over training)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -62,6 +74,33 @@ def plot_curves(curves: dict[str, Curve], path: str | os.PathLike) -> Path:
             ax.set_yscale("symlog", linthresh=max(min(positive), 1e-4 * max(positive)))
         ax.set_title(name)
         ax.set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def plot_overlay(curves: dict[str, Curve], path: str | os.PathLike, ylabel: str, title: str | None = None) -> Path:
+    """Named curves on one axis with a legend (e.g. every sweep trial's FID against step)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name in sorted(curves):
+        steps, values = curves[name]
+        ax.plot(steps, values, marker="o", ms=3, lw=1, label=name)
+    positive = [v for _, values in curves.values() for v in values if v > 0]
+    if positive and max(positive) > 20 * min(positive):  # a diverged trial would flatten the rest
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if curves:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,9 @@ from dmdscale.config import Config
 from dmdscale.data import check_source, inspect_dataset, load_arrays, load_prompts, materialize_if_small
 from dmdscale.latents import check_cache_target, latent_dataset
 from dmdscale.models.sd import check_pipeline_folder
-from dmdscale.plots import plot_curves, save_grid
+from dmdscale.plots import curves_from_log, plot_curves, save_grid
 from dmdscale.tracking import Tracker
-from dmdscale.train import (STUDENT_DIR, STUDENT_LORA, STUDENT_UNET_DIR, fit_on_ray, lora_config,
+from dmdscale.train import (STUDENT_DIR, STUDENT_LORA, STUDENT_UNET_DIR, TRAIN_LOG, fit_on_ray, lora_config,
                             run_storage, source_paths)
 
 
@@ -95,7 +95,8 @@ def evaluate_run(cfg: Config, student_dir: Path, prompts: list[str], real: np.nd
     return metrics | {"_images": images["student"]}
 
 
-def run(cfg: Config, out: Path) -> dict[str, Any]:
+def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """The whole run into `out` (metrics.json, samples, student/); `run_tags` on its MLflow run."""
     fail_at_step = parse_fail_at_step(os.environ.get("DMDSCALE_FAIL_AT_STEP"))
     out.mkdir(parents=True, exist_ok=True)
     check_pipeline_folder(cfg.model.teacher, cfg.model.family)
@@ -121,7 +122,7 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
 
     resume_run_id = journal.read().get("mlflow_run_id") if resuming else None
     with Tracker(cfg.name, run_name=f"{cfg.model.family}-{out.name}", params=cfg.flat(),
-                 resume_run_id=resume_run_id) as tracker:
+                 resume_run_id=resume_run_id, tags=run_tags) as tracker:
         journal.note("mlflow_run_id", tracker.run_id)
         train_metrics = fit_on_ray(cfg, train_data, cfg.model.teacher, out, tracker, fail_at_step=fail_at_step)
         student_dir = assemble_student(cfg, out)
@@ -134,7 +135,7 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
         save_grid(images[:64], None, out / "samples.png", ncols=8, scale=1.2,
                   title=f"{len(cfg.generator.timesteps)}-step {cfg.model.family} student")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        plot_curves(tracker.curves("loss_"), out / "losses.png")
+        plot_curves(curves_from_log(json.loads((out / TRAIN_LOG).read_text()), "loss_"), out / "losses.png")
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                             step=cfg.train.max_steps)
         for name in ("metrics.json", "samples.png", "losses.png"):

@@ -149,39 +149,13 @@ def cpu_threads(cfg: Config, local_workers: int) -> int:
         return cfg.scale.cpu_threads_per_worker
     workers = max(local_workers, 1)
     actors = workers * cfg.rollout.num_actors * cfg.rollout.actor_cpus if uses_rollout_actors(cfg) else 0.0
-    return max(1, int((node_cores() - actors) // workers))
+    cores = node_cores() if cfg.scale.cluster_cpus is None else min(node_cores(), max(1, int(cfg.scale.cluster_cpus)))
+    return max(1, int((cores - actors) // workers))
 
 
 def node_cores() -> int:
     """Cores this process may run on (the affinity mask, which containers narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-class _MLflowFromWorker:
-    """Rank 0 logs step metrics into the driver's MLflow run (the URI travels in the config)."""
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None):
-        self.client = None
-        if tracking_uri and run_id:
-            from mlflow import MlflowClient
-
-            self.client, self.run_id = MlflowClient(tracking_uri), run_id
-
-    def __call__(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._safely(step, self.client.log_batch, self.run_id,
-                     metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-    @staticmethod
-    def _safely(step: int, fn: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception as exc:  # tracking must never stop training
-            print(f"warning: MLflow logging failed at step {step}: {exc}")
 
 
 def _all_ranks_agree(ok: bool) -> bool:
@@ -238,6 +212,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from dmdscale.engine import DeepSpeedOptimizedModule
+    from dmdscale.tracking import MlflowSink
 
     cfg = Config.model_validate(config["cfg"])
     ctx = ray.train.get_context()
@@ -254,13 +229,14 @@ def train_worker(config: dict[str, Any]) -> None:
     step_fn = DMD2Step(cfg, teacher, gen_engine, critic_engine, sync_flag=_all_ranks_agree,
                        rank=rank, world_size=world, device=device)
 
-    start_step, position = 0, DataPosition()
+    start_step, position, resumed_log = 0, DataPosition(), []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt:
             state, rngs = load_training_state(ckpt, engines, rank)
         set_rng_states(rngs, step_fn.rng)
         start_step, position = state.step, DataPosition(state.data_epoch, state.data_batch)
+        resumed_log = state.logged
     storage = ctx.get_storage()
     journal = RunJournal(storage.storage_filesystem, storage.experiment_fs_path)
     earlier_starts = journal.record_start(start_step) if rank == 0 else 0
@@ -276,7 +252,10 @@ def train_worker(config: dict[str, Any]) -> None:
         rollouts.start(start_step, gen_engine.full_state_dict)
     eval_pool = config.get("eval_pool")
     fail_at = config.get("fail_at_step")
-    log_mlflow = _MLflowFromWorker(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
+    # Rank 0 logs into the driver's MLflow run (never raising), and keeps what it logged: the
+    # run folder's train_log.json, carried through checkpoints so it survives a resume.
+    mlflow_sink = MlflowSink(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
+    logged: list[dict[str, float]] = list(resumed_log) if rank == 0 else []
     counts = {"images": 0}
     start = time.perf_counter()
 
@@ -295,8 +274,9 @@ def train_worker(config: dict[str, Any]) -> None:
         if step % cfg.train.log_every == 0 or checkpoint_now or last:
             report = {**metrics, "step": step, "epoch": position.now()[0],
                       "train_images_per_s": counts["images"] / (time.perf_counter() - start)}
-            if log_mlflow is not None:
-                log_mlflow(report, step)
+            if mlflow_sink is not None:
+                mlflow_sink.log_metrics(report, step)
+                logged.append(report)
             if checkpoint_now:
                 save_checkpoint(report, step)
             elif not last:  # the last step reports with the final checkpoint, below
@@ -306,7 +286,8 @@ def train_worker(config: dict[str, Any]) -> None:
         """Every rank writes its own part into a local folder; Ray merges them in storage."""
         epoch, batch = position.now()
         with tempfile.TemporaryDirectory() as tmp:
-            save_training_state(tmp, TrainingState(step + 1, epoch, batch), engines, rng_states(step_fn.rng), rank)
+            save_training_state(tmp, TrainingState(step + 1, epoch, batch, logged), engines,
+                                rng_states(step_fn.rng), rank)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if eval_pool is not None:
             weights = gen_engine.full_state_dict()  # collective under ZeRO-3: every rank gathers
@@ -339,6 +320,7 @@ def train_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 save_student(cfg, generator, Path(tmp))
                 (Path(tmp) / "train_metrics.json").write_text(json.dumps(final))
+                (Path(tmp) / TRAIN_LOG).write_text(json.dumps(logged, default=float))
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
@@ -362,6 +344,7 @@ def run_storage(cfg: Config, out: Path) -> tuple[str, str]:
 
 
 STUDENT_PARTS = (STUDENT_DIR, STUDENT_UNET_DIR, STUDENT_LORA)
+TRAIN_LOG = "train_log.json"  # rank 0's logged reports (losses by step), a JSON list
 
 
 def fit_on_ray(cfg: Config, train_data: Any, teacher_path: str | Path, out: Path, tracker: Any,
@@ -369,8 +352,8 @@ def fit_on_ray(cfg: Config, train_data: Any, teacher_path: str | Path, out: Path
     """Ray Train workers running DMD2 under DeepSpeed over the `train_data` stream.
 
     A run restarted with the same name and storage resumes from its latest checkpoint. Copies
-    what the final checkpoint holds of the student (STUDENT_PARTS) into `out` and returns the
-    workers' final metrics.
+    what the final checkpoint holds of the student (STUDENT_PARTS) and rank 0's log (TRAIN_LOG)
+    into `out` and returns the workers' final metrics.
     """
     import shutil
 
@@ -379,7 +362,7 @@ def fit_on_ray(cfg: Config, train_data: Any, teacher_path: str | Path, out: Path
     from ray.train.torch import TorchTrainer
 
     storage, name = run_storage(cfg, out)
-    resources = plan_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
+    resources = plan_resources(cfg, cfg.scale.cluster_cpus or ray.cluster_resources().get("CPU", 1.0))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(), "teacher_path": str(teacher_path),
@@ -394,7 +377,7 @@ def fit_on_ray(cfg: Config, train_data: Any, teacher_path: str | Path, out: Path
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt:
-        for part in STUDENT_PARTS:
+        for part in (*STUDENT_PARTS, TRAIN_LOG):
             src, dst = Path(ckpt) / part, out / part
             if src.is_dir():
                 shutil.copytree(src, dst, dirs_exist_ok=True)

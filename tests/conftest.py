@@ -1,4 +1,11 @@
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +20,13 @@ def mlflow_uri(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """One cache_dir (digits Parquet, FID classifier, quick teacher) for every quick digits run
+    of the session, as a user's runs share ~/.cache/dmdscale."""
+    return tmp_path_factory.mktemp("digits-cache")
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +51,60 @@ def captioned_parquet(tmp_path_factory):
     table = pq.read_table(build_digits_parquet(root / "digits")["train"]).slice(0, 96)
     pq.write_table(table, root / "captioned.parquet")
     return str(root / "captioned.parquet")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class Server:
+    """`mlflow server` on 127.0.0.1 in its own process group (it forks uvicorn workers)."""
+
+    def __init__(self, root: Path):
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        mlflow_cli = Path(sys.executable).parent / "mlflow"
+        root.mkdir(parents=True, exist_ok=True)
+        self.log = open(root / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_until_up(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not answers(f"{self.uri}/health"):
+            assert self.proc.poll() is None, (Path(self.log.name).read_text())[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer /health"
+            time.sleep(0.25)
+
+    def kill(self) -> None:
+        """SIGKILL to the whole group: the server is gone at once, as a crashed one is."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # killed already
+            pass
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` (sqlite backend, proxied artifacts) on a free 127.0.0.1 port."""
+    srv = Server(tmp_path / "server")
+    try:
+        srv.wait_until_up()
+        yield srv
+    finally:
+        srv.kill()

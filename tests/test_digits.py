@@ -47,9 +47,8 @@ def test_missing_labels_stop_before_training(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One cache (digits Parquet, classifier, teacher) for the module's runs, as users get."""
-    return tmp_path_factory.mktemp("cache")
+def cache(digits_cache):
+    return digits_cache
 
 
 @pytest.mark.slow
@@ -101,6 +100,11 @@ def test_quick_digits_run_end_to_end_through_an_injected_failure(tmp_path, mlflo
     assert {"metrics.json", "samples.png", "losses.png", "fid.png", "eval_grids"} <= artifacts
     assert len(client.list_artifacts(run.info.run_id, "eval_grids")) == 3
     assert (out / "losses.png").stat().st_size > 5_000
+    # losses.png's data in the run folder: rank 0's log, carried through the failure's resume
+    # (logged every 5 steps and at the checkpoints after 5, 10, 15 iterations), each step once.
+    log = json.loads((out / "train_log.json").read_text())
+    assert [r["step"] for r in log] == [0, 4, 5, 9, 10, 14, 15, 19] and all("loss_fake_score" in r for r in log)
+    assert [e["step"] for e in json.loads((out / "checkpoint_evaluations.json").read_text())] == [5, 10, 15]
     assert m["fid_real_train"] < m["fid_teacher_1step"]  # the floor sits below a 1-step teacher's blur
 
 
@@ -136,6 +140,8 @@ def test_a_stopped_driver_restarted_with_the_same_name_resumes(tmp_path, mlflow_
     assert len(runs) == 1
     steps = {x.step for x in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss_fake_score")}
     assert 0 in steps and 19 in steps
+    # The run folder's log has it too, the first driver's steps through the checkpoint's state.
+    assert [r["step"] for r in json.loads((out / "train_log.json").read_text())] == [0, 4, 5, 9, 10, 14, 15, 19]
 
 
 def test_a_changed_config_does_not_resume_someone_elses_run(tmp_path, cache):

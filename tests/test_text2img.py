@@ -67,6 +67,7 @@ def test_sd15_one_step_end_to_end(ray_local, tiny, captioned_parquet, tmp_path, 
     assert "loss_dm" in logged.data.metrics and "sampling_speedup" in logged.data.metrics
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
     assert {"metrics.json", "samples.png", "losses.png"} <= artifacts
+    assert [r["step"] for r in json.loads((out / "train_log.json").read_text())][-1] == 5  # losses.png's data
 
 
 def test_sdxl_lora_end_to_end_and_its_lora_weights(ray_local, tiny, captioned_parquet, tmp_path, monkeypatch):
