@@ -318,7 +318,8 @@ def plot_trials(entries: list[tuple[str, str, Any]], cfg: Config, path: Path) ->
         points = history[["step", metric]].dropna().sort_values("step")
         config = result.config or {}
         values = ", ".join(f"{key.rsplit('.', 1)[-1]}={_short(config.get(key))}" for key in cfg.sweep.space)
-        label = f"{trial}: {values}" + (" (error)" if state == "ERROR" else "")
+        ended = " (error)" if state == "ERROR" else ("" if (result.metrics or {}).get("final") == 1 else " (stopped)")
+        label = f"{trial}: {values}{ended}"
         curves[label] = (points["step"].astype(int).tolist(), points[metric].astype(float).tolist())
     return plot_overlay(curves, path, metric, title=f"sweep: {metric} by trial")
 
@@ -356,10 +357,10 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     # CPU trials plan their workers within their share of the CPUs (scale.cluster_cpus).
     cluster_cpus = None if cfg.scale.use_gpu else cluster.get("CPU", 1.0) / slots - TRIAL_DRIVER_CPUS
     state_file = out / "sweep_state.json"
-    state = json.loads(state_file.read_text()) if resuming and state_file.is_file() else {}
+    saved = json.loads(state_file.read_text()) if resuming and state_file.is_file() else {}
     params = {f"sweep.{k}": v for k, v in cfg.sweep.model_dump(mode="json").items()} | cfg.flat()
     with Tracker(cfg.name, run_name=f"sweep-{out.name}", params=params,
-                 resume_run_id=state.get("mlflow_run_id")) as tracker:
+                 resume_run_id=saved.get("mlflow_run_id")) as tracker:
         state_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id}))
         trainable = tune.with_resources(
             functools.partial(run_trial, base=cfg.model_dump(mode="json"), out=str(out), cluster_cpus=cluster_cpus,
@@ -382,7 +383,7 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
               f"{cfg.sweep.num_samples} samples, {slots} trial(s) at a time, early stopping: {cfg.sweep.early_stopping})")
         result_grid = tuner.fit()
         entries = trials(result_grid, out / TUNE_DIR)
-        unfinished = sum(state not in ("TERMINATED", "ERROR") for _, state, _ in entries)
+        unfinished = sum(status not in ("TERMINATED", "ERROR") for _, status, _ in entries)
         table = results_table(entries, cfg)
         table.to_csv(out / "results.csv", index=False)
         best = best_row(table, cfg)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dmdscale.models.tiny_sd import build_tiny_pipeline
 
@@ -77,7 +78,7 @@ def head():
         subprocess.run(["pkill", "-KILL", "-f", temp], check=False)  # any worker that left the session
 
 
-def test_ray_job_submit_runs_the_sdxl_pipeline(head, captioned_parquet, tmp_path):
+def test_ray_job_submit_runs_the_sdxl_lora_pipeline(head, captioned_parquet, tmp_path):
     teacher = build_tiny_pipeline("sdxl", tmp_path / "tiny-sdxl")
     out = tmp_path / "run"
     env, address = head["env"], head["address"]
@@ -95,7 +96,8 @@ def test_ray_job_submit_runs_the_sdxl_pipeline(head, captioned_parquet, tmp_path
         [RAY, "job", "submit", "--address", address, "--no-wait", "--submission-id", job_id, "--working-dir", ".",
          "--runtime-env-json", json.dumps(runtime_env), "--",
          "python", "pipelines/sdxl.py", "--quick", f"--out={out}", f"model.teacher={teacher}",
-         f"cache_dir={tmp_path / 'cache'}", f"data.path={captioned_parquet}", "train.max_steps=4"],
+         f"cache_dir={tmp_path / 'cache'}", f"data.path={captioned_parquet}", "train.max_steps=4",
+         "lora.enabled=true", "lora.rank=4", "scale.zero_stage=3"],  # the LoRA variant, under ZeRO-3
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
@@ -119,3 +121,21 @@ def test_ray_job_submit_runs_the_sdxl_pipeline(head, captioned_parquet, tmp_path
     assert (out / "samples.png").stat().st_size > 0
     model_index = json.loads((out / "student" / "model_index.json").read_text())
     assert model_index["_class_name"] == "StableDiffusionXLPipeline"
+
+    # The exported student samples in its 4 steps with no arguments, and the diffusers-format
+    # LoRA weights loaded into the teacher pipeline give the same latents when sampled with the
+    # student's scheduler, timesteps and no guidance.
+    from diffusers import DiffusionPipeline, LCMScheduler
+
+    import dmdscale  # noqa: F401  (the exported scheduler class)
+    from test_text2img import generate_latents
+
+    student = DiffusionPipeline.from_pretrained(str(out / "student"))
+    pipe = DiffusionPipeline.from_pretrained(str(teacher))
+    teacher_before = generate_latents(pipe, num_inference_steps=4, guidance_scale=1.0)
+    pipe.load_lora_weights(str(out / "student" / "lora"))
+    pipe.scheduler = LCMScheduler.from_pretrained(str(out / "student"), subfolder="scheduler")
+    with_lora = generate_latents(pipe, timesteps=[999, 749, 499, 249], guidance_scale=0.0)
+    exported = generate_latents(student)
+    torch.testing.assert_close(with_lora, exported, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(teacher_before, exported)  # the student is not the teacher

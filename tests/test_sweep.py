@@ -159,28 +159,38 @@ def _tune_reports(out: Path, trial_index: int) -> list[dict]:
     return [json.loads(line) for line in found[-1].read_text().splitlines() if line.strip()]
 
 
+def _checkpointed(trial_dir: Path) -> bool:
+    """Ray Train registered a checkpoint of the trial's run (its checkpoint manager's record)."""
+    return any("checkpoint_" in f.read_text() for f in trial_dir.glob("ray/*/checkpoint_manager_snapshot.json"))
+
+
 @pytest.mark.slow
-def test_a_quick_sweep_with_a_diverging_trial_is_interrupted_resumed_and_logged(tmp_path, mlflow_server, digits_cache):
-    """Two grid trials on quick digits, logged to a real `mlflow server`: a good learning rate,
-    then one that diverges to NaN. Ctrl-C once the first trial is done, then the same command
-    resumes: the first trial is kept, the second runs and fails, the sweep still ends well."""
+def test_a_quick_sweep_survives_a_diverging_trial_and_ctrl_c_stops_early_and_logs(tmp_path, mlflow_server,
+                                                                                  digits_cache):
+    """Three grid trials on quick digits, logged to a real `mlflow server`: a learning rate that
+    diverges to NaN (an error; the sweep goes on); a good one, interrupted with Ctrl-C once its
+    first checkpoint exists, which the same command then resumes from that checkpoint; and one
+    too small to learn, which ASHA stops at its first (step 5) evaluation, where the good trial
+    was better. (Tune does not save ASHA's records: after the resume the good trial's first
+    evaluation fills the rung.)"""
     config = tmp_path / "sweep.yaml"
     tree = yaml.safe_load(DIGITS.read_text())
-    tree["sweep"] = {"search": "grid", "space": {"train.lr": {"values": [5e-4, 1e30]}}}
+    tree["sweep"] = {"search": "grid", "space": {"train.lr": {"values": [1e30, 5e-4, 1e-12]}},
+                     "grace_period": 5, "reduction_factor": 2}  # rungs at the checkpoints at steps 5 and 10
     config.write_text(yaml.safe_dump(tree))
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "pipelines" / "sweep.py"), "--config", str(config), "--quick", "--out", str(out),
-           f"cache_dir={digits_cache}", "sweep.num_samples=1", "train.max_steps=10", "train.max_failures=0",
-           "train.max_nonfinite_steps=2", "eval.num_samples=100", "eval.teacher_steps=2"]
+           f"cache_dir={digits_cache}", "sweep.num_samples=1", "train.max_failures=0", "train.max_nonfinite_steps=2",
+           "eval.num_samples=100", "eval.teacher_steps=2"]
     env = os.environ | {"MLFLOW_TRACKING_URI": mlflow_server.uri}
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
-        while not any(r.get("final") == 1 for r in _tune_reports(out, 0)):  # Tune has the first trial's end
+        while not (good := next((out / "trials").glob("*_00001"), None)) or not _checkpointed(good):
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the first trial did not finish"
-            time.sleep(1)
+            assert time.monotonic() < deadline, "the second trial made no checkpoint"
+            time.sleep(0.5)
         first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and the driver stops
         assert first.wait(timeout=180) != 0
     finally:
@@ -188,22 +198,28 @@ def test_a_quick_sweep_with_a_diverging_trial_is_interrupted_resumed_and_logged(
             first.kill()
         log.close()
     assert "interrupted" in (tmp_path / "first.log").read_text()
-    first_trial = next((out / "trials").glob("*_00000"))
-    kept = (first_trial / "metrics.json").stat().st_mtime
+    assert not (good / "metrics.json").exists()  # it really stopped mid-run
 
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming the sweep" in second.stdout
-    assert (first_trial / "metrics.json").stat().st_mtime == kept  # the finished trial was not run again
 
-    # Each checkpoint evaluation reached Tune (and so ASHA) before the final figure.
-    reports = _tune_reports(out, 0)
-    assert [r["step"] for r in reports if r.get("final") == 0] == [5] and reports[-1]["step"] == 10
     table = pd.read_csv(out / "results.csv")
-    assert len(table) == 2
-    good, bad = table.iloc[0], table.iloc[1]
-    assert good["status"] == "finished" and good["train.lr"] == 5e-4 and 0 < good["fid_student"] < 400
-    assert bad["status"] == "error" and "non-finite" in bad["error"]
+    assert len(table) == 3
+    finished, slow, diverged = table.iloc[0], table.iloc[1], table.iloc[2]
+    assert finished["status"] == "finished" and finished["train.lr"] == 5e-4 and 0 < finished["fid_student"] < 400
+    # The interrupted trial went on from its checkpoint, not from step 0.
+    m = json.loads((good / "metrics.json").read_text())
+    assert m["resumed_from_step"] > 0 and m["resumed_from_step"] % 5 == 0, m
+    assert m["steps_completed"] == 20 and m["restarts"] == 1
+    assert [r["step"] for r in json.loads((good / "train_log.json").read_text())] == [0, 4, 5, 9, 10, 14, 15, 19]
+    # ASHA: at its first rung its FID trailed the good trial's, so it was stopped there.
+    assert slow["status"] == "stopped early" and slow["steps"] == 5 and slow["fid_student"] > finished["fid_student"]
+    assert diverged["status"] == "error" and "non-finite" in diverged["error"]
+    # Every checkpoint evaluation after the resume reached Tune (and so ASHA) before the final figure.
+    reports = _tune_reports(out, 1)
+    evaluated = [r["step"] for r in reports if r.get("final") == 0]
+    assert evaluated == [s for s in (5, 10, 15) if s > m["resumed_from_step"]] and reports[-1]["step"] == 20
     best = load_config(out / "best_config.yaml")  # a config the digits pipeline takes as it is
     assert best.train.lr == 5e-4 and best.model.family == "unet2d"
     assert (out / "sweep.png").stat().st_size > 10_000
@@ -214,12 +230,16 @@ def test_a_quick_sweep_with_a_diverging_trial_is_interrupted_resumed_and_logged(
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     sweeps = [r for r in runs if r.info.run_name == f"sweep-{out.name}"]
     assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
-    assert sweeps[0].data.metrics["best_fid_student"] == pytest.approx(good["fid_student"])
+    assert sweeps[0].data.metrics["best_fid_student"] == pytest.approx(finished["fid_student"])
     assert {a.path for a in client.list_artifacts(sweeps[0].info.run_id)} >= {"results.csv", "best_config.yaml",
                                                                                "sweep.png"}
-    trials = {r.data.tags["dmdscale.trial"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweeps[0].info.run_id}
-    assert {r.info.status for r in trials.values()} == {"FINISHED", "FAILED"}
-    finished = trials[good["trial"]]
-    assert finished.data.params["train.lr"] == "0.0005"
-    fid_curve = client.get_metric_history(finished.info.run_id, "fid_student")
-    assert sorted(m.step for m in fid_curve) == [5, 10]  # the checkpoint's evaluation, then the final figure
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweeps[0].info.run_id]
+    assert sorted(r.data.tags["dmdscale.trial"] for r in children) == sorted(table["trial"])  # one run each
+    trials = {r.data.tags["dmdscale.trial"]: r for r in children}
+    assert trials[diverged["trial"]].info.status == "FAILED"
+    assert trials[slow["trial"]].info.status == "KILLED" and trials[slow["trial"]].data.tags["dmdscale.stopped_early"]
+    resumed = trials[finished["trial"]]  # one run across both drivers: the whole loss curve, the FID curve
+    assert resumed.info.status == "FINISHED" and resumed.data.params["train.lr"] == "0.0005"
+    losses = {m.step for m in client.get_metric_history(resumed.info.run_id, "loss_fake_score")}
+    assert {0, 19} <= losses
+    assert {m.step for m in client.get_metric_history(resumed.info.run_id, "fid_student")} >= {15, 20}
