@@ -42,7 +42,7 @@ def trial_config(base: Config, values: dict[str, Any]) -> Config:
 def absolute_paths(cfg: Config) -> Config:
     """Local paths made absolute: trials run in other working directories."""
     def absolute(value: str | None, must_exist: bool = False) -> str | None:
-        if value is None or "://" in value or value == "digits":
+        if value is None or "://" in value or value in ("digits", "train", "analytic"):  # not paths
             return value
         path = Path(value).expanduser()
         return str(path.absolute()) if path.exists() or not must_exist else value

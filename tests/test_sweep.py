@@ -92,6 +92,18 @@ def test_trial_config_applies_the_sampled_values_and_validates_them():
         trial_config(digits(), {"train.ttur_ratio": 0})
 
 
+def test_local_paths_are_made_absolute_for_trials_in_other_working_directories(tmp_path, monkeypatch):
+    from dmdscale.sweep import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train").mkdir()  # a folder named like the "train a teacher" keyword stays a keyword
+    cfg = absolute_paths(digits({"cache_dir": "cache", "data.eval_path": "held_out.parquet"}))
+    assert cfg.cache_dir == str(tmp_path / "cache") and cfg.data.eval_path == str(tmp_path / "held_out.parquet")
+    assert cfg.data.path == "digits" and cfg.model.teacher == "train"
+    hub = absolute_paths(digits({"model.teacher": "stabilityai/sdxl-turbo"}))
+    assert hub.model.teacher == "stabilityai/sdxl-turbo"  # not a local folder: a hub id
+
+
 def test_asha_follows_the_checkpoint_evaluations_by_training_step():
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -178,7 +190,9 @@ def test_a_quick_sweep_survives_a_diverging_trial_and_ctrl_c_and_logs(tmp_path, 
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "pipelines" / "sweep.py"), "--config", str(config), "--quick", "--out", str(out),
            f"cache_dir={digits_cache}", "sweep.num_samples=1", "train.max_failures=0", "train.max_nonfinite_steps=2",
-           "eval.num_samples=100", "eval.teacher_steps=2"]
+           # 30 steps after the first checkpoint: Ctrl-C must land before the run ends (stopping
+           # the trial's actors takes a few seconds, in which training goes on).
+           "train.max_steps=40", "train.checkpoint_every=10", "eval.num_samples=100", "eval.teacher_steps=2"]
     env = os.environ | {"MLFLOW_TRACKING_URI": mlflow_server.uri}
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -207,14 +221,15 @@ def test_a_quick_sweep_survives_a_diverging_trial_and_ctrl_c_and_logs(tmp_path, 
     assert finished["status"] == "finished" and finished["train.lr"] == 5e-4 and 0 < finished["fid_student"] < 400
     # The interrupted trial went on from its checkpoint, not from step 0.
     m = json.loads((good / "metrics.json").read_text())
-    assert m["resumed_from_step"] > 0 and m["resumed_from_step"] % 5 == 0, m
-    assert m["steps_completed"] == 20 and m["restarts"] == 1
-    assert [r["step"] for r in json.loads((good / "train_log.json").read_text())] == [0, 4, 5, 9, 10, 14, 15, 19]
+    resumed_at = m["resumed_from_step"]
+    assert resumed_at in (10, 20, 30) and m["steps_completed"] == 40 and m["restarts"] == 1, m
+    logged = [s for s in range(40) if s % 5 == 0 or (s + 1) % 10 == 0 or s == 39]  # log_every 5, checkpoints
+    assert [r["step"] for r in json.loads((good / "train_log.json").read_text())] == logged
     assert diverged["status"] == "error" and "non-finite" in diverged["error"]
     # Every checkpoint evaluation after the resume reached Tune (and so ASHA) before the final figure.
     reports = _tune_reports(out, 1)
     evaluated = [r["step"] for r in reports if r.get("final") == 0]
-    assert evaluated == [s for s in (5, 10, 15) if s > m["resumed_from_step"]] and reports[-1]["step"] == 20
+    assert evaluated == [s for s in (10, 20, 30) if s > resumed_at] and reports[-1]["step"] == 40
     best = load_config(out / "best_config.yaml")  # a config the digits pipeline takes as it is
     assert best.train.lr == 5e-4 and best.model.family == "unet2d"
     assert (out / "sweep.png").stat().st_size > 10_000
@@ -235,5 +250,6 @@ def test_a_quick_sweep_survives_a_diverging_trial_and_ctrl_c_and_logs(tmp_path, 
     resumed = trials[finished["trial"]]  # one run across both drivers: the whole loss curve, the FID curve
     assert resumed.info.status == "FINISHED" and resumed.data.params["train.lr"] == "0.0005"
     losses = {m.step for m in client.get_metric_history(resumed.info.run_id, "loss_fake_score")}
-    assert {0, 19} <= losses
-    assert {m.step for m in client.get_metric_history(resumed.info.run_id, "fid_student")} >= {15, 20}
+    assert {0, 39} <= losses
+    fid_steps = {m.step for m in client.get_metric_history(resumed.info.run_id, "fid_student")}
+    assert fid_steps >= {s for s in (10, 20, 30) if s > resumed_at} | {40}
