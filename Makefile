@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) pipelines/digits.py --out runs/demo
 
+# Every tier: unit (pure torch), ray (a real local Ray cluster), e2e (subprocess pipelines,
+# job submit, tracking server, cluster configs). What CI and the README run.
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The unit tier alone: minutes, no Ray cluster.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit
 
 bench: $(STAMP)
 	$(PY) bench/toy2d_ablations.py

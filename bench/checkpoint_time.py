@@ -1,7 +1,7 @@
 """Checkpoint save and restore time against model size.
 
 For class-conditional UNets of growing width, one process builds the generator and critic
-DeepSpeed engines as the Ray workers do (ZeRO-2, AdamW, gloo on CPU), takes one optimiser step
+DeepSpeed engines as the Ray workers do (ZeRO-2, AdamW, gloo on CPU), takes one optimizer step
 so the AdamW moments exist, then times `save_training_state` (both engines, RNG, position) and
 `load_training_state` (weights-only) into fresh engines; median of --repeats.
 
@@ -23,13 +23,14 @@ import torch
 from diffusers import UNet2DModel
 from readme_table import update_readme_table
 
-from dmdscale.checkpoint import TrainingState, load_training_state, rng_states, save_training_state
 from dmdscale.config import build_config
-from dmdscale.engine import DeepSpeedOptimizedModule
-from dmdscale.generator import NoiseStream
+from dmdscale.core.sampling import NoiseStream
+from dmdscale.core.schedule import NoiseSchedule
+from dmdscale.distributed.checkpoint import TrainingState, load_training_state, rng_states, save_training_state
+from dmdscale.distributed.engine import DeepSpeedOptimizedModule
 from dmdscale.models.base import Critic
-from dmdscale.models.unet2d import ClassConditionalUNet, ConvHead, tiny_unet_config
-from dmdscale.schedule import NoiseSchedule
+from dmdscale.models.heads import ConvHead
+from dmdscale.models.unet2d import ClassConditionalUNet, tiny_unet_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,15 +24,14 @@ import torch
 from readme_table import update_readme_table
 
 from dmdscale.config import load_config
-from dmdscale.data import load_arrays
-from dmdscale.digits import distil_on_ray, resolve_data, resolve_teacher
-from dmdscale.generator import sample, teacher_sample
-from dmdscale.loop import train_loop
-from dmdscale.models.unet2d import load_unet_teacher
-from dmdscale.optim import TorchOptimizedModule
-from dmdscale.step import Batch, DMD2Step
+from dmdscale.core.loop import train_loop
+from dmdscale.core.optim import TorchOptimizedModule
+from dmdscale.core.sampling import sample, teacher_sample
+from dmdscale.core.step import Batch, DMD2Step
+from dmdscale.distributed.worker import build_players
+from dmdscale.families import family_of
+from dmdscale.models.unet2d import load_unet
 from dmdscale.tracking import Tracker
-from dmdscale.train import build_players
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +43,7 @@ def plain_loop_images_per_s(cfg, teacher_path: Path, images: np.ndarray, labels:
     torch.manual_seed(cfg.train.seed)
     teacher, generator, critic = build_players(cfg, str(teacher_path), torch.device("cpu"))
     if deepspeed:
-        from dmdscale.engine import DeepSpeedOptimizedModule
+        from dmdscale.distributed.engine import DeepSpeedOptimizedModule
 
         b = cfg.train.batch_size
         wrap = lambda m: DeepSpeedOptimizedModule(m, cfg.train, cfg.scale, b)  # noqa: E731
@@ -67,7 +66,7 @@ def plain_loop_images_per_s(cfg, teacher_path: Path, images: np.ndarray, labels:
 
 @torch.no_grad()
 def sampling_speedup(cfg, teacher_path: Path, batch: int = 256) -> dict:
-    model = load_unet_teacher(teacher_path)  # the student has the teacher's architecture
+    model = load_unet(teacher_path)  # the student has the teacher's architecture
     r, c = cfg.data.resolution, cfg.data.channels
     z, y = torch.randn(batch, c, r, r), torch.arange(batch) % cfg.data.num_classes
     sample(model, model.schedule, z[:2], [999], y[:2])  # warm-up
@@ -89,16 +88,18 @@ def main() -> None:
     cfg = load_config(ROOT / "pipelines" / "configs" / "digits.yaml",
                       {"train.max_steps": args.steps, "train.batch_size": args.batch,
                        "train.checkpoint_every": 10**6, "train.log_every": 10})
-    train_path, _ = resolve_data(cfg)
-    images, labels, _ = load_arrays(train_path, cfg.data.resolution, cfg.data.channels, require_labels=True)
-    teacher_path = resolve_teacher(cfg, images, labels)
+    family = family_of(cfg)
+    inputs = family.prepare(cfg, family.preflight(cfg))
+    (images, labels), teacher_path = inputs.train, Path(inputs.teacher_path)
+    # Checkpoints are not evaluated here: the figure is training throughput alone.
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"during_training": False})})
 
     p1 = sampling_speedup(cfg, teacher_path)
     plain = plain_loop_images_per_s(cfg, teacher_path, images, labels)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         with Tracker("bench", params=cfg.flat()) as tracker:
-            _, ray_metrics = distil_on_ray(cfg, train_path, teacher_path, Path(tmp) / "run", tracker)
+            ray_metrics = family.fit(cfg, inputs, Path(tmp) / "run", tracker).metrics
     # Last: it initialises torch.distributed in this process, which Ray workers must not inherit.
     in_process_ds = plain_loop_images_per_s(cfg, teacher_path, images, labels, deepspeed=True)
     p2 = ray_metrics["train_images_per_s"] / plain["images_per_s"]

@@ -28,17 +28,18 @@ from pathlib import Path
 import ray
 import torch
 from diffusers import UNet2DModel
+from readme_table import update_readme_table
 
 from dmdscale.config import build_config
-from dmdscale.loop import train_loop
+from dmdscale.core.loop import train_loop
+from dmdscale.core.optim import TorchOptimizedModule
+from dmdscale.core.step import Batch, DMD2Step
+from dmdscale.distributed.resources import cpu_threads
+from dmdscale.distributed.rollouts import RolloutPool
 from dmdscale.models.base import Critic
-from dmdscale.models.unet2d import ConvHead, load_unet_teacher, tiny_unet_config
-from dmdscale.optim import TorchOptimizedModule
-from dmdscale.rollouts import RolloutPool
-from dmdscale.step import Batch, DMD2Step
-from dmdscale.teacher import ddpm_scheduler, save_teacher
-from dmdscale.train import cpu_threads
-from readme_table import update_readme_table
+from dmdscale.models.heads import ConvHead
+from dmdscale.models.unet2d import load_unet, tiny_unet_config
+from dmdscale.tools.teacher import ddpm_scheduler, save_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION, CLASSES, WIDTH = 16, 10, 16
@@ -61,8 +62,8 @@ def make_teacher(folder: Path) -> Path:
 
 
 def make_step(cfg, teacher_path: Path, device: torch.device) -> tuple[DMD2Step, torch.nn.Module]:
-    """The training players as dmdscale.train builds them: generator and fake score copy the teacher."""
-    teacher = load_unet_teacher(teacher_path).to(device)
+    """The training players as dmdscale.distributed.worker builds them: generator and fake score copy the teacher."""
+    teacher = load_unet(teacher_path).to(device)
     generator = copy.deepcopy(teacher).train().requires_grad_(True)
     fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
     critic = Critic(fake_score, ConvHead.for_model(fake_score)).to(device)
@@ -95,7 +96,7 @@ def run(cfg, teacher_path: Path, device: torch.device, mode: str, trainer_thread
     step, generator = make_step(cfg, teacher_path, device)
     source, pool, on_step_end = batches(cfg, device), None, None
     if mode == "actors":
-        pool = RolloutPool.create(cfg, functools.partial(load_unet_teacher, str(teacher_path)), 0, 1, device)
+        pool = RolloutPool.create(cfg, functools.partial(load_unet, str(teacher_path)), 0, 1, device)
         ray.get([a.loaded_version.remote() for a in pool.actors])  # actor start-up is not throughput
         pool.start(0, generator.state_dict)
         source = pool.attach(source, 0)
@@ -120,7 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--trainer-threads", type=int, default=None,
-                        help="torch threads of the trainer (default: as dmdscale.train.cpu_threads sets them)")
+                        help="torch threads of the trainer (default: as dmdscale.distributed.worker.cpu_threads sets them)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = {"train.max_steps": args.steps, "train.batch_size": args.batch, "train.ttur_ratio": 5,

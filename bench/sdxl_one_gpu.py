@@ -1,6 +1,6 @@
 """One DMD2 iteration on an SDXL-size UNet on a single GPU: seconds per iteration and peak memory.
 
-The UNet is SDXL's published architecture (dmdscale.memory.unet_config("sdxl"), 2.57B
+The UNet is SDXL's published architecture (dmdscale.tools.memory.unet_config("sdxl"), 2.57B
 parameters) with random weights, so nothing is downloaded; the teacher is frozen in bf16, and the
 generator and critic (fake score + head) are DeepSpeed engines as the Ray workers build them.
 Each iteration is a generator turn and a critic turn (ttur_ratio 1), CFG 8 on the teacher, GAN
@@ -32,17 +32,18 @@ SETUPS = {"zero3_offload": {"lora.enabled": False}, "lora": {"lora.enabled": Tru
 
 
 def one_setup(setup: str, size: str, steps: int) -> dict:
-    from dmdscale.config import build_config
-    from dmdscale.engine import DeepSpeedOptimizedModule, ensure_single_process_env
-    from dmdscale.memory import unet_config
-    from dmdscale.models.base import Critic
-    from dmdscale.models.sd import TextConditionalUNet
-    from dmdscale.models.tiny_sd import tiny_unet_config
-    from dmdscale.models.unet2d import ConvHead
-    from dmdscale.schedule import NoiseSchedule
-    from dmdscale.step import Batch, DMD2Step
-    from dmdscale.train import lora_config
     from diffusers import UNet2DConditionModel
+
+    from dmdscale.config import build_config
+    from dmdscale.core.schedule import NoiseSchedule
+    from dmdscale.core.step import Batch, DMD2Step
+    from dmdscale.distributed.engine import DeepSpeedOptimizedModule, ensure_single_process_env
+    from dmdscale.families.sd import lora_config
+    from dmdscale.models.base import Critic
+    from dmdscale.models.heads import ConvHead
+    from dmdscale.models.sd import TextConditionalUNet
+    from dmdscale.tools.memory import unet_config
+    from dmdscale.tools.tiny_sd import tiny_unet_config
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")

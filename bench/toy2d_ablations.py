@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from readme_table import update_readme_table
 
-from dmdscale import toy2d
 from dmdscale.config import load_config
+from dmdscale.families import toy2d
 
 ROOT = Path(__file__).resolve().parents[1]
 FOUR = [999, 749, 499, 249]

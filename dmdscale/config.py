@@ -22,10 +22,19 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    family: Literal["toy2d", "unet2d", "sd15", "sdxl"] = "toy2d"
+    family: str = "toy2d"  # a name in dmdscale.families.FAMILIES
     # Local diffusers folder or hub id (loaded with from_pretrained); "analytic" for toy2d;
     # "train" for unet2d: dmdscale trains a teacher on data.path (cached by its config).
     teacher: str = "analytic"
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, name: str) -> str:
+        from dmdscale.families import FAMILIES
+
+        if name not in FAMILIES:
+            raise ValueError(f"unknown family; choose from {', '.join(FAMILIES)}")
+        return name
 
 
 class TeacherTrainingConfig(_Section):
@@ -251,7 +260,7 @@ class SweepConfig(_Section):
     metric: str = "fid_student"
     mode: Literal["min", "max"] = "min"
     # asha: stop trials whose intermediate `metric` (each checkpoint's evaluation) trails the
-    # others' at the same step; needs checkpoints evaluated during training (family unet2d).
+    # others' at the same step; needs checkpoints evaluated during training (families with evaluation actors).
     early_stopping: Literal["asha", "none"] = "asha"
     grace_period: int | None = Field(None, ge=1)  # training steps before a stop; None: 2 checkpoints
     reduction_factor: int = Field(3, ge=2)
@@ -279,14 +288,13 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_family(self) -> "Config":
-        text = self.model.family in ("sd15", "sdxl")
-        if text and self.model.teacher in ("analytic", "train"):
-            raise ValueError(f"model.teacher: a {self.model.family} teacher is a diffusers pipeline folder or hub id, "
-                             f"got {self.model.teacher!r}")
-        if text and self.data.channels != 3:
-            raise ValueError(f"data.channels: {self.model.family} VAEs take RGB images, set 3 (got {self.data.channels})")
-        if self.lora.enabled and not text:
-            raise ValueError(f"lora.enabled: LoRA applies to the sd15 and sdxl families, not {self.model.family!r}")
+        from dmdscale.families import FAMILIES
+
+        family = FAMILIES[self.model.family]  # the name was checked by ModelConfig
+        family.check_config(self)
+        if self.lora.enabled and not family.supports_lora:
+            lora = ", ".join(name for name, f in FAMILIES.items() if f.supports_lora)
+            raise ValueError(f"lora.enabled: LoRA applies to the {lora} families, not {self.model.family!r}")
         if self.lora.enabled and self.rollout.mode == "actors":
             raise ValueError("rollout.mode: 'actors' publishes full UNet weights, not LoRA adapters; "
                              "use rollout.mode=inline with lora.enabled")

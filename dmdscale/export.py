@@ -1,4 +1,8 @@
-"""The distilled student as a diffusers pipeline folder that samples correctly with no arguments.
+"""The distilled student as a diffusers folder, for every image family.
+
+Pixel UNets (unet2d): `export_unet_student` writes unet/ + scheduler/ (LCMScheduler) +
+dmdscale.json. Text-to-image (sd15, sdxl): `export_pipeline` writes a whole pipeline folder
+that samples correctly with no arguments:
 
 `DiffusionPipeline.from_pretrained(folder)(prompt)` must run the student's few trained steps
 with no classifier-free guidance (the student was distilled from the CFG-guided teacher), but
@@ -31,11 +35,11 @@ import torch
 from diffusers import LCMScheduler, SchedulerMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 
+from dmdscale.core.schedule import config_for
 from dmdscale.models.sd import check_pipeline_folder
-from dmdscale.schedule import config_for
 
 __all__ = ["DMD2Scheduler", "SchedulerMixin", "guidance_free_unet", "merged_unet", "lora_state_dict",
-           "export_pipeline"]
+           "export_pipeline", "export_unet_student", "STUDENT_DIR"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ GUIDANCE_EMBED_DIM = 256  # any width works: the projection reading it is all ze
 # The student predicts x0 outright, so take c_skip -> 0, c_out -> 1: with this scaling c_skip is
 # < 3e-13 for every t >= 1 and c_out rounds to 1.0 in float32 (the default 10 leaves ~1e-7).
 X0_TIMESTEP_SCALING = 1e6
+STUDENT_DIR = "student"  # the exported student in a run folder
 # What diffusers records for DMD2Scheduler (its module) and what it can resolve at load time.
 SCHEDULER_ENTRY = ["dmdscale", "DMD2Scheduler"]
 
@@ -219,3 +224,20 @@ def _save_lora(pipeline_class: type, folder: Path, state_dict: dict[str, torch.T
             logger.warning("this diffusers cannot save lora_alpha: load_lora_weights will scale the LoRA by 1, "
                            "not lora_alpha / r")
     pipeline_class.save_lora_weights(folder, safe_serialization=True, **kwargs)
+
+
+def export_unet_student(generator: Any, timesteps: list[int], out_dir: str | os.PathLike) -> Path:
+    """A pixel-space generator (`ClassConditionalUNet`) as a diffusers folder: unet/ + scheduler/
+    + dmdscale.json (its timesteps).
+
+    The scheduler is diffusers' LCMScheduler, whose step is the student's sampler (x0 from the
+    UNet's prediction, re-noised to the next timestep). With `original_inference_steps` 1000
+    every timestep is on its grid, and `set_timesteps(timesteps=...)` reproduces
+    `dmdscale.core.sampling.sample` (its boundary scalings are ~1e-7 from pure x0 at t >= 249).
+    """
+    out = Path(out_dir)
+    generator.unet.save_pretrained(out / "unet")
+    config = config_for(LCMScheduler, generator.schedule.scheduler_config) | {"original_inference_steps": 1000}
+    LCMScheduler.from_config(config).save_pretrained(out / "scheduler")
+    (out / "dmdscale.json").write_text(json.dumps({"timesteps": timesteps, "guidance_scale": 1.0}))
+    return out

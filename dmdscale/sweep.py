@@ -3,8 +3,7 @@
 The driver (`run`) checks the sweep before any cluster work, trains or loads the teacher and
 classifier once (cached under cache_dir, so trials find them), then runs Tune function trials.
 Each trial builds its config from the base config and its sampled values and calls the
-family's run (for digits: `dmdscale.digits.run`, which fits a TorchTrainer, the Train V2
-pattern), reporting every checkpoint evaluation's FID to Tune as it lands, so ASHA can stop
+whole run (`dmdscale.driver.run`, which fits a TorchTrainer, the Train V2 pattern), reporting every checkpoint evaluation's FID to Tune as it lands, so ASHA can stop
 trials that trail, and the final figures at the end. Each trial is an MLflow run tagged
 with the sweep's run as its parent; the sweep's run gets the results table, the best config
 and a picture of every trial's FID curve. An interrupted sweep resumes from DIR.
@@ -19,12 +18,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from dmdscale.config import Config, ConfigError, SearchDimension, build_config
-from dmdscale.train import uses_eval_actors, uses_rollout_actors
+from dmdscale.distributed.resources import run_resources, uses_eval_actors
+from dmdscale.families import FAMILIES, family_of
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
@@ -58,9 +58,9 @@ def check_sweep(cfg: Config) -> None:
     """Every swept key and value must make a valid run config, and the search and early
     stopping must fit the family: ConfigError naming `sweep.*` keys, before any cluster work."""
     sweep = cfg.sweep
-    if cfg.model.family not in ("unet2d", "sd15", "sdxl"):
-        raise ConfigError(f"model.family: sweeps run Ray Train families (unet2d, sd15, sdxl), not "
-                          f"{cfg.model.family!r}")
+    if not family_of(cfg).trains_on_ray:
+        on_ray = ", ".join(name for name, family in FAMILIES.items() if family.trains_on_ray)
+        raise ConfigError(f"model.family: sweeps run Ray Train families ({on_ray}), not {cfg.model.family!r}")
     if not sweep.space:
         raise ConfigError("sweep.space: no keys to sweep")
     for key, dim in sweep.space.items():
@@ -79,7 +79,8 @@ def check_sweep(cfg: Config) -> None:
                 raise ConfigError(f"sweep.space.{key}: value {value!r} does not make a valid run: {exc}") from None
     if sweep.early_stopping == "asha" and not uses_eval_actors(cfg):
         raise ConfigError("sweep.early_stopping: asha stops trials on the FID of checkpoints evaluated during "
-                          "training, which needs model.family=unet2d and eval.during_training=true; "
+                          "training, which needs a family with evaluation actors (unet2d) and "
+                          "eval.during_training=true; "
                           "set sweep.early_stopping=none")
 
 
@@ -133,16 +134,10 @@ def scheduler(cfg: Config) -> Any:
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
-    """What one trial's run takes from the cluster: its workers (a GPU each, or a CPU each
-    at most), Ray Data's CPUs, the rollout and evaluation actors, and the trial's driver."""
-    scale, workers = cfg.scale, cfg.scale.num_workers
-    rollout = cfg.rollout.num_actors * workers if uses_rollout_actors(cfg) else 0
-    evaluation = cfg.eval.num_actors if uses_eval_actors(cfg) else 0
-    if scale.use_gpu:
-        return {"CPU": workers + scale.data_cpus + rollout * cfg.rollout.actor_cpus + evaluation * cfg.eval.actor_cpus
-                + TRIAL_DRIVER_CPUS, "GPU": float(workers)}
-    return {"CPU": scale.data_cpus + workers + rollout * cfg.rollout.actor_cpus + evaluation * cfg.eval.actor_cpus
-            + TRIAL_DRIVER_CPUS}
+    """What one trial takes from the cluster: its run's (the resource planner's figure) and
+    the trial's own driver."""
+    need = run_resources(cfg)
+    return need | {"CPU": need["CPU"] + TRIAL_DRIVER_CPUS}
 
 
 def concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
@@ -170,8 +165,9 @@ class TrialRun:
 
     def run(self, cfg_tree: dict[str, Any], out: str, tags: dict[str, str]) -> dict[str, Any]:
         cfg = build_config(cfg_tree)
-        kwargs = {"on_evaluation": self._keep} if uses_eval_actors(cfg) else {}
-        return run_function(cfg)(cfg, Path(out), run_tags=tags, **kwargs)
+        from dmdscale.driver import run
+
+        return run(cfg, Path(out), run_tags=tags, on_evaluation=self._keep if uses_eval_actors(cfg) else None)
 
     def _keep(self, result: dict[str, Any]) -> None:
         with self._lock:
@@ -217,20 +213,10 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], out: str, cluster
     tune.report(numbers | {"step": cfg.train.max_steps, "final": 1})
 
 
-def run_function(cfg: Config) -> Callable[..., dict[str, Any]]:
-    if cfg.model.family == "unet2d":
-        from dmdscale.digits import run
-    else:
-        from dmdscale.text2img import run
-    return run
-
-
 def prepare(cfg: Config) -> None:
-    """Build what every trial would otherwise build at once: data, classifier, teacher."""
-    if cfg.model.family == "unet2d":
-        from dmdscale.digits import prepare as prepare_digits
-
-        prepare_digits(cfg)
+    """Build what every trial would otherwise build at once (e.g. data, classifier, teacher)."""
+    family = family_of(cfg)
+    family.prepare(cfg, family.preflight(cfg))
 
 
 def _check_same_sweep(cfg: Config, out: Path) -> bool:
@@ -308,7 +294,7 @@ def _short(value: Any) -> str:
 def plot_trials(entries: list[tuple[str, str, Any]], cfg: Config, path: Path) -> Path:
     """Every trial's metric against training step (checkpoint evaluations, then the final
     figure) on one axis, labelled with its swept values."""
-    from dmdscale.plots import plot_overlay
+    from dmdscale.eval.plots import plot_overlay
 
     metric, curves = cfg.sweep.metric, {}
     for trial, state, result in entries:

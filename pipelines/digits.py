@@ -4,7 +4,8 @@
 """
 from pathlib import Path
 
-from dmdscale import cli, digits
+from dmdscale import cli
+from dmdscale.driver import run
 
 if __name__ == "__main__":
-    cli.main(digits.run, None, Path(__file__).parent / "configs" / "digits.yaml", __doc__)
+    cli.main(run, None, Path(__file__).parent / "configs" / "digits.yaml", __doc__, family="unet2d")

@@ -5,7 +5,8 @@
 """
 from pathlib import Path
 
-from dmdscale import cli, text2img
+from dmdscale import cli
+from dmdscale.driver import run
 
 if __name__ == "__main__":
-    cli.main(text2img.run, None, Path(__file__).parent / "configs" / "sd15.yaml", __doc__)
+    cli.main(run, None, Path(__file__).parent / "configs" / "sd15.yaml", __doc__, family="sd15")

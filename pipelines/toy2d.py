@@ -4,7 +4,8 @@
 """
 from pathlib import Path
 
-from dmdscale import cli, toy2d
+from dmdscale import cli
+from dmdscale.driver import run
 
 if __name__ == "__main__":
-    cli.main(toy2d.run, None, Path(__file__).parent / "configs" / "toy2d.yaml", __doc__)
+    cli.main(run, None, Path(__file__).parent / "configs" / "toy2d.yaml", __doc__, family="toy2d")

@@ -39,13 +39,30 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Tiny random-weight sd15 and sdxl pipeline folders (dmdscale.tools.tiny_sd), by family."""
+    from dmdscale.tools.tiny_sd import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: str(build_tiny_pipeline(f, root / f)) for f in ("sd15", "sdxl")}
+
+
+def text_cfg(family: str, teacher: str, **overrides):
+    """A text-to-image family's config on a tiny teacher (RGB data)."""
+    from dmdscale.config import build_config
+
+    return build_config({}, {"model.family": family, "model.teacher": teacher, "data.channels": 3,
+                             "data.resolution": 32, "train.warmup_steps": 0, **overrides})
+
+
 @pytest.fixture(scope="module")
 def captioned_parquet(tmp_path_factory):
     """A small image + caption Parquet (96 digits, "a handwritten digit N"): text-to-image runs
     on it encode in seconds, where the whole digits split would take most of a minute."""
     import pyarrow.parquet as pq
 
-    from dmdscale.data import build_digits_parquet
+    from dmdscale.data.sources import build_digits_parquet
 
     root = tmp_path_factory.mktemp("captioned")
     table = pq.read_table(build_digits_parquet(root / "digits")["train"]).slice(0, 96)

@@ -7,7 +7,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from dmdscale.schedule import NoiseSchedule
+from dmdscale.core.schedule import NoiseSchedule
 
 # Conditioning: None (unconditional), a tensor (class labels) or a dict of tensors (text).
 Cond = Union[None, Tensor, dict[str, Tensor]]
@@ -69,7 +69,7 @@ class Denoiser(nn.Module):
 
 
 class Critic(nn.Module):
-    """Fake score + discriminator head: trained together, by one optimiser."""
+    """Fake score + discriminator head: trained together, by one optimizer."""
 
     def __init__(self, fake_score: Denoiser, head: nn.Module):
         super().__init__()

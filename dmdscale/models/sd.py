@@ -11,6 +11,7 @@ the empty prompt's embedding for SD1.5 and zeros for SDXL, as in the DMD2 author
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,41 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor
 
+from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.models.base import Cond, Denoiser, is_local
-from dmdscale.schedule import NoiseSchedule
 
-TEXT_FAMILIES = ("sd15", "sdxl")
+
+@dataclass(frozen=True)
+class SDVariant:
+    """What differs between the Stable Diffusion UNet teachers dmdscale knows, as data."""
+
+    name: str
+    # A second CLIP encoder (penultimate states of both concatenated; encoder 2's pooled output).
+    dual_text_encoder: bool
+    # Zeros as the unconditional input (SDXL, as in the DMD2 authors' code); else the empty
+    # prompt's embedding.
+    zero_uncond: bool
+    # SDXL's micro-conditioning: pooled text embeds and add_time_ids (H, W, 0, 0, H, W).
+    micro_conditioning: bool
+
+    @property
+    def components(self) -> list[str]:
+        """What a local pipeline folder must hold for this variant."""
+        parts = ["unet/config.json", "scheduler/scheduler_config.json", "vae/config.json",
+                 "text_encoder/config.json", "tokenizer"]
+        return parts + (["text_encoder_2/config.json", "tokenizer_2"] if self.dual_text_encoder else [])
+
+
+SD_VARIANTS = {v.name: v for v in (
+    SDVariant("sd15", dual_text_encoder=False, zero_uncond=False, micro_conditioning=False),
+    SDVariant("sdxl", dual_text_encoder=True, zero_uncond=True, micro_conditioning=True),
+)}
+
+
+def sd_variant(name: str) -> SDVariant:
+    if name not in SD_VARIANTS:
+        raise ValueError(f"unknown Stable Diffusion variant {name!r}; known: {', '.join(SD_VARIANTS)}")
+    return SD_VARIANTS[name]
 
 
 def check_pipeline_folder(path: str | os.PathLike, family: str) -> str:
@@ -31,10 +63,7 @@ def check_pipeline_folder(path: str | os.PathLike, family: str) -> str:
     if not is_local(p):
         return p
     root = Path(p).expanduser()
-    needed = ["unet/config.json", "scheduler/scheduler_config.json", "vae/config.json",
-              "text_encoder/config.json", "tokenizer"]
-    if family == "sdxl":
-        needed += ["text_encoder_2/config.json", "tokenizer_2"]
+    needed = sd_variant(family).components
     missing = [n for n in needed if not (root / n).exists()]
     if missing:
         raise FileNotFoundError(f"model.teacher {str(root)!r} is not a diffusers {family} pipeline folder: "
@@ -48,12 +77,11 @@ class TextConditionalUNet(Denoiser):
     def __init__(self, unet: UNet2DConditionModel, schedule: NoiseSchedule, family: str,
                  null_prompt_embeds: Tensor | None = None, vae_scale_factor: int = 8):
         super().__init__(schedule)
-        if family not in TEXT_FAMILIES:
-            raise ValueError(f"family must be one of {TEXT_FAMILIES}, got {family!r}")
-        self.unet, self.family, self.vae_scale_factor = unet, family, vae_scale_factor
+        self.variant = sd_variant(family)
+        self.unet, self.vae_scale_factor = unet, vae_scale_factor
         self.prediction_type = str(schedule.scheduler_config.get("prediction_type", "epsilon"))
-        if family == "sd15" and null_prompt_embeds is None:
-            raise ValueError("SD1.5 needs the empty prompt's embedding as its unconditional input")
+        if not self.variant.zero_uncond and null_prompt_embeds is None:
+            raise ValueError(f"{family} needs the empty prompt's embedding as its unconditional input")
         # (1, L, D); a buffer so it follows .to(device) and is saved with nothing else.
         self.register_buffer("null_prompt_embeds", null_prompt_embeds, persistent=False)
 
@@ -63,14 +91,14 @@ class TextConditionalUNet(Denoiser):
         return int(self.unet.config.block_out_channels[-1])
 
     def null_cond(self, cond: Cond) -> Cond:
-        if self.family == "sdxl":
+        if self.variant.zero_uncond:
             return {k: torch.zeros_like(v) for k, v in cond.items()}
         n = len(cond["prompt_embeds"])
         return {"prompt_embeds": self.null_prompt_embeds.expand(n, -1, -1).to(cond["prompt_embeds"].dtype)}
 
     def _unet_kwargs(self, x_t: Tensor, cond: Cond) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"encoder_hidden_states": cond["prompt_embeds"]}
-        if self.family == "sdxl":
+        if self.variant.micro_conditioning:
             h, w = (s * self.vae_scale_factor for s in x_t.shape[-2:])
             time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=cond["prompt_embeds"].dtype, device=x_t.device)
             kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled_prompt_embeds"],
@@ -110,7 +138,7 @@ def load_sd_teacher(path_or_hub_id: str | os.PathLike, family: str,
     Loads the UNet, the scheduler's config and, for SD1.5, encodes the empty prompt once (the
     unconditional input); the text encoders are not kept: training reads precomputed embeddings.
     """
-    from dmdscale.text import PromptEncoder
+    from dmdscale.models.text_encoders import PromptEncoder
 
     p = check_pipeline_folder(path_or_hub_id, family)
     try:
@@ -120,7 +148,7 @@ def load_sd_teacher(path_or_hub_id: str | os.PathLike, family: str,
     except (OSError, ValueError) as e:
         raise OSError(f"could not load the {family} teacher from {p!r}: {e}") from e
     null = None
-    if family == "sd15":
+    if not sd_variant(family).zero_uncond:
         null = PromptEncoder.load(p, family).encode([""])["prompt_embeds"].to(dtype)
     scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     model = TextConditionalUNet(unet, NoiseSchedule(dict(scheduler_config)), family, null, scale)

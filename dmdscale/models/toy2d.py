@@ -11,8 +11,8 @@ import torch
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
+from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.models.base import Cond, Denoiser
-from dmdscale.schedule import NoiseSchedule
 
 
 class GaussianMixture2D:

@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from torch import Tensor, nn
+from torch import Tensor
 
+from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.models.base import Cond, Denoiser, is_local
-from dmdscale.schedule import NoiseSchedule
+from dmdscale.models.heads import group_count
 
 
 class ClassConditionalUNet(Denoiser):
@@ -95,11 +96,6 @@ class ClassConditionalUNet(Denoiser):
         return sample
 
 
-def _groups(channels: int, max_groups: int = 32) -> int:
-    """Largest GroupNorm group count <= max_groups that divides `channels`."""
-    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
-
-
 def tiny_unet_config(resolution: int = 16, channels: int = 1, num_classes: int = 10,
                      width: int = 32) -> dict[str, Any]:
     """A small class-conditional UNet2DModel config for low-resolution digits on CPU.
@@ -119,16 +115,15 @@ def tiny_unet_config(resolution: int = 16, channels: int = 1, num_classes: int =
         "block_out_channels": widths,
         "layers_per_block": 1,
         "attention_head_dim": width,
-        "norm_num_groups": _groups(width, 8),
+        "norm_num_groups": group_count(width, 8),
         "num_class_embeds": num_classes + 1,  # + the null class for CFG
     }
 
 
-def load_unet_teacher(path_or_hub_id: str | os.PathLike) -> ClassConditionalUNet:
-    """A teacher from a diffusers folder (local, or a hub id) with `unet/` and `scheduler/`.
-
-    The same call serves a user's own teacher and the cached one `load_or_train_teacher` makes.
-    Returned in eval mode with gradients off (the teacher is frozen).
+def load_unet(path_or_hub_id: str | os.PathLike) -> ClassConditionalUNet:
+    """A class-conditional UNet from a diffusers folder (local, or a hub id) with `unet/` and
+    `scheduler/`: a user's own teacher, the cached one `load_or_train_teacher` makes, or an
+    exported student (same layout). Returned in eval mode with gradients off.
     """
     p = os.fspath(path_or_hub_id)
     if is_local(p):
@@ -149,29 +144,3 @@ def load_unet_teacher(path_or_hub_id: str | os.PathLike) -> ClassConditionalUNet
         raise OSError(f"could not load the UNet teacher from {p!r}: {e}") from e
     model = ClassConditionalUNet(unet, NoiseSchedule(dict(scheduler.config)))
     return model.eval().requires_grad_(False)
-
-
-class ConvHead(nn.Module):
-    """DMD2 discriminator head on the (B, C, h, w) bottleneck: a logit map, averaged by Critic.
-
-    Conv 3x3 stride 2 -> GroupNorm -> SiLU -> Conv 1x1 to one channel. Small on purpose: the
-    fake score's trunk does the feature work and is trained together with the head.
-    """
-
-    def __init__(self, in_channels: int, hidden: int | None = None):
-        super().__init__()
-        hidden = hidden or in_channels
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, kernel_size=3, stride=2, padding=1),
-            nn.GroupNorm(_groups(hidden), hidden),
-            nn.SiLU(),
-            nn.Conv2d(hidden, 1, kernel_size=1),
-        )
-
-    @classmethod
-    def for_model(cls, model: ClassConditionalUNet, hidden: int | None = None) -> "ConvHead":
-        """A head sized to the model's bottleneck (its last `block_out_channels`)."""
-        return cls(model.feature_channels, hidden)
-
-    def forward(self, features: Tensor) -> Tensor:
-        return self.net(features)

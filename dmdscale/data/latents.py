@@ -1,0 +1,114 @@
+"""Latent data for the SD1.5/SDXL families: VAE latents and text embeddings on a Ray Data actor pool.
+
+Images and captions stream from the source (decoded by `data.read_dataset`, corrupt rows skipped
+there); each actor holds the teacher's VAE and text encoder(s) once and turns batches into rows
+  latent (4, h, w) float32, scaled by the VAE's scaling factor;
+  prompt_embeds (L, D) [, pooled_prompt_embeds (P,)]: the image's own caption, as the GAN's
+  real branch needs it and the generator is conditioned on it.
+With `data.latent_cache`, the rows are written as Parquet once and read back afterwards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmdscale.config import Config
+from dmdscale.data.sources import DataError
+
+CACHE_MARKER = "_dmdscale_latents.json"
+TEXT_COLUMNS = ("prompt_embeds", "pooled_prompt_embeds")
+
+
+class LatentEncoder:
+    """map_batches callable: {"image": (B, 3, H, W) in [-1, 1], "prompt": str} -> latent rows."""
+
+    def __init__(self, teacher: str, family: str, use_gpu: bool = False):
+        from diffusers import AutoencoderKL
+
+        from dmdscale.models.text_encoders import PromptEncoder
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.vae = AutoencoderKL.from_pretrained(teacher, subfolder="vae").to(self.device).eval()
+        self.text = PromptEncoder.load(teacher, family, self.device)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.as_tensor(np.asarray(batch["image"]), device=self.device)
+        # The posterior's mean, not a sample: a cached data set must not freeze one noise draw.
+        latent = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        shift = self.vae.config.get("shift_factor") or 0.0
+        out = {"latent": ((latent.float() - shift) * self.vae.config.scaling_factor).cpu().numpy()}
+        cond = self.text.encode([str(p) for p in batch["prompt"]])
+        return out | {k: v.float().cpu().numpy() for k, v in cond.items()}
+
+
+def cache_key(cfg: Config, train_path: str) -> dict[str, Any]:
+    """What the cached latents depend on: the teacher, the data and the resolution."""
+    return {"teacher": cfg.model.teacher, "family": cfg.model.family, "data": os.path.abspath(train_path),
+            "resolution": cfg.data.resolution}
+
+
+def latent_dataset(cfg: Config, train_path: str) -> "ray.data.Dataset":  # noqa: F821
+    """The training rows: encoded on the actor pool, or streamed from `data.latent_cache`."""
+    import ray.data
+
+    cache = cfg.data.latent_cache
+    if cache is not None and _cache_ready(Path(cache).expanduser(), cache_key(cfg, train_path)):
+        return ray.data.read_parquet(str(Path(cache).expanduser()))
+    ds = encode(cfg, train_path)
+    if cache is None:
+        return ds
+    return write_cache(ds, Path(cache).expanduser(), cache_key(cfg, train_path))
+
+
+def encode(cfg: Config, train_path: str) -> "ray.data.Dataset":  # noqa: F821
+    """Images + captions -> latent rows on `data.encode_actors` actors (a GPU each with scale.use_gpu)."""
+    from dmdscale.data.sources import read_dataset
+
+    pixels = read_dataset(train_path, cfg.data.resolution, 3, num_cpus=min(1.0, cfg.scale.data_cpus),
+                          keep_prompts=True)
+    return pixels.map_batches(
+        LatentEncoder, fn_constructor_kwargs={"teacher": cfg.model.teacher, "family": cfg.model.family,
+                                              "use_gpu": cfg.scale.use_gpu},
+        batch_size=cfg.data.encode_batch_size, batch_format="numpy", concurrency=cfg.data.encode_actors,
+        num_gpus=1 if cfg.scale.use_gpu else 0, num_cpus=min(1.0, cfg.scale.data_cpus))
+
+
+def write_cache(ds: "ray.data.Dataset", folder: Path, key: dict[str, Any]) -> "ray.data.Dataset":  # noqa: F821
+    """Write the encoded rows as Parquet, then the marker (so a half-written cache is never used)."""
+    import ray.data
+
+    shutil.rmtree(folder, ignore_errors=True)
+    ds.write_parquet(str(folder))
+    (folder / CACHE_MARKER).write_text(json.dumps(key | {"id": _key_id(key)}))
+    return ray.data.read_parquet(str(folder))
+
+
+def _key_id(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cache_ready(folder: Path, key: dict[str, Any]) -> bool:
+    """True when `folder` holds finished latents for `key`; an error when it holds another's."""
+    marker = folder / CACHE_MARKER
+    if not marker.is_file():
+        return False
+    held = json.loads(marker.read_text())
+    if held.get("id") != _key_id(key):
+        changed = sorted(k for k in key if held.get(k) != key[k])
+        raise DataError(f"data.latent_cache {str(folder)!r} holds latents of another run (differs in "
+                        f"{', '.join(changed)}): remove it or point data.latent_cache elsewhere")
+    return True
+
+
+def check_cache_target(cfg: Config, train_path: str) -> None:
+    """Before any cluster work: a cache folder that holds another run's latents is an error."""
+    if cfg.data.latent_cache is not None:
+        _cache_ready(Path(cfg.data.latent_cache).expanduser(), cache_key(cfg, train_path))

@@ -1,0 +1,128 @@
+"""DeepSpeed ZeRO engines behind the interface the DMD2 step uses (`dmdscale.core.optim`).
+
+The generator and the critic each get their own engine (own optimizer, own ZeRO partitioning);
+the frozen teacher stays a plain module. gloo on CPU, NCCL on GPU: DeepSpeed uses the process
+group Ray Train already created.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from dmdscale.config import ScaleConfig, TrainConfig
+from dmdscale.core.optim import warmup_lr_scheduler
+
+
+def deepspeed_config(train: TrainConfig, scale: ScaleConfig, micro_batch: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for one trainable module (AdamW, clipping, ZeRO). The warm-up
+    is the plain path's (`warmup_lr_scheduler`), handed to DeepSpeed as a client scheduler."""
+    zero: dict[str, Any] = {"stage": scale.zero_stage}
+    if scale.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": scale.use_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam: torch's AdamW instead of compiling DeepSpeed's fused kernel (~45 s on CPU).
+            "params": {"lr": train.lr, "betas": list(train.betas), "weight_decay": train.weight_decay,
+                       "torch_adam": True},
+        },
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.mixed_precision == "bf16"},
+        "steps_per_print": 10**9,  # progress goes through Ray Train reports, not DeepSpeed logs
+        "wall_clock_breakdown": False,
+    }
+
+
+def ensure_single_process_env() -> None:
+    """DeepSpeed outside a launcher needs the torch.distributed env vars (else it looks for MPI)."""
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}.items():
+        os.environ.setdefault(key, value)
+
+
+def deepspeed_record_types() -> list[type]:
+    """The only non-tensor classes DeepSpeed pickles into its checkpoints (optimizer files):
+    plain records, allowed by name so loading stays `weights_only=True`."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str | Path, map_location: Any = None) -> Any:
+    """torch.load that never unpickles arbitrary objects: tensors, containers and the few
+    DeepSpeed records above. A checkpoint carrying anything else raises UnpicklingError."""
+    with torch.serialization.safe_globals(deepspeed_record_types()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class DeepSpeedOptimizedModule:
+    """A module trained by a DeepSpeed engine; same interface as TorchOptimizedModule."""
+
+    def __init__(self, module: nn.Module, train: TrainConfig, scale: ScaleConfig, micro_batch: int):
+        import deepspeed
+
+        if not torch.distributed.is_initialized():
+            ensure_single_process_env()
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module, model_parameters=params, config=deepspeed_config(train, scale, micro_batch),
+            # The same schedule as one plain process. DeepSpeed's WarmupLR starts at warmup_min_lr
+            # for two optimizer steps, which made each engine's first two updates no-ops.
+            lr_scheduler=functools.partial(warmup_lr_scheduler, warmup_steps=train.warmup_steps),
+            dist_init_required=not torch.distributed.is_initialized(),
+        )
+        self.module = self.engine.module
+        # DeepSpeed's own loader unpickles with weights_only=False; checkpoints may come from
+        # shared storage, so restore through the weights-only loader instead.
+        self.engine.checkpoint_engine.load = load_weights_only
+
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else math.nan
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Full parameters on every rank inside the block (ZeRO-3 partitions them); a
+        collective call, so every rank must enter it. No-op for ZeRO 0-2."""
+        if self.engine.zero_optimization_partition_weights():
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The module's full weights as CPU tensors (a collective call under ZeRO-3)."""
+        with self.gathered():
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+
+    def save(self, directory: str | Path, tag: str) -> None:
+        """Engine state (weights, optimizer, LR scheduler) under directory/tag; a collective
+        call: each rank writes its own ZeRO partition."""
+        self.engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+
+    def load(self, directory: str | Path, tag: str) -> None:
+        """Restore what `save` wrote (same number of workers), weights-only."""
+        path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' under {directory}")

@@ -1,0 +1,59 @@
+"""The driver side of a run on Ray: a `TorchTrainer` of `worker.train_worker` over a Ray Data
+stream, with checkpoints in Ray Train storage, resume and a failure budget; what the final
+checkpoint holds of the student is copied into the run folder."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from dmdscale.config import Config
+from dmdscale.distributed.resources import worker_resources
+from dmdscale.distributed.worker import TRAIN_LOG, TRAIN_METRICS, train_worker
+
+
+def run_storage(cfg: Config, out: Path) -> tuple[str, str]:
+    """(storage path or URI, run name) of the Ray Train run: where its checkpoints live."""
+    storage = cfg.scale.storage_path or str(out / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().absolute())
+    return storage, f"{cfg.name}-{out.name}"
+
+
+def fit_on_ray(cfg: Config, train_data: Any, teacher_path: str | Path, out: Path, tracker: Any,
+               student_parts: Sequence[str], eval_pool: Any = None,
+               fail_at_step: int | None = None) -> dict[str, Any]:
+    """Ray Train workers running DMD2 under DeepSpeed over the `train_data` stream.
+
+    A run restarted with the same name and storage resumes from its latest checkpoint. Copies
+    `student_parts` (what the family's `save_student` wrote) and rank 0's log (TRAIN_LOG) from
+    the final checkpoint into `out`, and returns the workers' final metrics.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage, name = run_storage(cfg, out)
+    resources = worker_resources(cfg, cfg.scale.cluster_cpus or ray.cluster_resources().get("CPU", 1.0))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.model_dump(), "teacher_path": str(teacher_path),
+                           "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id,
+                           "eval_pool": eval_pool, "fail_at_step": fail_at_step},
+        scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        datasets={"train": train_data},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as ckpt:
+        for part in (*student_parts, TRAIN_LOG):
+            src, dst = Path(ckpt) / part, out / part
+            if src.is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            elif src.is_file():
+                shutil.copy2(src, dst)
+        return json.loads((Path(ckpt) / TRAIN_METRICS).read_text())

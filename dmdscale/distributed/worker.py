@@ -1,0 +1,251 @@
+"""DMD2 on a Ray Train worker: the per-worker side of a run (the driver side is `launch`).
+
+Each worker loads the frozen teacher through its family, copies it into the generator and the
+fake score (DMD2 starts both from the teacher), wraps generator and critic in DeepSpeed ZeRO
+engines, and runs the plain `train_loop` over its Ray Data shard. Rank 0 logs to MLflow; every
+rank reports to Ray Train at the same steps (reports are collective).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from dmdscale.config import Config
+from dmdscale.core import seeds
+from dmdscale.core.loop import LoopResult, prefetched, train_loop
+from dmdscale.core.step import Batch, DMD2Step
+from dmdscale.data.latents import TEXT_COLUMNS
+from dmdscale.distributed.checkpoint import (
+    DataPosition,
+    InjectedFailure,
+    RunJournal,
+    TrainingState,
+    load_training_state,
+    rng_states,
+    save_training_state,
+    set_rng_states,
+)
+from dmdscale.distributed.resources import cpu_threads, uses_rollout_actors
+from dmdscale.families import family_of
+from dmdscale.models.base import Critic, Denoiser
+
+TRAIN_LOG = "train_log.json"  # rank 0's logged reports (losses by step), a JSON list
+TRAIN_METRICS = "train_metrics.json"  # the workers' final figures, in the final checkpoint
+
+
+def build_players(cfg: Config, teacher_path: str, device: torch.device) -> tuple[Denoiser, Denoiser, Critic]:
+    """(frozen teacher, generator, critic) with generator and fake score copied from the teacher.
+
+    The family may narrow what of the generator trains (e.g. a LoRA adapter); the critic is
+    always trained in full.
+    """
+    family = family_of(cfg)
+    teacher = family.load_teacher(cfg, teacher_path).to(device)
+    generator = copy.deepcopy(teacher).train().requires_grad_(True)
+    fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
+    family.adapt_generator(cfg, generator)
+    if cfg.train.gradient_checkpointing:
+        for model in (generator, fake_score):
+            model.unet.enable_gradient_checkpointing()
+    return teacher, generator, Critic(fake_score, family.critic_head(fake_score)).to(device)
+
+
+def to_batch(columns: dict[str, torch.Tensor]) -> Batch:
+    """A Ray Data batch as the step's Batch: pixels + labels, or latents + text embeddings."""
+    if "latent" in columns:
+        return Batch(columns["latent"], {k: columns[k] for k in TEXT_COLUMNS if k in columns})
+    return Batch(columns["image"], columns.get("label"))
+
+
+def shard_batches(shard: Any, batch_size: int, device: torch.device, shuffle_buffer: int, seed: int,
+                  position: DataPosition) -> Iterator[Batch]:
+    """Endless batches from this worker's Ray Data shard, epoch after epoch, from `position`.
+
+    The local shuffle is seeded by epoch, so a resumed run skips into the same epoch order it
+    left (as far as Ray Data's block order within a shard repeats). The reader records the
+    epoch's length in `position` when it first reaches an epoch's end.
+    """
+    epoch, skip = position.epoch, position.batch
+    while True:
+        count = 0
+        for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                          local_shuffle_buffer_size=shuffle_buffer or None,
+                                          local_shuffle_seed=seeds.data_shuffle(seed, epoch) if shuffle_buffer else None):
+            count += 1
+            if count > skip:
+                yield to_batch(b)
+        if count == 0:
+            raise ValueError(f"this worker's data shard holds fewer rows than its batch ({batch_size}): "
+                             "lower train.batch_size or scale.num_workers")
+        position.epoch_length, epoch, skip = count, epoch + 1, 0
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True only if every rank's flag is True (a skipped step must be skipped everywhere)."""
+    if not torch.distributed.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+class TrainWorker:
+    """One worker's whole run: players and engines, resume, the loop, reports and checkpoints.
+
+    Built again after a failure; it then resumes from the latest checkpoint that
+    `ray.train.get_checkpoint()` hands back. `config` is what `launch.fit_on_ray` passes:
+    the run's config, the teacher's path, the MLflow run, the evaluation pool, a failure to
+    inject.
+    """
+
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+        import ray.train.torch
+
+        from dmdscale.distributed.engine import DeepSpeedOptimizedModule
+        from dmdscale.tracking import MlflowSink
+
+        self.cfg = cfg = Config.model_validate(config["cfg"])
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(cfg, ctx.get_local_world_size()))
+        torch.manual_seed(cfg.train.seed)
+        self.micro = cfg.train.batch_size // self.world
+        self.teacher_path = config["teacher_path"]
+        _, self.generator, critic = players = build_players(cfg, self.teacher_path, self.device)
+        self.generator_engine = DeepSpeedOptimizedModule(self.generator, cfg.train, cfg.scale, self.micro)
+        self.critic_engine = DeepSpeedOptimizedModule(critic, cfg.train, cfg.scale, self.micro)
+        self.engines = {"generator": self.generator_engine, "critic": self.critic_engine}
+        self.step_fn = DMD2Step(cfg, players[0], self.generator_engine, self.critic_engine,
+                                sync_flag=all_ranks_agree, rank=self.rank, world_size=self.world,
+                                device=self.device)
+        self.eval_pool = config.get("eval_pool")
+        self.rollouts: Any = None  # the rollout pool, started in run() when the run uses one
+        self.fail_at = config.get("fail_at_step")
+        # Rank 0 logs into the driver's MLflow run (never raising), and keeps what it logged:
+        # the run folder's train_log.json, carried through checkpoints so it survives a resume.
+        self.mlflow_sink = MlflowSink(config.get("tracking_uri"), config.get("run_id")) if self.rank == 0 else None
+        self.start_step, self.position, self.logged = self._resume()
+        storage = ctx.get_storage()
+        self.journal = RunJournal(storage.storage_filesystem, storage.experiment_fs_path)
+        self.earlier_starts = self.journal.record_start(self.start_step) if self.rank == 0 else 0
+        if self.rank == 0 and self.start_step:
+            print(f"dmdscale: resumed from the checkpoint at step {self.start_step} "
+                  f"(start {self.earlier_starts + 1} of this run)")
+        self.images_seen, self.started = 0, time.perf_counter()
+
+    def _resume(self) -> tuple[int, DataPosition, list[dict[str, float]]]:
+        """(first step, data position, rank 0's log so far) from the latest checkpoint, if any."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0, DataPosition(), []
+        with checkpoint.as_directory() as ckpt:
+            state, rngs = load_training_state(ckpt, self.engines, self.rank)
+        set_rng_states(rngs, self.step_fn.rng)
+        return state.step, DataPosition(state.data_epoch, state.data_batch), \
+            (list(state.logged) if self.rank == 0 else [])
+
+    def run(self) -> None:
+        import ray.train
+
+        cfg = self.cfg
+        rollouts = None
+        if uses_rollout_actors(cfg):
+            from dmdscale.distributed.rollouts import RolloutPool
+
+            rollouts = RolloutPool.create(cfg, functools.partial(family_of(cfg).load_teacher, cfg, self.teacher_path),
+                                          self.rank, self.world, self.device)
+            rollouts.start(self.start_step, self.generator_engine.full_state_dict)
+            self.rollouts = rollouts
+        reader = shard_batches(ray.train.get_dataset_shard("train"), self.micro, self.device,
+                               cfg.scale.shuffle_buffer, cfg.train.seed, self.position)
+        with contextlib.closing(prefetched(reader, cfg.scale.prefetch_batches)) as batches:  # closing stops the thread
+            if rollouts is not None:
+                batches = rollouts.attach(batches, self.start_step)
+            try:
+                result = train_loop(self._step, batches, cfg.train.max_steps, start_step=self.start_step,
+                                    max_nonfinite_steps=cfg.train.max_nonfinite_steps, log_every=cfg.train.log_every,
+                                    on_step_end=self._on_step_end, progress=self.rank == 0)
+            finally:
+                rollout_stats = rollouts.stats() if rollouts is not None else {}
+                if rollouts is not None:
+                    rollouts.close()
+        self._finish(result, rollout_stats)
+
+    def _step(self, batch: Batch, step: int) -> dict[str, float]:
+        if step == self.fail_at and self.rank == 0 and self.journal.mark_once(f"failed_at_step_{step}"):
+            raise InjectedFailure(f"DMDSCALE_FAIL_AT_STEP={step}: rank 0 fails once here, to rehearse recovery")
+        return self.step_fn(batch, step)
+
+    def _on_step_end(self, metrics: dict[str, float], step: int) -> None:
+        import ray.train
+
+        cfg = self.cfg
+        self.position.consumed += 1
+        self.images_seen += self.micro * self.world
+        if self.rollouts is not None:
+            self.rollouts.after_step(step, self.generator_engine.full_state_dict)
+        last = step == cfg.train.max_steps - 1
+        checkpoint_now = (step + 1) % cfg.train.checkpoint_every == 0 and not last
+        if step % cfg.train.log_every == 0 or checkpoint_now or last:
+            report = {**metrics, "step": step, "epoch": self.position.now()[0],
+                      "train_images_per_s": self.images_seen / (time.perf_counter() - self.started)}
+            if self.mlflow_sink is not None:
+                self.mlflow_sink.log_metrics(report, step)
+                self.logged.append(report)
+            if checkpoint_now:
+                self._save_checkpoint(report, step)
+            elif not last:  # the last step reports with the final checkpoint (_finish)
+                ray.train.report(report)
+
+    def _save_checkpoint(self, report: dict[str, float], step: int) -> None:
+        """Every rank writes its own part into a local folder; Ray merges them in storage."""
+        import ray.train
+
+        epoch, batch = self.position.now()
+        with tempfile.TemporaryDirectory() as tmp:
+            save_training_state(tmp, TrainingState(step + 1, epoch, batch, self.logged), self.engines,
+                                rng_states(self.step_fn.rng), self.rank)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if self.eval_pool is not None:
+            weights = self.generator_engine.full_state_dict()  # collective under ZeRO-3: every rank gathers
+            if self.rank == 0:  # at the count of iterations done, like the final figure at max_steps
+                self.eval_pool.submit(step + 1, weights)  # queued on the evaluation actors; never awaited
+
+    def _finish(self, result: LoopResult, rollout_stats: dict[str, Any]) -> None:
+        """The final report, with the student (as its family saves it), the figures and the log."""
+        import ray.train
+
+        micro, world = self.micro, self.world
+        steady_images = (len(result.history) - 1) * micro * world  # after the first batch
+        final = {"steps_completed": self.start_step + len(result.history), "resumed_from_step": self.start_step,
+                 "restarts": self.earlier_starts, "train_seconds": result.seconds,
+                 "data_wait_fraction": result.data_wait_fraction,
+                 "data_first_batch_seconds": result.first_batch_seconds,
+                 "train_images_per_s": steady_images / result.seconds if result.seconds else 0.0,
+                 "nonfinite_steps": result.nonfinite_steps,
+                 **{f"rollout_{k}": v for k, v in rollout_stats.items()}}
+        with tempfile.TemporaryDirectory() as tmp:
+            with self.generator_engine.gathered():  # every rank gathers under ZeRO-3; rank 0 writes
+                if self.rank == 0:
+                    family_of(self.cfg).save_student(self.cfg, self.generator, Path(tmp))
+                    (Path(tmp) / TRAIN_METRICS).write_text(json.dumps(final))
+                    (Path(tmp) / TRAIN_LOG).write_text(json.dumps(self.logged, default=float))
+            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point, run on every worker."""
+    TrainWorker(config).run()

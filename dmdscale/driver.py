@@ -1,0 +1,71 @@
+"""The one driver: a whole run of any family into a run folder, read top to bottom.
+
+Preflight (cheap checks, before any cluster work), the run journal (resume or refuse a changed
+config), what the family builds once (teacher, classifier), the MLflow run, training (on Ray
+Train, or in process), the final evaluation, and the run folder: metrics.json, samples.npz,
+samples.png, losses.png, (with checkpoint evaluations) checkpoint_evaluations.json and fid.png,
+and student/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dmdscale.config import Config
+from dmdscale.distributed.checkpoint import RunJournal, parse_fail_at_step
+from dmdscale.families import family_of
+from dmdscale.tracking import Tracker
+
+
+def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
+        on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The whole run into `out`; returns metrics.json's figures. A sweep trial tags its MLflow
+    run (`run_tags`) and follows the checkpoint evaluations as they land (`on_evaluation`)."""
+    from dmdscale.distributed.launch import run_storage
+    from dmdscale.eval.plots import curves_from_log, plot_curves
+
+    family = family_of(cfg)
+    fail_at_step = parse_fail_at_step(os.environ.get("DMDSCALE_FAIL_AT_STEP"))
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = family.preflight(cfg)
+    # Runs on Ray keep a journal beside their checkpoints: a rerun resumes an unfinished run of
+    # the same config, and a changed config is an error here, before any work.
+    journal = RunJournal.at(*run_storage(cfg, out)) if family.trains_on_ray else None
+    resuming = journal is not None and journal.begin(cfg.flat()) == "resume"
+    if resuming:
+        print(f"dmdscale: {journal.directory} holds an unfinished run of this config; resuming it")
+    inputs = family.prepare(cfg, inputs)
+
+    resume_run_id = journal.read().get("mlflow_run_id") if resuming else None
+    with Tracker(cfg.name, run_name=f"{family.run_label}-{out.name}", params=cfg.flat(),
+                 resume_run_id=resume_run_id, tags=run_tags) as tracker:
+        if journal is not None:
+            journal.note("mlflow_run_id", tracker.run_id)
+        trained = family.fit(cfg, inputs, out, tracker, fail_at_step=fail_at_step, on_evaluation=on_evaluation)
+        if journal is not None:
+            journal.mark_finished()  # the student is out: a rerun starts afresh
+        evaluation = family.evaluate(cfg, inputs, trained, out / "fid")
+        metrics = {**evaluation.metrics, **trained.metrics}
+
+        np.savez(out / "samples.npz", **evaluation.samples)
+        family.draw_samples(cfg, evaluation.samples, metrics, out / "samples.png")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_curves(curves_from_log(trained.log, "loss_"), out / "losses.png")
+        pictures = ["metrics.json", "samples.png", "losses.png"]
+        if trained.evaluations is not None:  # FID over training: the checkpoints, then the final figure
+            (out / "checkpoint_evaluations.json").write_text(json.dumps(trained.evaluations, indent=1, default=float))
+            final = {"step": cfg.train.max_steps, "fid_student": metrics["fid_student"]}
+            plot_curves(curves_from_log([*trained.evaluations, final], "fid_student"), out / "fid.png")
+            pictures.append("fid.png")
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                            step=cfg.train.max_steps)
+        for name in pictures:
+            tracker.log_artifact(out / name)
+        shutil.rmtree(out / "fid", ignore_errors=True)
+    print(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,311 @@
+"""Evaluation for image students: FID through clean-fid, class accuracy, sample grids.
+
+clean-fid's standard Inception weights are fetched from the network on first use, which is
+impossible on offline machines, and Inception features are a poor yardstick for 16x16 digits
+anyway. So dmdscale trains its own small digit classifier (seconds on CPU), caches it with
+safetensors, and hands clean-fid a wrapper around the classifier's penultimate features as
+`custom_feat_extractor`. The images still go through clean-fid's own loading and "clean"
+resizing, so the FID figures are clean-fid's computation with a different feature network.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import platform
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+from dmdscale.data.images import to_model_space as to_model_input  # the one conversion
+from dmdscale.data.images import to_uint8
+
+__all__ = [
+    "DigitClassifier",
+    "CleanFIDFeatures",
+    "to_model_input",
+    "train_classifier",
+    "load_or_train_classifier",
+    "class_accuracy",
+    "compute_fid",
+    "generate",
+    "inception_weights_path",
+    "write_png_folder",
+]
+
+# Bump when the training procedure changes in a way the hyperparameters do not capture,
+# so that stale cached classifiers are not reused.
+_CACHE_VERSION = "1"
+
+
+class DigitClassifier(nn.Module):
+    """Small CNN for (B, C, R, R) images in [-1, 1]; its penultimate layer is the FID feature.
+
+    Adaptive pooling to 4x4 keeps the same layer sizes for any resolution >= 4, so one
+    architecture serves 8x8 to 64x64 digit-like data.
+    """
+
+    def __init__(self, num_classes: int = 10, channels: int = 1, resolution: int = 16,
+                 feature_dim: int = 128):
+        super().__init__()
+        self.num_classes, self.channels, self.resolution = num_classes, channels, resolution
+        self.feature_dim = feature_dim
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(64 * 16, feature_dim),
+        )
+        # The ReLU sits in the head so the features are pre-activation: no dead (constant)
+        # dimensions, hence a full-rank covariance for the Frechet distance.
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(feature_dim, num_classes))
+
+    def config(self) -> dict[str, int]:
+        """Constructor arguments, stored next to the weights so a cache file rebuilds itself."""
+        return {"num_classes": self.num_classes, "channels": self.channels,
+                "resolution": self.resolution, "feature_dim": self.feature_dim}
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate activations (B, D): what FID compares."""
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits (B, num_classes)."""
+        return self.head(self.features(x))
+
+
+def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Per-sample random shift (+-1.5 px), rotation (+-10 deg) and scale (0.9-1.1), so the
+    classifier's features do not hinge on exact pixel placement (generated digits wander)."""
+    b, _, h, _ = x.shape
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(10)
+    scale = 1 + (torch.rand(b, generator=generator) * 2 - 1) * 0.1
+    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * (1.5 * 2 / h)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, steps: int = 500,
+                     batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+                     progress: bool = True, num_classes: int = 10) -> DigitClassifier:
+    """Fit a DigitClassifier with AdamW and a one-cycle learning rate on uint8 NHWC images.
+
+    Runs inside `torch.random.fork_rng` with its own seed so it is reproducible (the cache key
+    relies on that) and leaves the caller's random state untouched.
+    """
+    x_all = to_model_input(images)
+    y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    _, c, r, _ = x_all.shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        model = DigitClassifier(num_classes=num_classes, channels=c, resolution=r)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+        model.train()
+        bar = tqdm(range(steps), desc="train digit classifier", disable=not progress,
+                   mininterval=1.0, leave=False)
+        for _ in bar:
+            idx = torch.randint(len(x_all), (batch_size,), generator=gen)
+            loss = F.cross_entropy(model(_augment(x_all[idx], gen)), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return model.eval()
+
+
+def _cache_key(images: np.ndarray, labels: np.ndarray, hparams: dict) -> str:
+    """Hash of everything that determines the trained weights: data bytes and shapes,
+    training hyperparameters and the architecture (the module's repr lists every layer)."""
+    h = hashlib.sha256()
+    images, labels = np.ascontiguousarray(images), np.ascontiguousarray(labels, dtype=np.int64)
+    h.update(f"{images.dtype}{images.shape}{labels.shape}".encode())
+    h.update(images.tobytes())
+    h.update(labels.tobytes())
+    h.update(json.dumps(hparams, sort_keys=True).encode())
+    _, r, _, c = images.shape
+    arch = DigitClassifier(hparams.get("num_classes", 10), c, r)
+    h.update(repr(arch).encode())
+    h.update(json.dumps(arch.config(), sort_keys=True).encode())
+    h.update(_CACHE_VERSION.encode())
+    return h.hexdigest()[:20]
+
+
+def load_or_train_classifier(cache_dir: str | os.PathLike, images: np.ndarray,
+                             labels: np.ndarray, **train_kwargs) -> DigitClassifier:
+    """Load the classifier for exactly this data and these settings from `cache_dir`, or train
+    and store it there (safetensors, never pickle), so repeated evaluations share one model.
+
+    The write goes to a temporary file that is then renamed, so concurrent evaluators never
+    read a half-written file.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    bound = inspect.signature(train_classifier).bind(images, labels, **train_kwargs)
+    bound.apply_defaults()
+    hparams = {k: v for k, v in bound.arguments.items()
+               if k not in ("images", "labels", "progress")}
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"digit_classifier_{_cache_key(images, labels, hparams)}.safetensors"
+    if path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            config = {k: int(v) for k, v in json.loads(f.metadata()["config"]).items()}
+        model = DigitClassifier(**config)
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+    model = train_classifier(images, labels, **train_kwargs)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    os.close(fd)
+    metadata = {"config": json.dumps(model.config()), "hparams": json.dumps(hparams)}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+    return model
+
+
+@torch.no_grad()
+def class_accuracy(classifier: DigitClassifier, images_uint8: np.ndarray,
+                   labels: np.ndarray, batch_size: int = 512) -> float:
+    """Fraction of images the classifier assigns to the class they were generated for: for a
+    class-conditional student, how often it draws the digit it was asked for."""
+    classifier.eval()
+    x = to_model_input(images_uint8)
+    preds = torch.cat([classifier(chunk).argmax(1) for chunk in x.split(batch_size)])
+    return float((preds.numpy() == np.asarray(labels)).mean())
+
+
+class CleanFIDFeatures(nn.Module):
+    """A DigitClassifier seen through clean-fid's input pipeline, for `custom_feat_extractor`.
+
+    clean-fid (mode "clean") opens each file, converts it to RGB, resizes every channel to
+    299x299 with PIL bicubic in float32 (clipped to [0, 255], not quantised) and batches them:
+    the extractor receives float32 (B, 3, 299, 299) with values in [0, 255] and must return
+    features (B, D). This undoes that: grayscale if the classifier has one channel, an
+    antialiased area resize back to the classifier's resolution, then the [-1, 1] scaling of
+    `to_model_input`.
+    """
+
+    def __init__(self, classifier: DigitClassifier):
+        super().__init__()
+        self.classifier = classifier.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) float in [0, 255] -> (B, D) penultimate classifier features."""
+        x = x.float()
+        if self.classifier.channels == 1:
+            x = TF.rgb_to_grayscale(x, num_output_channels=1)
+        r = self.classifier.resolution
+        x = F.interpolate(x, size=(r, r), mode="area")
+        x = x.clamp(0, 255) / 127.5 - 1.0
+        return self.classifier.features(x)
+
+
+def inception_weights_path() -> Path:
+    """Where clean-fid looks for its TorchScript Inception (cleanfid.features.feature_extractor
+    uses "/tmp" on non-Windows, file name from cleanfid.downloads_helper.inception_url)."""
+    from cleanfid import downloads_helper
+
+    folder = "./" if platform.system() == "Windows" else "/tmp"
+    return Path(folder) / os.path.basename(downloads_helper.inception_url)
+
+
+def write_png_folder(images_uint8_nhwc: np.ndarray, folder: str | os.PathLike) -> Path:
+    """Write images as zero-padded, sortable PNGs (grayscale for C=1): clean-fid reads folders
+    in sorted order, so file i is image i."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images_uint8_nhwc):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def _feature_extractor(extractor: str | nn.Module) -> nn.Module | None:
+    """Resolve the `extractor` argument: None means clean-fid's own Inception (only if its
+    weights are already on disk: clean-fid would otherwise download them)."""
+    if isinstance(extractor, DigitClassifier):
+        return CleanFIDFeatures(extractor)
+    if isinstance(extractor, nn.Module):
+        return extractor
+    if extractor == "inception":
+        path = inception_weights_path()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"clean-fid's Inception weights are not at {path} and dmdscale never downloads "
+                "them; pass a DigitClassifier (see load_or_train_classifier) as the extractor, "
+                "or place inception-2015-12-05.pt at that path.")
+        return None
+    raise ValueError(f"unknown extractor {extractor!r}: use 'inception' or a DigitClassifier")
+
+
+def compute_fid(gen_images: np.ndarray, ref_images: np.ndarray, extractor: str | nn.Module,
+                workdir: str | os.PathLike, batch_size: int = 100) -> float:
+    """FID between two uint8 NHWC image sets, computed by clean-fid on PNG folders.
+
+    The folders live in a fresh temporary directory under `workdir` (removed afterwards), so
+    concurrent evaluators sharing a workdir never see each other's files.
+    """
+    if len(gen_images) < 2 or len(ref_images) < 2:
+        raise ValueError("FID needs at least two images in each set")
+    from cleanfid import fid as cleanfid_fid
+
+    feat_model = _feature_extractor(extractor)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="fid-") as tmp:
+        gen_dir = write_png_folder(gen_images, Path(tmp) / "gen")
+        ref_dir = write_png_folder(ref_images, Path(tmp) / "ref")
+        with warnings.catch_warnings():  # clean-fid passes scipy's deprecated sqrtm(disp=)
+            warnings.filterwarnings("ignore", ".*`disp` argument", DeprecationWarning)
+            score = cleanfid_fid.compute_fid(
+                str(gen_dir), str(ref_dir), mode="clean", custom_feat_extractor=feat_model,
+                device=torch.device("cpu"), num_workers=0, batch_size=batch_size, verbose=False,
+                use_dataparallel=False)
+    return float(score)
+
+
+@torch.no_grad()
+def generate(fn, labels: np.ndarray, shape: tuple[int, int, int], seed: int, batch: int = 250,
+             desc: str = "sample") -> np.ndarray:
+    """Run `fn(noise, labels)` in chunks with fixed noise; uint8 NHWC images."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in tqdm(range(0, len(labels), batch), desc=desc, dynamic_ncols=True):
+        y = torch.tensor(labels[i:i + batch], dtype=torch.long)  # a copy: Ray hands actors read-only arrays
+        out.append(to_uint8(fn(torch.randn((len(y), *shape), generator=g), y)))
+    return np.concatenate(out)
+
+
+def sample_student(student: nn.Module, timesteps: list[int], labels: np.ndarray,
+                   shape: tuple[int, int, int], seed: int, device: torch.device | str | None = None,
+                   batch: int = 250, desc: str = "sample student") -> np.ndarray:
+    """A few-step student's evaluation images (uint8 NHWC): `generate` with fixed noise, and
+    the re-noising between steps drawn from a generator seeded by `seed` too, so multi-step
+    students give the same images every time (one-step students never re-noise: their images
+    equal `generate(lambda z, y: sample(student, student.schedule, z, timesteps, y), ...)`).
+    Noise is drawn on the CPU and moved to `device` (default: the student's)."""
+    from dmdscale.core import seeds
+    from dmdscale.core.sampling import sample
+
+    device = torch.device(device) if device is not None else next(student.parameters()).device
+    renoise = torch.Generator(device=device).manual_seed(seeds.evaluation_renoise(seed))
+
+    def fn(z: Tensor, y: Tensor) -> Tensor:
+        return sample(student, student.schedule, z.to(device), timesteps, y.to(device), rng=renoise)
+
+    return generate(fn, labels, shape, seed, batch=batch, desc=desc)

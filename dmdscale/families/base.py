@@ -1,0 +1,151 @@
+"""What a teacher family is to dmdscale: one object, asked by the driver, the Ray workers and
+the sweep for everything that differs between families.
+
+A family says how to check a config for it, what to verify before any cluster work
+(`preflight`) and what to build once before training (`prepare`); on the workers, how to load
+its frozen teacher, which discriminator head its critic gets and how the final checkpoint
+holds the student; on the driver, the training data stream, the checkpoint evaluation actors,
+the exported student, the final evaluation and its pictures. The defaults are those of a
+family that trains on Ray Train (`fit`); a family that trains in one process overrides `fit`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from dmdscale.config import Config
+    from dmdscale.models.base import Denoiser
+
+
+@dataclasses.dataclass
+class RunInputs:
+    """What a run needs before training: its data paths and its teacher (path or hub id)."""
+
+    train_path: str
+    held_out_path: str
+    teacher_path: str
+
+
+@dataclasses.dataclass
+class Trained:
+    """What training hands to the evaluation and the run folder."""
+
+    student: Any  # the exported student's folder, or (in-process families) the trained model
+    metrics: dict[str, Any]  # the training figures (steps, throughput, data rows, ...)
+    log: list[dict[str, Any]]  # what was logged, by "step" (losses.png)
+    evaluations: list[dict[str, Any]] | None = None  # checkpoint evaluations (fid.png), if any
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """The final evaluation: flat figures for metrics.json, and the arrays of samples.npz."""
+
+    metrics: dict[str, Any]
+    samples: dict[str, np.ndarray]
+
+
+class Family:
+    """A teacher family (see the module docstring); subclasses set the class attributes."""
+
+    name: str = ""
+    run_label: str = ""  # MLflow run names: "<run_label>-<out folder>"
+    trains_on_ray: bool = True  # Ray Train + DeepSpeed; else one plain process (`fit`)
+    has_eval_actors: bool = False  # checkpoints can be evaluated on actors while training
+    supports_lora: bool = False  # lora.enabled trains a LoRA adapter on the generator
+    student_parts: Sequence[str] = ()  # what `save_student` writes into the final checkpoint
+
+    # -- config and preflight (driver, before any cluster work) ------------------------
+    def check_config(self, cfg: Config) -> None:
+        """Raise ValueError naming the key when `cfg` does not fit this family."""
+
+    def preflight(self, cfg: Config) -> Any:
+        """Cheap checks of data and teacher; returns the run's inputs as far as they are known."""
+        raise NotImplementedError
+
+    def prepare(self, cfg: Config, inputs: Any) -> Any:
+        """Build (or load cached) what training needs once (e.g. a teacher trained here).
+        A sweep calls it once before its trials, so they all find it cached."""
+        return inputs
+
+    # -- worker side ---------------------------------------------------------------------
+    def load_teacher(self, cfg: Config, teacher_path: str) -> Denoiser:
+        raise NotImplementedError
+
+    def critic_head(self, fake_score: Denoiser) -> nn.Module:
+        """The discriminator head on the fake score's bottleneck features."""
+        from dmdscale.models.heads import ConvHead
+
+        return ConvHead.for_model(fake_score)
+
+    def adapt_generator(self, cfg: Config, generator: Denoiser) -> None:
+        """Narrow what of the generator trains (e.g. a LoRA adapter); the default trains it all."""
+
+    def save_student(self, cfg: Config, generator: Denoiser, folder: Path) -> None:
+        """Write what the final checkpoint carries of the student (`student_parts`)."""
+        raise NotImplementedError
+
+    # -- driver side -----------------------------------------------------------------------
+    def train_data(self, cfg: Config, inputs: Any) -> tuple[Any, Any]:
+        """(Ray Data stream of training rows, DatasetStats of the source)."""
+        raise NotImplementedError
+
+    def start_eval_pool(self, cfg: Config, inputs: Any, tracker: Any) -> Any:
+        """The checkpoint evaluation pool (families with `has_eval_actors`)."""
+        raise NotImplementedError
+
+    def finish_student(self, cfg: Config, out: Path) -> Path:
+        """Turn what the final checkpoint held of the student into the exported folder."""
+        from dmdscale.export import STUDENT_DIR
+
+        return out / STUDENT_DIR
+
+    def fit(self, cfg: Config, inputs: Any, out: Path, tracker: Any, *, fail_at_step: int | None = None,
+            on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> Trained:
+        """Train on Ray: the family's data stream, checkpoint evaluations on separate actors
+        meanwhile (each handed to `on_evaluation` as soon as it is finished), DMD2 on Ray Train
+        with DeepSpeed; then the exported student."""
+        import ray
+
+        from dmdscale.distributed.evalpool import fit_while_watching
+        from dmdscale.distributed.launch import fit_on_ray
+        from dmdscale.distributed.resources import uses_eval_actors
+        from dmdscale.distributed.worker import TRAIN_LOG
+
+        if not ray.is_initialized():
+            ray.init(log_to_driver=True)
+        train_data, stats = self.train_data(cfg, inputs)
+        eval_pool = self.start_eval_pool(cfg, inputs, tracker) if uses_eval_actors(cfg) else None
+
+        def fit() -> dict[str, Any]:
+            return fit_on_ray(cfg, train_data, inputs.teacher_path, out, tracker, self.student_parts,
+                              eval_pool, fail_at_step)
+
+        evaluations = None
+        try:
+            if eval_pool is not None:
+                metrics, evaluations = fit_while_watching(fit, eval_pool, on_evaluation)
+            else:
+                metrics = fit()
+        finally:
+            if eval_pool is not None:
+                eval_pool.shutdown()
+        metrics |= {"skipped_rows": stats.skipped, "usable_rows": stats.usable}
+        if evaluations is not None:
+            metrics["checkpoint_evaluations"] = len(evaluations)
+        return Trained(self.finish_student(cfg, out), metrics, json.loads((out / TRAIN_LOG).read_text()),
+                       evaluations)
+
+    def evaluate(self, cfg: Config, inputs: Any, trained: Trained, workdir: Path) -> Evaluation:
+        raise NotImplementedError
+
+    def draw_samples(self, cfg: Config, samples: dict[str, np.ndarray], metrics: dict[str, Any],
+                     path: Path) -> None:
+        """samples.png: what a person looks at first."""
+        raise NotImplementedError

@@ -1,0 +1,174 @@
+"""unet2d: a class-conditional pixel-space diffusers `UNet2DModel` teacher (the digits demo).
+
+The teacher is a user's diffusers folder (`model.teacher`) or one dmdscale trains on the train
+split and caches (`model.teacher: train`). Data: labelled images (Parquet or image folder;
+"digits" builds scikit-learn's). Evaluation: FID against held-out real images (clean-fid, on
+a digit classifier's features or local Inception weights) and class accuracy, for the teacher
+at its many-step sampler and at 1 step and for the student; checkpoints are evaluated on Ray
+actors while training goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmdscale.config import Config
+from dmdscale.families.base import Evaluation, Family, RunInputs, Trained
+
+
+@dataclasses.dataclass
+class Inputs(RunInputs):
+    """What a digits run needs before training: data, the FID classifier, the teacher."""
+
+    train: tuple[np.ndarray, np.ndarray] | None = None  # (uint8 NHWC images, labels)
+    held_out: tuple[np.ndarray, np.ndarray] | None = None
+    classifier: Any = None
+
+
+def resolve_teacher(cfg: Config, images: np.ndarray, labels: np.ndarray) -> Path:
+    """The teacher's diffusers folder: the user's, or one trained here on the train split
+    (cached by its config and data, so later runs load it with from_pretrained at once)."""
+    from dmdscale.models.unet2d import tiny_unet_config
+    from dmdscale.tools.teacher import load_or_train_teacher
+
+    if cfg.model.teacher != "train":
+        return Path(cfg.model.teacher)
+    tt = cfg.teacher_training
+    return load_or_train_teacher(
+        Path(cfg.cache_dir).expanduser() / "teachers", images, labels,
+        tiny_unet_config(cfg.data.resolution, cfg.data.channels, cfg.data.num_classes, tt.width),
+        steps=tt.steps, batch_size=tt.batch_size, lr=tt.lr, prediction_type=tt.prediction_type,
+        seed=cfg.train.seed)
+
+
+def fid_extractor(cfg: Config, classifier: Any) -> Any:
+    """FID features: the digit classifier, or clean-fid's Inception (local weights)."""
+    return classifier if cfg.eval.feature_extractor == "classifier" else "inception"
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+class UNet2DFamily(Family):
+    name = "unet2d"
+    run_label = "digits"
+    has_eval_actors = True
+
+    @property
+    def student_parts(self) -> tuple[str, ...]:
+        from dmdscale.export import STUDENT_DIR
+
+        return (STUDENT_DIR,)
+
+    def preflight(self, cfg: Config) -> Inputs:
+        """(train path, held-out path), validated on the driver before any cluster work."""
+        from dmdscale.data.sources import check_source, source_paths
+
+        train, held_out = source_paths(cfg)
+        for path in {train, held_out}:
+            check_source(path, require_labels=True)  # class-conditional: labels are required
+        return Inputs(train, held_out, cfg.model.teacher)
+
+    def prepare(self, cfg: Config, inputs: Inputs) -> Inputs:
+        """Load the data; train or load (cached under cache_dir) the classifier and the teacher."""
+        from dmdscale.data.sources import DataError, load_arrays
+        from dmdscale.eval.metrics import load_or_train_classifier
+
+        res, ch = cfg.data.resolution, cfg.data.channels
+        train = load_arrays(inputs.train_path, res, ch, require_labels=True)[:2]
+        held_out = load_arrays(inputs.held_out_path, res, ch, require_labels=True)[:2]
+        if len(train[0]) == 0 or len(held_out[0]) == 0:
+            raise DataError(f"no usable images in {inputs.train_path if len(train[0]) == 0 else inputs.held_out_path}")
+        classifier = load_or_train_classifier(Path(cfg.cache_dir).expanduser() / "classifiers", *train,
+                                              steps=cfg.eval.classifier_steps)
+        teacher = str(resolve_teacher(cfg, *train))
+        return dataclasses.replace(inputs, teacher_path=teacher, train=train, held_out=held_out, classifier=classifier)
+
+    def load_teacher(self, cfg: Config, teacher_path: str):
+        from dmdscale.models.unet2d import load_unet
+
+        return load_unet(teacher_path)
+
+    def save_student(self, cfg: Config, generator, folder: Path) -> None:
+        from dmdscale.export import STUDENT_DIR, export_unet_student
+
+        export_unet_student(generator, cfg.generator.timesteps, folder / STUDENT_DIR)
+
+    def train_data(self, cfg: Config, inputs: Inputs) -> tuple[Any, Any]:
+        from dmdscale.data.sources import inspect_dataset, materialize_if_small, read_dataset
+
+        res, ch = cfg.data.resolution, cfg.data.channels
+        stats = inspect_dataset(inputs.train_path, res, ch, require_labels=True)
+        data = materialize_if_small(
+            read_dataset(inputs.train_path, res, ch, require_labels=True, num_cpus=min(1.0, cfg.scale.data_cpus)),
+            stats.usable, res, ch, cfg.data.materialize)
+        return data, stats
+
+    def start_eval_pool(self, cfg: Config, inputs: Inputs, tracker: Any) -> Any:
+        from dmdscale.distributed.evalpool import EvaluationPool
+        from dmdscale.models.unet2d import load_unet
+
+        return EvaluationPool.start(cfg, functools.partial(load_unet, inputs.teacher_path), inputs.held_out[0],
+                                    fid_extractor(cfg, inputs.classifier), tracker.tracking_uri, tracker.run_id)
+
+    def evaluate(self, cfg: Config, inputs: Inputs, trained: Trained, workdir: Path) -> Evaluation:
+        """FID against held-out real images and class accuracy, for the teacher at its many-step
+        sampler and at 1 step, and for the student at its steps; plus the measured speedup."""
+        from dmdscale.core.sampling import sample, teacher_sample
+        from dmdscale.distributed.evalpool import eval_spec
+        from dmdscale.eval.metrics import class_accuracy, compute_fid, generate, sample_student
+        from dmdscale.models.unet2d import load_unet
+
+        teacher, student = load_unet(inputs.teacher_path), load_unet(trained.student)
+        classifier, (real, real_labels) = inputs.classifier, inputs.held_out
+        spec = eval_spec(cfg)  # the checkpoint evaluations sample with the same spec
+        n, (c, r, _), labels = cfg.eval.num_samples, spec["shape"], spec["labels"]
+        gs, steps = cfg.loss.guidance_scale, cfg.generator.timesteps
+
+        def teacher_many(z, y):
+            return teacher_sample(teacher, z, cfg.eval.teacher_steps, y, gs)
+
+        def teacher_one(z, y):
+            return teacher_sample(teacher, z, 1, y, gs)
+
+        def student_fn(z, y):
+            return sample(student, student.schedule, z, steps, y)
+
+        extractor = fid_extractor(cfg, classifier)
+        images = {name: generate(fn, labels, spec["shape"], spec["seed"], desc=f"evaluate: {name}")
+                  for name, fn in [("teacher", teacher_many), ("teacher_1step", teacher_one)]}
+        images["student"] = sample_student(student, steps, labels, spec["shape"], spec["seed"],
+                                           desc="evaluate: student")
+        metrics: dict[str, Any] = {"teacher_steps": cfg.eval.teacher_steps, "student_steps": len(steps)}
+        for name, imgs in images.items():
+            metrics[f"fid_{name}"] = compute_fid(imgs, real, extractor, workdir / f"fid_{name}")
+            metrics[f"class_accuracy_{name}"] = class_accuracy(classifier, imgs, labels)
+        # The floor of this FID: as many real training images as samples, against the same held-out set.
+        metrics["fid_real_train"] = compute_fid(inputs.train[0][:n], real, extractor, workdir / "fid_real")
+        # Speed: the same batch through both samplers (after a warm-up call each).
+        z = torch.randn(min(n, 256), c, r, r)
+        y = torch.from_numpy(labels[: len(z)]).long()
+        for fn in (teacher_many, student_fn):
+            fn(z[:2], y[:2])
+        metrics["sampling_speedup"] = _timed(teacher_many, z, y) / _timed(student_fn, z, y)
+        metrics["classifier_accuracy_held_out"] = class_accuracy(classifier, real, real_labels)
+        return Evaluation(metrics, {"images": images["student"], "labels": labels.astype(np.int64)})
+
+    def draw_samples(self, cfg: Config, samples: dict[str, np.ndarray], metrics: dict[str, Any],
+                     path: Path) -> None:
+        from dmdscale.eval.plots import save_grid
+
+        images, labels = samples["images"], samples["labels"]
+        shown = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(cfg.data.num_classes)])
+        save_grid(images[shown], labels[shown], path,
+                  title=f"{len(cfg.generator.timesteps)}-step student (FID {metrics['fid_student']:.2f}, "
+                        f"teacher {cfg.eval.teacher_steps} steps {metrics['fid_teacher']:.2f})")

@@ -1,0 +1,118 @@
+"""The digits pipeline end to end through the real stack: Ray Data, Ray Train + DeepSpeed,
+clean-fid and MLflow (sqlite), on --quick, with corrupt rows in the training data."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from dmdscale.data.sources import build_digits_parquet
+
+ROOT = Path(__file__).resolve().parents[2]
+PIPELINE = ROOT / "pipelines" / "digits.py"
+
+
+def _with_corrupt_rows(src: Path, dst: Path, n_bad: int) -> Path:
+    table = pq.read_table(src)
+    bad = pa.table({"image": [b"not a png"] * n_bad, "label": pa.array([3] * n_bad, pa.int64()),
+                    "prompt": ["a handwritten digit 3"] * n_bad})
+    pq.write_table(pa.concat_tables([table, bad.cast(table.schema)]), dst)
+    return dst
+
+
+def test_bad_config_value_stops_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(tmp_path / "o"),
+                           "scale.zero_stage=5"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "scale.zero_stage" in proc.stderr
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_missing_labels_stop_before_training(tmp_path):
+    pq.write_table(pa.table({"image": [b"x"]}), tmp_path / "nolabels.parquet")
+    proc = subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(tmp_path / "o"),
+                           f"data.path={tmp_path / 'nolabels.parquet'}", f"cache_dir={tmp_path / 'cache'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "label" in proc.stderr
+    assert not (tmp_path / "o" / "ray").exists()  # no cluster work happened
+
+
+@pytest.fixture(scope="module")
+def cache(digits_cache):
+    return digits_cache
+
+
+@pytest.mark.slow
+def test_quick_digits_run_end_to_end_through_an_injected_failure(tmp_path, mlflow_uri, cache):
+    """Corrupt rows, rank 0 failing once at step 12 (quick checkpoints every 5 steps), and
+    checkpoints evaluated on actors while training goes on."""
+    splits = build_digits_parquet(cache / "digits")
+    train = _with_corrupt_rows(splits["train"], tmp_path / "train_with_corrupt.parquet", n_bad=7)
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(out), f"cache_dir={cache}",
+                    f"data.path={train}", f"data.eval_path={splits['test']}"],
+                   check=True, timeout=1500, cwd=tmp_path, env=os.environ | {"DMDSCALE_FAIL_AT_STEP": "12"})
+
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ["fid_teacher", "teacher_steps", "fid_student", "student_steps", "class_accuracy_student",
+                "class_accuracy_teacher", "sampling_speedup", "train_images_per_s", "data_wait_fraction",
+                "skipped_rows"]:
+        assert key in m, key
+    assert m["skipped_rows"] == 7  # the corrupt rows were skipped and counted, not fatal
+    assert m["steps_completed"] == 20 and m["student_steps"] == 1
+    # The failure at step 12 was recovered from the checkpoint after step 9, not from step 0.
+    assert m["restarts"] == 1 and m["resumed_from_step"] == 10
+    assert m["sampling_speedup"] > 1 and 0 <= m["data_wait_fraction"] < 1
+    assert m["classifier_accuracy_held_out"] > 0.9
+    assert np.isfinite([m["fid_teacher"], m["fid_student"]]).all()
+
+    arrays = np.load(out / "samples.npz")
+    assert arrays["images"].dtype == np.uint8 and arrays["images"].shape[1:] == (16, 16, 1)
+    assert arrays["labels"].shape == (len(arrays["images"]),)
+    assert set(arrays["labels"].tolist()) == set(range(10))
+    assert (out / "samples.png").stat().st_size > 5_000
+
+    # The exported student loads with diffusers and generates.
+    unet = UNet2DModel.from_pretrained(out / "student", subfolder="unet")
+    with torch.no_grad():
+        x = unet(torch.randn(2, 1, 16, 16), torch.tensor([999, 999]), class_labels=torch.tensor([1, 2])).sample
+    assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()
+    assert json.loads((out / "student" / "dmdscale.json").read_text())["timesteps"] == [999]
+
+    run = mlflow.search_runs(experiment_names=["digits"], output_format="list")[0]
+    assert run.info.status == "FINISHED" and run.data.params["train.ttur_ratio"] == "5"
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(run.info.run_id, "loss_fake_score")) >= 3  # logged per step by rank 0
+    # Checkpoints after 5, 10 (before the failure) and 15 iterations were evaluated by the
+    # actors while training went on, then the final student at 20.
+    fid_steps = sorted(x.step for x in client.get_metric_history(run.info.run_id, "fid_student"))
+    assert fid_steps == [5, 10, 15, 20] and m["checkpoint_evaluations"] == 3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "samples.png", "losses.png", "fid.png", "eval_grids"} <= artifacts
+    assert len(client.list_artifacts(run.info.run_id, "eval_grids")) == 3
+    assert (out / "losses.png").stat().st_size > 5_000
+    # losses.png's data in the run folder: rank 0's log, carried through the failure's resume
+    # (logged every 5 steps and at the checkpoints after 5, 10, 15 iterations), each step once.
+    log = json.loads((out / "train_log.json").read_text())
+    assert [r["step"] for r in log] == [0, 4, 5, 9, 10, 14, 15, 19] and all("loss_fake_score" in r for r in log)
+    assert [e["step"] for e in json.loads((out / "checkpoint_evaluations.json").read_text())] == [5, 10, 15]
+    assert m["fid_real_train"] < m["fid_teacher_1step"]  # the floor sits below a 1-step teacher's blur
+
+
+def test_a_changed_config_does_not_resume_someone_elses_run(tmp_path, cache):
+    from dmdscale.config import load_config
+    from dmdscale.distributed.checkpoint import RunJournal
+
+    out = tmp_path / "run"
+    cfg = load_config(ROOT / "pipelines" / "configs" / "digits.yaml", [f"cache_dir={cache}"], quick=True)
+    RunJournal.at(str(out / "ray"), "digits-run").begin(cfg.flat())  # an unfinished run
+    proc = subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(out), f"cache_dir={cache}",
+                           "train.lr=0.1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0 and "train.lr" in proc.stderr
