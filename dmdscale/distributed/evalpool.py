@@ -76,10 +76,17 @@ class CheckpointEvaluator:
         self.workdir = Path(tempfile.gettempdir())  # compute_fid makes and removes its own folder
 
     def evaluate(self, step: int, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """{step, fid_student, class_accuracy_student (None without a classifier), seconds},
-        with `error` instead of figures if the evaluation raised, and `tracking_error` if
+        """{step, fid_student, class_accuracy_student (None without a classifier), the sample
+        quality figures of `sample_quality_of` (`swd_pixels_student`, `recall_classifier_student`,
+        ...), seconds}, with `error` instead of figures if the evaluation raised, and `tracking_error` if
         logging failed (the figures are still returned)."""
-        from dmdscale.eval.metrics import DigitClassifier, class_accuracy, compute_fid, sample_student
+        from dmdscale.eval.metrics import (
+            DigitClassifier,
+            class_accuracy,
+            compute_fid,
+            sample_quality_of,
+            sample_student,
+        )
 
         t0 = time.perf_counter()
         result: dict[str, Any] = {"step": int(step), "fid_student": None, "class_accuracy_student": None}
@@ -89,8 +96,10 @@ class CheckpointEvaluator:
             images = sample_student(self.model, spec["timesteps"], spec["labels"], spec["shape"],
                                     spec["seed"], self.device, desc=f"evaluate step {step}")
             result["fid_student"] = compute_fid(images, self.real, self.extractor, self.workdir)
-            if isinstance(self.extractor, DigitClassifier):
-                result["class_accuracy_student"] = class_accuracy(self.extractor, images, spec["labels"])
+            classifier = self.extractor if isinstance(self.extractor, DigitClassifier) else None
+            if classifier is not None:
+                result["class_accuracy_student"] = class_accuracy(classifier, images, spec["labels"])
+            result |= sample_quality_of("student", self.real, images, classifier, spec["seed"])
         except Exception as exc:  # reported in the result; the actor goes on with the next one
             result["error"] = f"{type(exc).__name__}: {exc}"
             result["seconds"] = time.perf_counter() - t0
@@ -110,7 +119,8 @@ class CheckpointEvaluator:
         if not self.sink.enabled:
             return []
         problems = []
-        figures = {k: result[k] for k in ("fid_student", "class_accuracy_student") if result[k] is not None}
+        figures = {k: v for k, v in result.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if not self.sink.log_metrics(figures, step, what=f"metrics of the evaluation at step {step}"):
             problems.append(f"metrics: {self.sink.last_problem}")
         labels, num_classes = self.spec["labels"], self.spec["num_classes"]

@@ -18,6 +18,7 @@ import platform
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ __all__ = [
     "train_classifier",
     "load_or_train_classifier",
     "class_accuracy",
+    "classifier_features",
+    "sample_quality_of",
     "compute_fid",
     "generate",
     "inception_weights_path",
@@ -189,6 +192,29 @@ def class_accuracy(classifier: DigitClassifier, images_uint8: np.ndarray,
     x = to_model_input(images_uint8)
     preds = torch.cat([classifier(chunk).argmax(1) for chunk in x.split(batch_size)])
     return float((preds.numpy() == np.asarray(labels)).mean())
+
+
+def classifier_features(classifier: DigitClassifier, batch_size: int = 512) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 NHWC images -> (N, D) penultimate classifier features (what the FID compares), as
+    `diversity.sample_quality` takes them."""
+    @torch.no_grad()
+    def features(images_uint8: np.ndarray) -> np.ndarray:
+        x = to_model_input(images_uint8)
+        return torch.cat([classifier.eval().features(chunk) for chunk in x.split(batch_size)]).numpy()
+
+    return features
+
+
+def sample_quality_of(who: str, real_images: np.ndarray, images: np.ndarray,
+                      classifier: DigitClassifier | None = None, seed: int = 0) -> dict[str, float]:
+    """`diversity.sample_quality` of `who`'s images against the real ones, every key
+    `<quantity>_<space>_<who>` (e.g. `swd_pixels_student`, `recall_classifier_teacher`): in
+    pixels always (label-free), and on the classifier's features when there is one. The one
+    call the final evaluation and the checkpoint evaluation actors both make."""
+    from dmdscale.eval.diversity import sample_quality
+
+    space = {"features_fn": classifier_features(classifier), "feature_space": "classifier"} if classifier else {}
+    return {f"{k}_{who}": v for k, v in sample_quality(real_images, images, seed=seed, **space).items()}
 
 
 class CleanFIDFeatures(nn.Module):

@@ -22,6 +22,8 @@ from dmdscale.families.base import Evaluation, Family, RunInputs, Trained
 
 STUDENT_UNET_DIR = "student_unet"  # the final checkpoint's UNet; finish_student builds the pipeline around it
 STUDENT_LORA = "student_lora.safetensors"
+# The k-NN metrics (k up to 5) need more images than neighbours on each side.
+QUALITY_MIN_IMAGES = 8
 
 
 @dataclasses.dataclass
@@ -138,7 +140,7 @@ class SDFamily(Family):
 
         import dmdscale  # noqa: F401  (registers the student's scheduler class for from_pretrained)
         from dmdscale.data.sources import load_arrays
-        from dmdscale.eval.metrics import compute_fid, inception_weights_path
+        from dmdscale.eval.metrics import compute_fid, inception_weights_path, sample_quality_of
 
         res, seed, prompts = cfg.data.resolution, cfg.train.seed, inputs.prompts
         real = load_arrays(inputs.held_out_path, res, 3)[0][:len(prompts)]
@@ -158,6 +160,9 @@ class SDFamily(Family):
         metrics: dict[str, Any] = {"student_steps": len(cfg.generator.timesteps), "teacher_steps": cfg.eval.teacher_steps,
                                    "sampling_speedup": timed["teacher"] / timed["student"],
                                    "student_seconds_per_image": timed["student"] / len(prompts)}
+        if len(real) >= QUALITY_MIN_IMAGES:  # label-free, in pixels: SWD, precision/recall, colour statistics
+            for name in images:
+                metrics |= sample_quality_of(name, real, images[name], seed=seed)
         if inception_weights_path().is_file() and len(real) >= 2:
             for name in images:
                 metrics[f"fid_{name}"] = compute_fid(images[name], real, "inception", workdir / f"fid_{name}")

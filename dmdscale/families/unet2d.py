@@ -125,7 +125,14 @@ class UNet2DFamily(Family):
         sampler and at 1 step, and for the student at its steps; plus the measured speedup."""
         from dmdscale.core.sampling import sample, teacher_sample
         from dmdscale.distributed.evalpool import eval_spec
-        from dmdscale.eval.metrics import class_accuracy, compute_fid, generate, sample_student
+        from dmdscale.eval.metrics import (
+            DigitClassifier,
+            class_accuracy,
+            compute_fid,
+            generate,
+            sample_quality_of,
+            sample_student,
+        )
         from dmdscale.models.unet2d import load_unet
 
         teacher, student = load_unet(inputs.teacher_path), load_unet(trained.student)
@@ -148,12 +155,19 @@ class UNet2DFamily(Family):
                   for name, fn in [("teacher", teacher_many), ("teacher_1step", teacher_one)]}
         images["student"] = sample_student(student, steps, labels, spec["shape"], spec["seed"],
                                            desc="evaluate: student")
-        metrics: dict[str, Any] = {"teacher_steps": cfg.eval.teacher_steps, "student_steps": len(steps)}
+        metrics: dict[str, Any] = {"teacher_steps": cfg.eval.teacher_steps, "student_steps": len(steps),
+                                   "fid_feature_space": cfg.eval.feature_extractor}
+        # The sample quality figures in the checkpoint evaluations' feature spaces (pixels, and the
+        # classifier when it is the FID's extractor), so the curves end where these figures are.
+        space = extractor if isinstance(extractor, DigitClassifier) else None
         for name, imgs in images.items():
             metrics[f"fid_{name}"] = compute_fid(imgs, real, extractor, workdir / f"fid_{name}")
             metrics[f"class_accuracy_{name}"] = class_accuracy(classifier, imgs, labels)
-        # The floor of this FID: as many real training images as samples, against the same held-out set.
-        metrics["fid_real_train"] = compute_fid(inputs.train[0][:n], real, extractor, workdir / "fid_real")
+            metrics |= sample_quality_of(name, real, imgs, space, spec["seed"])
+        # The floor of these figures: as many real training images as samples, against the same held-out set.
+        floor = inputs.train[0][:n]
+        metrics["fid_real_train"] = compute_fid(floor, real, extractor, workdir / "fid_real")
+        metrics |= sample_quality_of("real_train", real, floor, space, spec["seed"])
         # Speed: the same batch through both samplers (after a warm-up call each).
         z = torch.randn(min(n, 256), c, r, r)
         y = torch.from_numpy(labels[: len(z)]).long()
@@ -170,5 +184,6 @@ class UNet2DFamily(Family):
         images, labels = samples["images"], samples["labels"]
         shown = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(cfg.data.num_classes)])
         save_grid(images[shown], labels[shown], path,
-                  title=f"{len(cfg.generator.timesteps)}-step student (FID {metrics['fid_student']:.2f}, "
-                        f"teacher {cfg.eval.teacher_steps} steps {metrics['fid_teacher']:.2f})")
+                  title=f"{len(cfg.generator.timesteps)}-step student: FID {metrics['fid_student']:.2f}, "
+                        f"SWD {metrics['swd_pixels_student']:.0f} (teacher {cfg.eval.teacher_steps} steps: "
+                        f"{metrics['fid_teacher']:.2f}, {metrics['swd_pixels_teacher']:.0f})")

@@ -20,7 +20,14 @@ from dmdscale.config import build_config
 from dmdscale.core.sampling import sample
 from dmdscale.data.sources import build_digits_parquet, load_arrays
 from dmdscale.distributed.evalpool import GRID_ARTIFACT_DIR, CheckpointEvaluator, EvaluationPool, eval_spec
-from dmdscale.eval.metrics import class_accuracy, compute_fid, generate, sample_student, train_classifier
+from dmdscale.eval.metrics import (
+    class_accuracy,
+    compute_fid,
+    generate,
+    sample_quality_of,
+    sample_student,
+    train_classifier,
+)
 from dmdscale.models.unet2d import load_unet, tiny_unet_config
 from dmdscale.tools.teacher import ddpm_scheduler, save_teacher
 
@@ -117,6 +124,14 @@ def test_actor_fid_equals_the_final_evaluation_code_path(pool, world, tmp_path):
     print(f"actor FID {result['fid_student']:.6f} in-process {fid:.6f}")
     assert result["fid_student"] == pytest.approx(fid, rel=1e-6)
     assert result["class_accuracy_student"] == class_accuracy(world["clf"], images, labels)
+    # The sample quality figures too: the same call, the same keys, the same numbers.
+    quality = sample_quality_of("student", world["real"], images, world["clf"], cfg.train.seed + 99)
+    assert {"swd_pixels_student", "recall_pixels_student", "recall_classifier_student",
+            "coverage_classifier_student"} <= quality.keys()
+    for key, value in quality.items():
+        assert result[key] == pytest.approx(value, rel=1e-9, nan_ok=True), key
+    logged = _history(world, "swd_pixels_student")
+    assert logged[60] == pytest.approx(result["swd_pixels_student"])
     # The helper the actors sample with gives these very images for a one-step student.
     spec = eval_spec(cfg)
     assert np.array_equal(sample_student(student, spec["timesteps"], spec["labels"], spec["shape"],
