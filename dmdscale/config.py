@@ -198,6 +198,13 @@ class ScaleConfig(_Section):
     cluster_cpus: float | None = Field(None, gt=0)
 
 
+class ExportConfig(_Section):
+    """The exported student (DIR/student): always fp32 safetensors weights a stock diffusers loads."""
+
+    # Also fp16 weights beside them, loaded with from_pretrained(..., variant="fp16").
+    fp16_variant: bool = False
+
+
 class EvalConfig(_Section):
     num_samples: int = Field(5000, ge=1)
     teacher_steps: int = Field(100, ge=1)  # the teacher's deterministic many-step sampler
@@ -282,6 +289,7 @@ class Config(_Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     # Dotted overrides applied by `--quick` (a reduced configuration for smoke tests).
     quick: dict[str, Any] = Field(default_factory=dict)

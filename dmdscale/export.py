@@ -1,30 +1,29 @@
-"""The distilled student as a diffusers folder, for every image family.
+"""The distilled student as a diffusers folder that stock diffusers loads and samples: no
+dmdscale import, no custom class, the trained timesteps from an ordinary call.
 
-Pixel UNets (unet2d): `export_unet_student` writes unet/ + scheduler/ (LCMScheduler) +
-dmdscale.json. Text-to-image (sd15, sdxl): `export_pipeline` writes a whole pipeline folder
-that samples correctly with no arguments:
+Pixel UNets (unet2d): `export_unet_student` writes unet/ + scheduler/. Text-to-image (sd15,
+sdxl): `export_pipeline` writes a whole pipeline folder. Both hold:
 
-`DiffusionPipeline.from_pretrained(folder)(prompt)` must run the student's few trained steps
-with no classifier-free guidance (the student was distilled from the CFG-guided teacher), but
-stock SD/SDXL pipelines default to 50 steps and guidance 7.5/5.0. Two pieces fix that:
+* a stock `LCMScheduler`, whose step is the student's sampler (x0 from the UNet, re-noised to
+  the next timestep), configured so the student's trained timesteps are what
+  `num_inference_steps=len(timesteps)` yields when they lie on LCM's evenly spaced grid
+  ([999] and [999, 749, 499, 249] with `original_inference_steps` 1 and 4), else passed as
+  `timesteps=[...]` (the 1-step SDXL student at 399); `sampling_call` gives the call, which
+  dmdscale.json (`call`) and the model card record;
+* guidance off (pipelines only): every stock SD/SDXL pipeline skips CFG when
+  `unet.config.time_cond_proj_dim` is set (how LCM-distilled UNets are packaged). The exported
+  UNet has one, with an all-zero `time_embedding.cond_proj`, so the guidance embedding the
+  pipeline feeds it adds exactly 0: outputs equal the trained UNet's for any guidance_scale;
+* a model card (README.md, Hub format) written after the evaluation (`write_model_card`);
+* optionally fp16 variant weights beside the fp32 ones (`variant="fp16"`).
 
-* Guidance off: every stock SD/SDXL pipeline skips CFG when `unet.config.time_cond_proj_dim` is
-  set (how LCM-distilled UNets are packaged). The exported UNet has one, with an all-zero
-  `time_embedding.cond_proj` (a bias-free Linear in diffusers 0.42), so the guidance embedding
-  the pipeline feeds it adds exactly 0: outputs equal the trained UNet's for any guidance_scale.
-* Steps: `DMD2Scheduler`, an `LCMScheduler` (whose step is the student's sampler: x0 from the
-  UNet, re-noised to the next timestep) whose config records the trained timesteps and which uses
-  them whatever `num_inference_steps` the pipeline asks for. diffusers resolves a non-diffusers
-  component from `sys.modules` only, so the folder names it ["dmdscale", "DMD2Scheduler"] and
-  the caller runs `import dmdscale` first. Without dmdscale, `LCMScheduler.from_pretrained(folder,
-  subfolder="scheduler")` plus `timesteps=dmdscale.json["timesteps"]` samples the same.
-
-LoRA runs also write diffusers-format LoRA weights (`lora/`) for the teacher pipeline's
-`load_lora_weights`.
+LoRA runs also write the adapter for the teacher pipeline's `load_lora_weights`, in peft's key
+layout (`lora/`) and in kohya's, which ComfyUI and A1111-style tools read (`lora_kohya/`).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -32,14 +31,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from diffusers import LCMScheduler, SchedulerMixin, UNet2DConditionModel
-from diffusers.configuration_utils import register_to_config
+import yaml
+from diffusers import LCMScheduler, UNet2DConditionModel
 
 from dmdscale.core.schedule import config_for
 from dmdscale.models.sd import check_pipeline_folder
 
-__all__ = ["DMD2Scheduler", "SchedulerMixin", "guidance_free_unet", "merged_unet", "lora_state_dict",
-           "export_pipeline", "export_unet_student", "STUDENT_DIR"]
+__all__ = ["STUDENT_DIR", "export_pipeline", "export_unet_student", "guidance_free_unet", "lora_state_dict",
+           "merged_unet", "sampling_call", "student_scheduler", "write_model_card"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +48,8 @@ GUIDANCE_EMBED_DIM = 256  # any width works: the projection reading it is all ze
 # < 3e-13 for every t >= 1 and c_out rounds to 1.0 in float32 (the default 10 leaves ~1e-7).
 X0_TIMESTEP_SCALING = 1e6
 STUDENT_DIR = "student"  # the exported student in a run folder
-# What diffusers records for DMD2Scheduler (its module) and what it can resolve at load time.
-SCHEDULER_ENTRY = ["dmdscale", "DMD2Scheduler"]
+KOHYA_LORA_FILE = "pytorch_lora_weights.safetensors"
+STUDENT_INFO = "dmdscale.json"  # timesteps, the sampling call, family: what dmdscale's own tools read
 
 
 @contextlib.contextmanager
@@ -66,57 +65,35 @@ def _quiet(name: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-class DMD2Scheduler(LCMScheduler):
-    """LCMScheduler that, unless given explicit `timesteps`, runs the student's trained ones.
-
-    Pipelines call `set_timesteps(num_inference_steps)` with their own default (50), so the
-    trained timesteps win over `num_inference_steps`; explicit `timesteps=` still defer to LCM.
-    """
-
-    @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 beta_schedule: str = "scaled_linear", trained_betas: Any = None,
-                 original_inference_steps: int = 1000, clip_sample: bool = False,
-                 clip_sample_range: float = 1.0, set_alpha_to_one: bool = True, steps_offset: int = 0,
-                 prediction_type: str = "epsilon", thresholding: bool = False,
-                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 timestep_spacing: str = "leading", timestep_scaling: float = X0_TIMESTEP_SCALING,
-                 rescale_betas_zero_snr: bool = False, trained_timesteps: list[int] | None = None):
-        super().__init__(
-            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-            beta_schedule=beta_schedule, trained_betas=trained_betas,
-            original_inference_steps=original_inference_steps, clip_sample=clip_sample,
-            clip_sample_range=clip_sample_range, set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset,
-            prediction_type=prediction_type, thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
-            timestep_spacing=timestep_spacing, timestep_scaling=timestep_scaling,
-            rescale_betas_zero_snr=rescale_betas_zero_snr)
-        self._told_steps = False  # the "num_inference_steps ignored" note is logged once
-
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      original_inference_steps: int | None = None, timesteps: list[int] | None = None,
-                      strength: float = 1.0) -> None:
-        trained = self.config.trained_timesteps
-        if timesteps is not None or not trained:
-            return super().set_timesteps(num_inference_steps, device, original_inference_steps, timesteps, strength)
-        trained = [int(t) for t in trained]
-        if num_inference_steps is not None and num_inference_steps != len(trained) and not self._told_steps:
-            logger.info("DMD2Scheduler: this student was trained for timesteps %s; ignoring num_inference_steps=%d "
-                        "(pass timesteps=[...] to override)", trained, num_inference_steps)
-            self._told_steps = True
-        with _quiet(LCMScheduler.__module__):
-            super().set_timesteps(None, device, original_inference_steps, trained, strength)
+def _lcm_grid(num_train_timesteps: int, steps: int) -> list[int]:
+    """What LCMScheduler yields for num_inference_steps == original_inference_steps == steps."""
+    k = num_train_timesteps // steps
+    return [i * k - 1 for i in range(steps, 0, -1)]
 
 
-def dmd2_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[int]) -> DMD2Scheduler:
-    """The teacher's noise schedule (betas, prediction_type, ...) stepping like the student's
-    sampler: no clipping/thresholding, pure x0, every integer t on LCM's grid."""
-    config = config_for(DMD2Scheduler, dict(teacher_scheduler_config))
+def sampling_call(timesteps: list[int], num_train_timesteps: int = 1000) -> dict[str, Any]:
+    """The keyword arguments a stock pipeline (or `LCMScheduler.set_timesteps`) takes to run the
+    trained timesteps: `num_inference_steps` where they are LCM's grid, else `timesteps`."""
+    steps = [int(t) for t in timesteps]
+    if steps == _lcm_grid(num_train_timesteps, len(steps)):
+        return {"num_inference_steps": len(steps)}
+    return {"timesteps": steps}
+
+
+def student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[int]) -> LCMScheduler:
+    """A stock LCMScheduler on the teacher's noise schedule (betas, prediction_type, ...) stepping
+    like the student's sampler: no clipping or thresholding, pure x0, and `sampling_call` giving
+    exactly the trained timesteps (checked here, not at sampling time)."""
+    config = config_for(LCMScheduler, dict(teacher_scheduler_config))
     n = int(config.get("num_train_timesteps", 1000))
-    config |= {"original_inference_steps": n, "clip_sample": False, "thresholding": False,
-               "timestep_scaling": X0_TIMESTEP_SCALING, "trained_timesteps": [int(t) for t in timesteps]}
-    scheduler = DMD2Scheduler.from_config(config)
-    scheduler.set_timesteps()  # raises now, not at sampling time, for a schedule LCM rejects
+    call = sampling_call(timesteps, n)
+    config |= {"original_inference_steps": call.get("num_inference_steps", n), "clip_sample": False,
+               "thresholding": False, "timestep_scaling": X0_TIMESTEP_SCALING}
+    scheduler = LCMScheduler.from_config(config)
+    with _quiet(LCMScheduler.__module__):
+        scheduler.set_timesteps(**call)
+    if scheduler.timesteps.tolist() != [int(t) for t in timesteps]:
+        raise ValueError(f"LCMScheduler gives {scheduler.timesteps.tolist()} for {call}, not the trained {timesteps}")
     return scheduler
 
 
@@ -175,18 +152,28 @@ def _lora_metadata(config: Any) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}
 
 
+def _write_info(out: Path, timesteps: list[int], call: dict[str, Any], family: str) -> None:
+    (out / STUDENT_INFO).write_text(json.dumps(
+        {"timesteps": [int(t) for t in timesteps], "call": call, "guidance_scale": 1.0, "family": family},
+        indent=2) + "\n")
+
+
 def export_pipeline(teacher: str | os.PathLike, family: str, student_unet: UNet2DConditionModel | str | os.PathLike,
                     timesteps: list[int], out_dir: str | os.PathLike,
-                    lora_state_dict: dict[str, torch.Tensor] | None = None, lora_config: Any = None) -> Path:
+                    lora_state_dict: dict[str, torch.Tensor] | None = None, lora_config: Any = None,
+                    fp16_variant: bool = False) -> Path:
     """Write the student as a pipeline folder: the teacher's components, the student UNet made
-    guidance-free, a DMD2Scheduler for `timesteps`, and dmdscale.json (timesteps, guidance 1).
+    guidance-free, a stock LCMScheduler for `timesteps` (`student_scheduler`), and
+    dmdscale.json (timesteps, the sampling call, family). Loads with stock diffusers:
+    `DiffusionPipeline.from_pretrained(out_dir)(prompt, **sampling_call(timesteps))`.
 
     `teacher`: the teacher pipeline (local folder or hub id). `student_unet`: the trained UNet or
     a folder UNet2DConditionModel.save_pretrained wrote; for a LoRA run, the merged UNet
     (`merged_unet`). With `lora_state_dict` (`lora_state_dict(unet)`) and `lora_config` (the
     adapter's LoraConfig, `unet.peft_config["default"]`, needed so `load_lora_weights` scales by
-    lora_alpha / r), also writes out_dir/lora/ for the teacher pipeline's `load_lora_weights`.
-    Load the result with `import dmdscale; DiffusionPipeline.from_pretrained(out_dir)`.
+    lora_alpha / r), also writes the adapter for the teacher pipeline's `load_lora_weights`:
+    out_dir/lora/ (peft keys) and out_dir/lora_kohya/ (kohya keys). `fp16_variant`: also
+    fp16 weights, loaded with `from_pretrained(out_dir, variant="fp16", dtype=torch.float16)`.
     """
     from diffusers import DiffusionPipeline
 
@@ -194,50 +181,124 @@ def export_pipeline(teacher: str | os.PathLike, family: str, student_unet: UNet2
         raise ValueError("pass lora_state_dict and lora_config together (the config carries lora_alpha and r)")
     source = check_pipeline_folder(teacher, family)
     unet = guidance_free_unet(_student(student_unet))
-    scheduler = dmd2_scheduler(LCMScheduler.load_config(source, subfolder="scheduler"), timesteps)
+    scheduler = student_scheduler(LCMScheduler.load_config(source, subfolder="scheduler"), timesteps)
     pipe = DiffusionPipeline.from_pretrained(source, unet=unet, scheduler=scheduler)
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
-    index_path = out / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["scheduler"] = SCHEDULER_ENTRY  # diffusers writes the defining module, "dmdscale.export"
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (out / "dmdscale.json").write_text(json.dumps(
-        {"timesteps": [int(t) for t in timesteps], "guidance_scale": 1.0, "family": family}, indent=2) + "\n")
+    if fp16_variant:
+        pipe.to(torch.float16).save_pretrained(out, safe_serialization=True, variant="fp16")
+    _write_info(out, timesteps, sampling_call(timesteps, scheduler.config.num_train_timesteps), family)
     if lora_state_dict is not None:
-        _save_lora(type(pipe), out / "lora", lora_state_dict, lora_config)
+        _save_lora(type(pipe), out, lora_state_dict, lora_config)
     return out
 
 
-def _save_lora(pipeline_class: type, folder: Path, state_dict: dict[str, torch.Tensor], config: Any) -> None:
+def _save_lora(pipeline_class: type, out: Path, state_dict: dict[str, torch.Tensor], config: Any) -> None:
+    """out/lora: peft's key format (lora_A / lora_B), which load_lora_weights reads as is (not
+    convert_state_dict_to_diffusers: it rewrites attention keys only, and the loader then drops
+    those from a dict that also holds conv / ff keys in peft format). out/lora_kohya: the same
+    adapter in kohya's keys (lora_unet_..., lora_down / lora_up / alpha), converted by diffusers'
+    own convert_state_dict_to_kohya, for ComfyUI and A1111-style tools."""
     import inspect
 
-    # peft's own key format (lora_A / lora_B), which load_lora_weights reads as is. Not
-    # convert_state_dict_to_diffusers: it rewrites attention keys only (to lora.down / lora.up),
-    # and the loader then drops those from a dict that also holds conv / ff keys in peft format.
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    meta = _lora_metadata(config)
     kwargs: dict[str, Any] = {"unet_lora_layers": state_dict}
     if "unet_lora_adapter_metadata" in inspect.signature(pipeline_class.save_lora_weights).parameters:
-        kwargs["unet_lora_adapter_metadata"] = _lora_metadata(config)
-    else:  # older diffusers read no alpha back: right only when alpha == r
-        meta = _lora_metadata(config)
-        if meta.get("lora_alpha", meta.get("r")) != meta.get("r"):
-            logger.warning("this diffusers cannot save lora_alpha: load_lora_weights will scale the LoRA by 1, "
-                           "not lora_alpha / r")
-    pipeline_class.save_lora_weights(folder, safe_serialization=True, **kwargs)
+        kwargs["unet_lora_adapter_metadata"] = meta
+    elif meta.get("lora_alpha", meta.get("r")) != meta.get("r"):  # older diffusers read no alpha back
+        logger.warning("this diffusers cannot save lora_alpha: load_lora_weights will scale the LoRA by 1, "
+                       "not lora_alpha / r")
+    pipeline_class.save_lora_weights(out / "lora", safe_serialization=True, **kwargs)
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state_dict.items()})
+    # The converter writes alpha = rank (scale 1); the adapter was trained at lora_alpha / r.
+    alpha = float(meta.get("lora_alpha", meta.get("r")))
+    kohya |= {k: torch.tensor(alpha) for k in kohya if k.endswith(".alpha")}
+    (out / "lora_kohya").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(out / "lora_kohya" / KOHYA_LORA_FILE))
 
 
-def export_unet_student(generator: Any, timesteps: list[int], out_dir: str | os.PathLike) -> Path:
+def export_unet_student(generator: Any, timesteps: list[int], out_dir: str | os.PathLike,
+                        family: str = "unet2d", fp16_variant: bool = False) -> Path:
     """A pixel-space generator (`ClassConditionalUNet`) as a diffusers folder: unet/ + scheduler/
-    + dmdscale.json (its timesteps).
-
-    The scheduler is diffusers' LCMScheduler, whose step is the student's sampler (x0 from the
-    UNet's prediction, re-noised to the next timestep). With `original_inference_steps` 1000
-    every timestep is on its grid, and `set_timesteps(timesteps=...)` reproduces
-    `dmdscale.core.sampling.sample` (its boundary scalings are ~1e-7 from pure x0 at t >= 249).
-    """
+    (a stock LCMScheduler, `student_scheduler`) + dmdscale.json. Stock diffusers samples it with
+    `UNet2DModel` and `LCMScheduler.set_timesteps(**sampling_call(timesteps))` (the loop is in
+    the model card); the result equals `dmdscale.core.sampling.sample` on the same noise."""
     out = Path(out_dir)
     generator.unet.save_pretrained(out / "unet")
-    config = config_for(LCMScheduler, generator.schedule.scheduler_config) | {"original_inference_steps": 1000}
-    LCMScheduler.from_config(config).save_pretrained(out / "scheduler")
-    (out / "dmdscale.json").write_text(json.dumps({"timesteps": timesteps, "guidance_scale": 1.0}))
+    if fp16_variant:
+        copy.deepcopy(generator.unet).to(torch.float16).save_pretrained(out / "unet", variant="fp16")
+    scheduler = student_scheduler(generator.schedule.scheduler_config, timesteps)
+    scheduler.save_pretrained(out / "scheduler")
+    _write_info(out, timesteps, sampling_call(timesteps, scheduler.config.num_train_timesteps), family)
     return out
+
+
+def _front_matter_of(teacher: str | os.PathLike) -> dict[str, Any]:
+    """The YAML front matter of a local teacher folder's model card (README.md), if any."""
+    card = Path(os.fspath(teacher)).expanduser() / "README.md"
+    if not card.is_file():
+        return {}
+    text = card.read_text(errors="replace")
+    if not text.startswith("---"):
+        return {}
+    head = text.split("---", 2)
+    try:
+        meta = yaml.safe_load(head[1]) if len(head) == 3 else None
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def write_model_card(folder: str | os.PathLike, *, family: str, teacher: str, timesteps: list[int],
+                     usage: str, metrics: dict[str, Any], config: dict[str, Any], pipeline_tag: str) -> Path:
+    """README.md in the exported student's folder, in the Hub's format: YAML front matter
+    (library, pipeline tag, base model, tags, the teacher's license when its folder's card has
+    one), then the teacher, family, trained timesteps, the exact sampling call (`usage`, code),
+    the run's figures and its training config."""
+    folder = Path(folder)
+    meta: dict[str, Any] = {"library_name": "diffusers", "pipeline_tag": pipeline_tag,
+                            "tags": ["dmd2", "distillation", "few-step", family]}
+    if "/" in str(teacher) and not Path(teacher).expanduser().exists():
+        meta["base_model"] = str(teacher)  # a hub id
+    license_ = _front_matter_of(teacher).get("license")
+    if license_:
+        meta["license"] = license_
+    meta["dmdscale"] = {"family": family, "timesteps": [int(t) for t in timesteps]}
+    figures = "\n".join(f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
+                        for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool))
+    settings = "\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items())
+    text = f"""---
+{yaml.safe_dump(meta, sort_keys=False).strip()}
+---
+
+# {len(timesteps)}-step DMD2 student of `{teacher}`
+
+Distilled with [DMD2](https://arxiv.org/abs/2405.14867) (distribution matching distillation with
+a GAN term and a two time-scale update rule) by dmdscale, from the {family} teacher `{teacher}`.
+It samples in {len(timesteps)} step(s) at the trained timesteps {[int(t) for t in timesteps]},
+without classifier-free guidance (the teacher's guidance is distilled into it).
+
+## Sampling, with stock diffusers
+
+```python
+{usage.strip()}
+```
+
+## The run's figures
+
+| figure | value |
+|---|---|
+{figures}
+
+## Training config
+
+```yaml
+{settings}
+```
+"""
+    path = folder / "README.md"
+    path.write_text(text)
+    return path

@@ -60,6 +60,7 @@ class Family:
     has_eval_actors: bool = False  # checkpoints can be evaluated on actors while training
     supports_lora: bool = False  # lora.enabled trains a LoRA adapter on the generator
     student_parts: Sequence[str] = ()  # what `save_student` writes into the final checkpoint
+    pipeline_tag: str = ""  # the Hub's task of the exported student (model card)
 
     # -- config and preflight (driver, before any cluster work) ------------------------
     def check_config(self, cfg: Config) -> None:
@@ -141,6 +142,21 @@ class Family:
             metrics["checkpoint_evaluations"] = len(evaluations)
         return Trained(self.finish_student(cfg, out), metrics, json.loads((out / TRAIN_LOG).read_text()),
                        evaluations)
+
+    def usage(self, cfg: Config, call: dict[str, Any]) -> str:
+        """Python that samples the exported student with stock diffusers (for its model card);
+        `call` runs the trained timesteps (`export.sampling_call`). `STUDENT` stands for its folder."""
+        raise NotImplementedError
+
+    def write_model_card(self, cfg: Config, trained: Trained, metrics: dict[str, Any]) -> None:
+        """README.md in the exported student's folder, once the run's figures are known."""
+        from dmdscale.export import STUDENT_INFO, write_model_card
+
+        folder = Path(trained.student)
+        call = json.loads((folder / STUDENT_INFO).read_text())["call"]
+        write_model_card(folder, family=self.name, teacher=str(cfg.model.teacher), timesteps=cfg.generator.timesteps,
+                         usage=self.usage(cfg, call).replace("STUDENT", str(folder)), metrics=metrics,
+                         config=cfg.flat(), pipeline_tag=self.pipeline_tag)
 
     def evaluate(self, cfg: Config, inputs: Any, trained: Trained, workdir: Path) -> Evaluation:
         raise NotImplementedError

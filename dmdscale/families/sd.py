@@ -9,6 +9,7 @@ Inception weights are on disk).
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ class SDFamily(Family):
     """One Stable Diffusion variant (`dmdscale.models.sd.SD_VARIANTS`) as a family."""
 
     student_parts = (STUDENT_UNET_DIR, STUDENT_LORA)
+    pipeline_tag = "text-to-image"
     supports_lora = True
 
     def __init__(self, variant: str):
@@ -127,20 +129,32 @@ class SDFamily(Family):
         lora = load_file(str(out / STUDENT_LORA)) if cfg.lora.enabled else None
         folder = export_pipeline(cfg.model.teacher, self.name, out / STUDENT_UNET_DIR,
                                  cfg.generator.timesteps, out / STUDENT_DIR, lora_state_dict=lora,
-                                 lora_config=lora_config(cfg) if cfg.lora.enabled else None)
+                                 lora_config=lora_config(cfg) if cfg.lora.enabled else None,
+                                 fp16_variant=cfg.export.fp16_variant)
         shutil.rmtree(out / STUDENT_UNET_DIR)
         (out / STUDENT_LORA).unlink(missing_ok=True)
         return folder
 
+    def usage(self, cfg: Config, call: dict[str, Any]) -> str:
+        lora = ("\n# Or the teacher with the LoRA adapter (peft keys; STUDENT/lora_kohya holds kohya's):\n"
+                f"# pipe = DiffusionPipeline.from_pretrained({str(cfg.model.teacher)!r})\n"
+                "# pipe.load_lora_weights(\"STUDENT/lora\")\n") if cfg.lora.enabled else ""
+        return f"""from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("STUDENT")  # variant="fp16", dtype=torch.float16 if exported
+image = pipe("a photo of a cat", {", ".join(f"{k}={v}" for k, v in call.items())}).images[0]  # no CFG: built in
+{lora}"""
+
     def evaluate(self, cfg: Config, inputs: Inputs, trained: Trained, workdir: Path) -> Evaluation:
-        """Student samples from the exported folder exactly as a user loads it (no arguments), the
-        teacher's at its many-step CFG sampler, the measured speedup, and FID where clean-fid's
-        Inception weights are on disk (they cannot be downloaded offline)."""
+        """Student samples from the exported folder exactly as a user loads it (stock diffusers,
+        the call its model card gives), the teacher's at its many-step CFG sampler, the measured
+        speedup, the label-free sample quality figures, and FID where clean-fid's Inception
+        weights are on disk (they cannot be downloaded offline)."""
         from diffusers import DiffusionPipeline
 
-        import dmdscale  # noqa: F401  (registers the student's scheduler class for from_pretrained)
         from dmdscale.data.sources import load_arrays
         from dmdscale.eval.metrics import compute_fid, inception_weights_path, sample_quality_of
+        from dmdscale.export import STUDENT_INFO
 
         res, seed, prompts = cfg.data.resolution, cfg.train.seed, inputs.prompts
         real = load_arrays(inputs.held_out_path, res, 3)[0][:len(prompts)]
@@ -153,7 +167,8 @@ class SDFamily(Family):
             pipe.set_progress_bar_config(disable=True)
         teacher_call = {"num_inference_steps": cfg.eval.teacher_steps, "guidance_scale": cfg.loss.guidance_scale}
         timed, images = {}, {}
-        for name, pipe, call in (("student", student, {}), ("teacher", teacher, teacher_call)):
+        student_call = json.loads((Path(trained.student) / STUDENT_INFO).read_text())["call"]  # as the card says
+        for name, pipe, call in (("student", student, student_call), ("teacher", teacher, teacher_call)):
             t0 = time.perf_counter()
             images[name] = _generate(pipe, prompts, res, seed, **call)
             timed[name] = time.perf_counter() - t0

@@ -62,6 +62,7 @@ class UNet2DFamily(Family):
     name = "unet2d"
     run_label = "digits"
     has_eval_actors = True
+    pipeline_tag = "unconditional-image-generation"  # class-conditional: the Hub has no closer task
 
     @property
     def student_parts(self) -> tuple[str, ...]:
@@ -101,7 +102,23 @@ class UNet2DFamily(Family):
     def save_student(self, cfg: Config, generator, folder: Path) -> None:
         from dmdscale.export import STUDENT_DIR, export_unet_student
 
-        export_unet_student(generator, cfg.generator.timesteps, folder / STUDENT_DIR)
+        export_unet_student(generator, cfg.generator.timesteps, folder / STUDENT_DIR, self.name,
+                            cfg.export.fp16_variant)
+
+    def usage(self, cfg: Config, call: dict[str, Any]) -> str:
+        c, r = cfg.data.channels, cfg.data.resolution
+        return f"""import torch
+from diffusers import LCMScheduler, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("STUDENT", subfolder="unet")
+scheduler = LCMScheduler.from_pretrained("STUDENT", subfolder="scheduler")
+scheduler.set_timesteps({", ".join(f"{k}={v}" for k, v in call.items())})
+labels = torch.arange({cfg.data.num_classes})  # the class of each sample
+x = torch.randn(len(labels), {c}, {r}, {r})
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
+images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
 
     def train_data(self, cfg: Config, inputs: Inputs) -> tuple[Any, Any]:
         from dmdscale.data.sources import inspect_dataset, materialize_if_small, read_dataset

@@ -85,6 +85,10 @@ def test_quick_digits_run_end_to_end_through_an_injected_failure(tmp_path, mlflo
         x = unet(torch.randn(2, 1, 16, 16), torch.tensor([999, 999]), class_labels=torch.tensor([1, 2])).sample
     assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()
     assert json.loads((out / "student" / "dmdscale.json").read_text())["timesteps"] == [999]
+    # Its model card: Hub front matter, the stock-diffusers loop, the run's figures.
+    card = (out / "student" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers") and "scheduler.set_timesteps(num_inference_steps=1)" in card
+    assert f"| `fid_student` | {m['fid_student']:.4g} |" in card and "UNet2DModel.from_pretrained" in card
 
     run = mlflow.search_runs(experiment_names=["digits"], output_format="list")[0]
     assert run.info.status == "FINISHED" and run.data.params["train.ttur_ratio"] == "5"

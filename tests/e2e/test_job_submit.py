@@ -122,13 +122,11 @@ def test_ray_job_submit_runs_the_sdxl_lora_pipeline(head, captioned_parquet, tmp
     model_index = json.loads((out / "student" / "model_index.json").read_text())
     assert model_index["_class_name"] == "StableDiffusionXLPipeline"
 
-    # The exported student samples in its 4 steps with no arguments, and the diffusers-format
-    # LoRA weights loaded into the teacher pipeline give the same latents when sampled with the
-    # student's scheduler, timesteps and no guidance.
+    # The exported student samples in its 4 steps with stock diffusers' ordinary call, and the
+    # LoRA weights in both layouts (peft, kohya) loaded into the teacher pipeline give the same
+    # latents when sampled with the student's scheduler, timesteps and no guidance.
     from diffusers import DiffusionPipeline, LCMScheduler
     from test_text2img import generate_latents
-
-    import dmdscale  # noqa: F401  (the exported scheduler class)
 
     student = DiffusionPipeline.from_pretrained(str(out / "student"))
     pipe = DiffusionPipeline.from_pretrained(str(teacher))
@@ -136,6 +134,10 @@ def test_ray_job_submit_runs_the_sdxl_lora_pipeline(head, captioned_parquet, tmp
     pipe.load_lora_weights(str(out / "student" / "lora"))
     pipe.scheduler = LCMScheduler.from_pretrained(str(out / "student"), subfolder="scheduler")
     with_lora = generate_latents(pipe, timesteps=[999, 749, 499, 249], guidance_scale=0.0)
-    exported = generate_latents(student)
+    exported = generate_latents(student, num_inference_steps=4)
     torch.testing.assert_close(with_lora, exported, rtol=1e-3, atol=1e-4)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(out / "student" / "lora_kohya"))
+    with_kohya = generate_latents(pipe, timesteps=[999, 749, 499, 249], guidance_scale=0.0)
+    torch.testing.assert_close(with_kohya, exported, rtol=1e-3, atol=1e-4)
     assert not torch.allclose(teacher_before, exported)  # the student is not the teacher

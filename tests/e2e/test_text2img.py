@@ -12,16 +12,9 @@ import torch
 from dmdscale.config import ConfigError, load_config
 from dmdscale.data.sources import DataError
 from dmdscale.driver import run
-from dmdscale.tools.tiny_sd import build_tiny_pipeline
 
 pytestmark = pytest.mark.slow
 CONFIGS = "pipelines/configs"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teachers")
-    return {f: str(build_tiny_pipeline(f, root / f)) for f in ("sd15", "sdxl")}
 
 
 def quick(family: str, teacher: str, tmp_path, *overrides: str):
@@ -36,11 +29,10 @@ def generate_latents(pipe, **call) -> torch.Tensor:
 
 def test_sd15_one_step_end_to_end(ray_local, tiny, captioned_parquet, tmp_path, monkeypatch):
     """The SD1.5 quick pipeline: contract outputs, MLflow run, and a student folder that diffusers
-    loads and samples in one UNet call with no arguments."""
+    loads with stock diffusers and samples in one UNet call with the call its model card gives."""
     import mlflow
+    import yaml
     from diffusers import DiffusionPipeline
-
-    import dmdscale  # noqa: F401  (the exported scheduler class)
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     out = tmp_path / "sd15"
@@ -57,9 +49,14 @@ def test_sd15_one_step_end_to_end(ray_local, tiny, captioned_parquet, tmp_path, 
     pipe = DiffusionPipeline.from_pretrained(str(out / "student"))
     calls = []
     pipe.unet.register_forward_hook(lambda m, args, kw, o: calls.append(int(args[1].flatten()[0])), with_kwargs=True)
-    generate_latents(pipe)
+    info = json.loads((out / "student" / "dmdscale.json").read_text())
+    assert info["timesteps"] == [999] and info["call"] == {"num_inference_steps": 1}
+    generate_latents(pipe, **info["call"])
     assert calls == [999]
-    assert json.loads((out / "student" / "dmdscale.json").read_text())["timesteps"] == [999]
+    card = (out / "student" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["pipeline_tag"] == "text-to-image" and meta["dmdscale"]["timesteps"] == [999]
+    assert "num_inference_steps=1" in card and f"{metrics['swd_pixels_student']:.4g}" in card
 
     client = mlflow.MlflowClient()
     (logged,) = client.search_runs([client.get_experiment_by_name("sd15").experiment_id])

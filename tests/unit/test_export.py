@@ -1,18 +1,18 @@
-"""The student as a diffusers pipeline folder: trained steps and no CFG by default, exact UNet, LoRA."""
+"""The student as a diffusers pipeline folder that stock diffusers loads: trained steps from the
+ordinary call, no CFG, exact UNet, LoRA in peft and kohya layouts, model card, fp16 variant."""
 import json
-import logging
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 from diffusers import DiffusionPipeline, LCMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 
-import dmdscale
 from dmdscale.config import LoraConfig as LoraSettings
 from dmdscale.core.sampling import sample
-from dmdscale.export import DMD2Scheduler, export_pipeline, lora_state_dict, merged_unet
+from dmdscale.export import STUDENT_INFO, export_pipeline, lora_state_dict, merged_unet, sampling_call, write_model_card
 from dmdscale.models.sd import load_sd_teacher
 from dmdscale.models.text_encoders import PromptEncoder
 from dmdscale.tools.tiny_sd import POOLED_DIM, TEXT_DIM, build_tiny_pipeline
@@ -48,7 +48,8 @@ def student(request, teachers, tmp_path_factory):
         unet.save_pretrained(root / "trained_unet")
         source = root / "trained_unet"
     out = export_pipeline(teachers[family], family, source, timesteps, root / "student")
-    return {"family": family, "timesteps": timesteps, "unet": unet, "out": out}
+    call = json.loads((out / STUDENT_INFO).read_text())["call"]
+    return {"family": family, "timesteps": timesteps, "unet": unet, "out": out, "call": call}
 
 
 def unet_inputs(family: str, n: int = 2) -> dict:
@@ -59,6 +60,17 @@ def unet_inputs(family: str, n: int = 2) -> dict:
         kw["added_cond_kwargs"] = {"text_embeds": torch.randn(n, POOLED_DIM, generator=g),
                                    "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]] * n)}
     return kw
+
+
+def dmdscale_latents(student: dict) -> torch.Tensor:
+    """dmdscale's own sampler on the exported folder: the same initial noise and re-noise draws
+    as `run` (one generator seeded 0), no timestep_cond fed to the UNet."""
+    family, out = student["family"], student["out"]
+    model = load_sd_teacher(out, family)
+    cond = PromptEncoder.load(out, family).encode(PROMPT)
+    rng = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 4, 16, 16, generator=rng)
+    return sample(lambda x, t, c: model(x, t, c), model.schedule, noise, student["timesteps"], cond, rng)
 
 
 def run(pipe, **kw) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -82,34 +94,52 @@ def test_import_dmdscale_stays_cheap():
     code = "import sys, dmdscale; print('diffusers' in sys.modules, 'torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.split() == ["False", "False"]
-    assert dmdscale.DMD2Scheduler is DMD2Scheduler  # the lazy attribute diffusers resolves
 
 
 def test_folder_layout_and_model_index(student):
     out = student["out"]
-    assert json.loads((out / "model_index.json").read_text())["scheduler"] == ["dmdscale", "DMD2Scheduler"]
+    assert json.loads((out / "model_index.json").read_text())["scheduler"] == ["diffusers", "LCMScheduler"]
     assert json.loads((out / "dmdscale.json").read_text()) == {
-        "timesteps": student["timesteps"], "guidance_scale": 1.0, "family": student["family"]}
+        "timesteps": student["timesteps"], "call": sampling_call(student["timesteps"]), "guidance_scale": 1.0,
+        "family": student["family"]}
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
 
 def test_pipeline_runs_the_trained_steps_without_guidance(student):
-    family, timesteps = student["family"], student["timesteps"]
-    pipe = DiffusionPipeline.from_pretrained(student["out"])  # `import dmdscale` above is all it needs
-    assert isinstance(pipe.scheduler, DMD2Scheduler)
-    latents, calls = run(pipe)
+    timesteps, call = student["timesteps"], student["call"]
+    pipe = DiffusionPipeline.from_pretrained(student["out"])
+    assert type(pipe.scheduler) is LCMScheduler
+    latents, calls = run(pipe, **call)
     assert calls == [(t, 1) for t in timesteps]  # trained timesteps, one row per call: no CFG batch
-    # dmdscale's own sampler, same initial noise and re-noise draws, no timestep_cond fed to the UNet.
-    model = load_sd_teacher(student["out"], family)
-    cond = PromptEncoder.load(student["out"], family).encode(PROMPT)
-    rng = torch.Generator().manual_seed(0)
-    noise = torch.randn(1, 4, 16, 16, generator=rng)
-    expected = sample(lambda x, t, c: model(x, t, c), model.schedule, noise, timesteps, cond, rng)
-    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(latents, dmdscale_latents(student), rtol=1e-4, atol=1e-5)
     # The pipeline's default guidance (7.5/5.0) and any other scale give the same image as none.
-    assert torch.equal(run(pipe, guidance_scale=7.0)[0], latents)
-    assert torch.equal(run(pipe, guidance_scale=1.0)[0], latents)
-    assert torch.equal(run(pipe, num_inference_steps=2)[0], latents)
+    assert torch.equal(run(pipe, guidance_scale=7.0, **call)[0], latents)
+    assert torch.equal(run(pipe, guidance_scale=1.0, **call)[0], latents)
+
+
+STOCK_DIFFUSERS = """
+import json, sys
+import torch
+from diffusers import DiffusionPipeline
+folder, out = sys.argv[1], sys.argv[2]
+call = json.load(open(folder + "/dmdscale.json"))["call"]  # what the model card prints
+pipe = DiffusionPipeline.from_pretrained(folder)
+latents = pipe(["a digit 3"], height=32, width=32, output_type="latent",
+               generator=torch.Generator().manual_seed(0), **call).images
+assert not any(m.split(".")[0] == "dmdscale" for m in sys.modules), "dmdscale was imported"
+torch.save({"latents": latents, "scheduler": type(pipe.scheduler).__name__}, out)
+"""
+
+
+def test_stock_diffusers_loads_and_samples_it_without_dmdscale(student, tmp_path):
+    """A fresh process with diffusers and no dmdscale: from_pretrained, the documented call, and
+    the latents of dmdscale's own sampler on the same noise."""
+    proc = subprocess.run([sys.executable, "-c", STOCK_DIFFUSERS, str(student["out"]), str(tmp_path / "l.pt")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "l.pt")
+    assert got["scheduler"] == "LCMScheduler"
+    torch.testing.assert_close(got["latents"], dmdscale_latents(student), rtol=1e-4, atol=1e-5)
 
 
 def test_exported_unet_equals_the_trained_one(student):
@@ -125,27 +155,31 @@ def test_exported_unet_equals_the_trained_one(student):
         assert torch.equal(exported(**kw, timestep_cond=cond).sample, want)
 
 
-def test_plain_lcm_scheduler_loads_the_config(student):
-    out, timesteps = student["out"], student["timesteps"]
-    lcm = LCMScheduler.from_pretrained(out, subfolder="scheduler")
-    ours = DMD2Scheduler.from_pretrained(out, subfolder="scheduler")
-    assert type(lcm) is LCMScheduler and lcm.config.original_inference_steps == 1000
-    torch.testing.assert_close(lcm.alphas_cumprod, ours.alphas_cumprod, rtol=0, atol=0)
-    lcm.set_timesteps(timesteps=timesteps)
+@pytest.mark.parametrize("timesteps, call", [
+    ([999, 749, 499, 249], {"num_inference_steps": 4}), ([999], {"num_inference_steps": 1}),
+    ([999, 499], {"num_inference_steps": 2}), ([399], {"timesteps": [399]}),
+    ([999, 749, 249], {"timesteps": [999, 749, 249]}),
+])
+def test_sampling_call_uses_the_ordinary_call_where_lcm_gives_the_trained_steps(timesteps, call):
+    assert sampling_call(timesteps) == call
+    lcm = LCMScheduler(original_inference_steps=call.get("num_inference_steps", 1000))
+    lcm.set_timesteps(**call)
     assert lcm.timesteps.tolist() == timesteps
 
 
-def test_scheduler_ignores_num_inference_steps_but_not_explicit_timesteps(caplog):
-    s = DMD2Scheduler(trained_timesteps=FOUR_STEP)
-    with caplog.at_level(logging.INFO, logger="dmdscale.export"):
-        s.set_timesteps(50)
-        s.set_timesteps(50)
-    assert s.timesteps.tolist() == FOUR_STEP
-    assert sum("ignoring num_inference_steps=50" in r.message for r in caplog.records) == 1
-    s.set_timesteps(timesteps=[999, 499])
-    assert s.timesteps.tolist() == [999, 499]
-    with pytest.raises(ValueError, match="descending"):
-        DMD2Scheduler(trained_timesteps=[249, 999]).set_timesteps(4)
+def test_model_card_parses_and_names_the_call(student, tmp_path):
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "README.md").write_text("---\nlicense: openrail++\n---\n# a teacher\n")
+    card = write_model_card(student["out"], family=student["family"], teacher=str(tmp_path / "teacher"),
+                            timesteps=student["timesteps"], usage="pipe(prompt, timesteps=[399])",
+                            metrics={"fid_student": 12.345678, "fid_skipped": "no weights"},
+                            config={"train.lr": 1e-5}, pipeline_tag="text-to-image").read_text()
+    _, front, body = card.split("---", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "diffusers" and meta["license"] == "openrail++"
+    assert meta["dmdscale"] == {"family": student["family"], "timesteps": student["timesteps"]}
+    assert "pipe(prompt, timesteps=[399])" in body and "| `fid_student` | 12.35 |" in body
+    assert "train.lr: 1e-05" in body and str(student["timesteps"]) in body
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -169,15 +203,18 @@ def test_lora_weights_reproduce_the_merged_student_on_the_teacher(family, teache
     out = export_pipeline(teacher, family, merged, FOUR_STEP, tmp_path / "student",
                           lora_state_dict=lora_state_dict(unet), lora_config=unet.peft_config["default"])
 
-    pipe = DiffusionPipeline.from_pretrained(teacher)
-    pipe.load_lora_weights(out / "lora")
-    (config,) = pipe.unet.peft_config.values()
-    assert (config.r, config.lora_alpha) == (4, 8)
     exported = UNet2DConditionModel.from_pretrained(out, subfolder="unet").eval()
     with torch.no_grad():
-        got, want = pipe.unet(**base_kw).sample, exported(**base_kw).sample
+        want = exported(**base_kw).sample
     torch.testing.assert_close(want, with_lora, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for layout in ("lora", "lora_kohya"):  # peft keys; kohya keys (ComfyUI, A1111-style tools)
+        pipe = DiffusionPipeline.from_pretrained(teacher)
+        pipe.load_lora_weights(out / layout)
+        with torch.no_grad():
+            got = pipe.unet(**base_kw).sample
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=layout)
+    (config,) = pipe.unet.peft_config.values()
+    assert config.r == 4
     assert (want - base).abs().max() > 100 * 1e-4  # the LoRA changes the output: the check has teeth
 
 
@@ -192,3 +229,17 @@ def test_missing_teacher_names_the_path(teachers, tmp_path):
     missing = tmp_path / "no-such-teacher"
     with pytest.raises(FileNotFoundError, match="no-such-teacher"):
         export_pipeline(missing, "sd15", unet, FOUR_STEP, tmp_path / "out")
+
+
+def test_fp16_variant_loads_in_half_precision(teachers, tmp_path):
+    unet = perturbed_unet(teachers["sd15"])
+    out = export_pipeline(teachers["sd15"], "sd15", unet, FOUR_STEP, tmp_path / "student", fp16_variant=True)
+    assert (out / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # the fp32 weights stay
+    half = DiffusionPipeline.from_pretrained(out, variant="fp16", dtype=torch.float16)
+    assert half.unet.dtype == torch.float16
+    full = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    kw = unet_inputs("sd15")
+    with torch.no_grad():
+        torch.testing.assert_close(half.unet.float()(**kw).sample, full(**kw).sample, rtol=1e-2, atol=1e-2)
+

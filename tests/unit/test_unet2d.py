@@ -155,9 +155,10 @@ def test_exported_student_samples_with_diffusers_alone(tmp_path, timesteps):
     export_unet_student(student, timesteps, tmp_path / "student")
     unet = UNet2DModel.from_pretrained(tmp_path / "student", subfolder="unet").eval()
     scheduler = LCMScheduler.from_pretrained(tmp_path / "student", subfolder="scheduler")
-    saved = json.loads((tmp_path / "student" / "dmdscale.json").read_text())["timesteps"]
-    scheduler.set_timesteps(timesteps=saved)
-    assert scheduler.timesteps.tolist() == timesteps
+    saved = json.loads((tmp_path / "student" / "dmdscale.json").read_text())
+    assert saved["timesteps"] == timesteps
+    scheduler.set_timesteps(**saved["call"])  # the ordinary call: num_inference_steps=len(timesteps)
+    assert saved["call"] == {"num_inference_steps": len(timesteps)} and scheduler.timesteps.tolist() == timesteps
 
     noise, labels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([1, 4, 7])
     with torch.no_grad():
