@@ -35,7 +35,6 @@ Writes bench/results/eval_metrics.json.
 from __future__ import annotations
 
 import argparse
-import colorsys
 import datetime
 import json
 import os
@@ -55,6 +54,7 @@ from PIL import Image, ImageFilter
 from sklearn.datasets import load_digits
 from torch import nn
 
+from dmdscale.data.shapes import colored_shapes
 from dmdscale.eval import diversity as dv
 from dmdscale.eval.metrics import to_model_input, train_classifier
 
@@ -76,30 +76,6 @@ def device_name() -> str:
 
 
 # --- data and defects ----------------------------------------------------------------------
-
-
-def colored_shapes(n: int, seed: int, hue_bands: tuple[float, ...] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """n RGB shapes on black, uint8 NHWC, and their labels (0 circle, 1 square, 2 triangle).
-    Colour is drawn in HSV: hue free, or within 0.05 of `hue_bands[label]`."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 3, n)
-    yy, xx = np.mgrid[0:RESOLUTION, 0:RESOLUTION] + 0.5
-    images = np.zeros((n, RESOLUTION, RESOLUTION, 3), np.uint8)
-    for image, label in zip(images, labels):
-        size = rng.uniform(0.3, 0.6) * RESOLUTION
-        cx, cy = rng.uniform(size / 2, RESOLUTION - size / 2, 2)
-        if label == 0:
-            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= (size / 2) ** 2
-        elif label == 1:
-            mask = (abs(xx - cx) <= size / 2) & (abs(yy - cy) <= size / 2)
-        else:
-            top = cy - size / 2
-            mask = (yy >= top) & (yy <= cy + size / 2) & (abs(xx - cx) <= (yy - top) / 2)
-        hue = rng.uniform() if hue_bands is None else hue_bands[label] + rng.uniform(0, 0.05)
-        rgb = colorsys.hsv_to_rgb(hue % 1, rng.uniform(0.5, 1), rng.uniform(0.6, 1))
-        image[mask] = np.round(np.array(rgb) * 255).astype(np.uint8)
-    return images, labels
 
 
 def digits16() -> tuple[np.ndarray, np.ndarray]:

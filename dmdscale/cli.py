@@ -27,8 +27,8 @@ def parse(argv: list[str], default_config: str | Path | None, description: str,
         cfg = load_config(args.config, args.overrides, quick=args.quick)
         if family is not None and cfg.model.family != family:
             raise ConfigError(f"model.family: {parser.prog} distils {family} teachers, but {args.config} "
-                              f"(with its overrides) says {cfg.model.family!r}; run it with "
-                              f"pipelines/{cfg.model.family}.py or python -m dmdscale --config {args.config}")
+                              f"(with its overrides) says {cfg.model.family!r}; run that config with "
+                              f"python -m dmdscale --config {args.config}")
     except ConfigError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem

@@ -52,7 +52,7 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
         evaluation = family.evaluate(cfg, inputs, trained, out / "fid")
         metrics = {**evaluation.metrics, **trained.metrics}
 
-        family.write_model_card(cfg, trained, metrics)
+        family.write_model_card(cfg, inputs, trained, metrics)
         np.savez(out / "samples.npz", **evaluation.samples)
         family.draw_samples(cfg, evaluation.samples, metrics, out / "samples.png")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -283,6 +283,9 @@ without classifier-free guidance (the teacher's guidance is distilled into it).
 
 ## Sampling, with stock diffusers
 
+The path below is this folder as the run wrote it; use wherever the folder lies now, or its
+Hub repo id. No dmdscale is needed.
+
 ```python
 {usage.strip()}
 ```

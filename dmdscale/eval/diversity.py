@@ -38,7 +38,8 @@ Quantities:
   lower is better, 0 for identical sets; multiplied by 1e3 as in ProGAN.
 - The samples' statistics (`channel_mean_<c>`, `channel_std_<c>`, `mean_color_spread` in
   0..255 units, `colorfulness`, `saturation_bright` in percent) and their gap to the
-  reference's: `<statistic>_ratio` (samples / reference, 1 is ideal) for spreads and colour,
+  reference's: `<statistic>_ratio` (samples / reference, 1 is ideal; left out where the
+  reference has none of it) for spreads and colour,
   `channel_mean_gap_<c>` (samples - reference in 0..255, 0 is ideal).
 """
 from __future__ import annotations
@@ -309,32 +310,24 @@ def image_statistics(images_uint8: np.ndarray) -> dict[str, float]:
     return stats
 
 
-def _ratio(fake: float, real: float) -> float:
-    """fake / real, nan where the reference has none of the quantity (an undefined ratio)."""
-    return fake / real if real > 0 else float("nan")
-
-
 def statistics_gap(real_uint8: np.ndarray, fake_uint8: np.ndarray) -> dict[str, float]:
     """How the samples' `image_statistics` differ from the reference's, the gaps that matter:
 
     - `<statistic>_ratio` (samples / reference, 1 is ideal) for `channel_std_<c>`,
       `mean_color_spread` and, for colour images, `colorfulness` and `saturation_bright`:
       collapse of contrast, variety or colour is multiplicative, so a ratio reads the same on
-      any data set (0.3 means 70% of it is gone).
+      any data set (0.3 means 70% of it is gone). A ratio is left out where the reference has
+      none of the quantity (grey images in RGB have no colourfulness): metrics.json holds no NaN.
     - `channel_mean_gap_<c>` (samples - reference, 0..255): a colour cast or brightness shift.
     """
     channels = _check_images(real_uint8).shape[-1]
     if _check_images(fake_uint8).shape[-1] != channels:
         raise ValueError("the samples and the reference images have different channel counts")
     real, fake = image_statistics(real_uint8), image_statistics(fake_uint8)
-    gap = {}
-    for c in range(channels):
-        gap[f"channel_mean_gap_{c}"] = fake[f"channel_mean_{c}"] - real[f"channel_mean_{c}"]
-        gap[f"channel_std_{c}_ratio"] = _ratio(fake[f"channel_std_{c}"], real[f"channel_std_{c}"])
-    gap["mean_color_spread_ratio"] = _ratio(fake["mean_color_spread"], real["mean_color_spread"])
-    if channels == 3:
-        for name in ("colorfulness", "saturation_bright"):
-            gap[f"{name}_ratio"] = _ratio(fake[name], real[name])
+    gap = {f"channel_mean_gap_{c}": fake[f"channel_mean_{c}"] - real[f"channel_mean_{c}"] for c in range(channels)}
+    ratios = [f"channel_std_{c}" for c in range(channels)] + ["mean_color_spread"]
+    ratios += ["colorfulness", "saturation_bright"] if channels == 3 else []
+    gap |= {f"{name}_ratio": fake[name] / real[name] for name in ratios if real[name] > 0}
     return gap
 
 

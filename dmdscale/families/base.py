@@ -148,13 +148,14 @@ class Family:
         `call` runs the trained timesteps (`export.sampling_call`). `STUDENT` stands for its folder."""
         raise NotImplementedError
 
-    def write_model_card(self, cfg: Config, trained: Trained, metrics: dict[str, Any]) -> None:
-        """README.md in the exported student's folder, once the run's figures are known."""
+    def write_model_card(self, cfg: Config, inputs: Any, trained: Trained, metrics: dict[str, Any]) -> None:
+        """README.md in the exported student's folder, once the run's figures are known; the
+        teacher is the one the run distilled (for `model.teacher: train`, the folder trained here)."""
         from dmdscale.export import STUDENT_INFO, write_model_card
 
         folder = Path(trained.student)
         call = json.loads((folder / STUDENT_INFO).read_text())["call"]
-        write_model_card(folder, family=self.name, teacher=str(cfg.model.teacher), timesteps=cfg.generator.timesteps,
+        write_model_card(folder, family=self.name, teacher=str(inputs.teacher_path), timesteps=cfg.generator.timesteps,
                          usage=self.usage(cfg, call).replace("STUDENT", str(folder)), metrics=metrics,
                          config=cfg.flat(), pipeline_tag=self.pipeline_tag)
 

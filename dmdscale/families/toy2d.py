@@ -183,7 +183,7 @@ class Toy2dFamily(Family):
                    "nonfinite_steps": result.nonfinite_steps}
         return Trained(toy, metrics, [{**m, "step": i} for i, m in enumerate(history)])
 
-    def write_model_card(self, cfg: Config, trained: Trained, metrics: dict[str, Any]) -> None:
+    def write_model_card(self, cfg: Config, inputs: None, trained: Trained, metrics: dict[str, Any]) -> None:
         pass  # the toy student is not exported
 
     def evaluate(self, cfg: Config, inputs: None, trained: Trained, workdir: Path) -> Evaluation:

@@ -12,24 +12,34 @@ import numpy as np
 import pytest
 import torch
 
+from dmdscale import cli
 from dmdscale.models.toy2d import GaussianMixture2D
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "pipelines" / "configs"
 
 
-@pytest.mark.parametrize("script, config, family", [
-    ("sdxl.py", "digits.yaml", "unet2d"),
-    ("digits.py", "toy2d.yaml", "toy2d"),
-    ("sd15.py", "sdxl.yaml", "sdxl"),
-])
-def test_a_pipeline_refuses_another_familys_config(tmp_path, script, config, family):
-    config, *overrides = config.split()
-    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / script), "--config", str(CONFIGS / config),
-                           "--out", str(tmp_path / "o"), *overrides], capture_output=True, text=True, timeout=120)
+def test_a_pipeline_script_refuses_another_familys_config(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "sdxl.py"), "--config", str(CONFIGS / "digits.yaml"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "model.family" in proc.stderr and repr(family) in proc.stderr, proc.stderr
-    assert not any((tmp_path / "o").iterdir()) if (tmp_path / "o").exists() else True
+    assert "model.family" in proc.stderr and "'unet2d'" in proc.stderr
+    assert f"python -m dmdscale --config {CONFIGS / 'digits.yaml'}" in proc.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize("expected, config, overrides, found", [
+    ("unet2d", "toy2d.yaml", [], "toy2d"),
+    ("sd15", "sdxl.yaml", [], "sdxl"),
+    ("toy2d", "toy2d.yaml", ["model.family=unet2d", "model.teacher=train"], "unet2d"),  # an override counts too
+])
+def test_the_family_check_reads_the_config_with_its_overrides(tmp_path, capsys, expected, config, overrides, found):
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse(["--config", str(CONFIGS / config), "--out", str(tmp_path / "o"), *overrides], None, "", expected)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "model.family" in err and repr(found) in err, err
+    cfg, _ = cli.parse(["--config", str(CONFIGS / config), "--out", str(tmp_path / "o"), *overrides], None, "")
+    assert cfg.model.family == found  # the same command without a family to enforce runs
 
 
 def test_the_module_cli_needs_a_config(tmp_path):

@@ -9,42 +9,17 @@ from a 2-core CPU; bench/eval_metrics.py gives their spread over seeds.
 """
 from __future__ import annotations
 
-import colorsys
-
 import numpy as np
 import pytest
 import torch
 
+from dmdscale.data.shapes import colored_shapes
 from dmdscale.eval import diversity as dv
 from dmdscale.eval.metrics import compute_fid, to_model_input, train_classifier
 
 RESOLUTION = 16
 COUNT = 500  # images per set: enough for stable k-NN balls, few enough for seconds per test
 HUE_BANDS = (0.0, 0.33, 0.67)  # the mode-dropped set: each class in one colour
-
-
-def colored_shapes(n: int, seed: int, hue_bands: tuple[float, ...] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """n RGB shapes on black (uint8 NHWC) and labels: 0 circle, 1 square, 2 triangle. Position,
-    size and HSV colour are random; the hue is free, or within 0.05 of `hue_bands[label]`."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 3, n)
-    yy, xx = np.mgrid[0:RESOLUTION, 0:RESOLUTION] + 0.5
-    images = np.zeros((n, RESOLUTION, RESOLUTION, 3), np.uint8)
-    for image, label in zip(images, labels):
-        size = rng.uniform(0.3, 0.6) * RESOLUTION
-        cx, cy = rng.uniform(size / 2, RESOLUTION - size / 2, 2)
-        if label == 0:
-            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= (size / 2) ** 2
-        elif label == 1:
-            mask = (abs(xx - cx) <= size / 2) & (abs(yy - cy) <= size / 2)
-        else:
-            top = cy - size / 2
-            mask = (yy >= top) & (yy <= cy + size / 2) & (abs(xx - cx) <= (yy - top) / 2)
-        hue = rng.uniform() if hue_bands is None else hue_bands[label] + rng.uniform(0, 0.05)
-        rgb = colorsys.hsv_to_rgb(hue % 1, rng.uniform(0.5, 1), rng.uniform(0.6, 1))
-        image[mask] = np.round(np.array(rgb) * 255).astype(np.uint8)
-    return images, labels
 
 
 def towards_grey(images: np.ndarray, amount: float = 0.7) -> np.ndarray:
@@ -190,6 +165,15 @@ def test_statistics_gap_reads_a_colour_cast_and_a_loss_of_contrast():
     assert dv.statistics_gap(images, cast)["channel_mean_gap_0"] > 15
     flat = np.round(images * 0.5).astype(np.uint8)
     assert dv.statistics_gap(images, flat)["channel_std_1_ratio"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_grey_rgb_reference_leaves_its_colour_ratios_out():
+    """Grey digits stored as RGB have no colour to compare to: no colourfulness or saturation
+    ratio (an undefined ratio would be NaN, which metrics.json cannot hold as JSON)."""
+    grey = towards_grey(colored_shapes(60, seed=8)[0], 1.0)
+    quality = dv.sample_quality(grey, colored_shapes(60, seed=9)[0], seed=0)
+    assert "colorfulness_ratio_pixels" not in quality and "saturation_bright_ratio_pixels" not in quality
+    assert "channel_std_0_ratio_pixels" in quality and all(np.isfinite(v) for v in quality.values())
 
 
 def test_pixel_features_average_large_images_down():
