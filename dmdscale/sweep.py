@@ -3,8 +3,8 @@
 The driver (`run`) checks the sweep before any cluster work, trains or loads the teacher and
 classifier once (cached under cache_dir, so trials find them), then runs Tune function trials.
 Each trial builds its config from the base config and its sampled values and calls the
-whole run (`dmdscale.driver.run`, which fits a TorchTrainer, the Train V2 pattern), reporting every checkpoint evaluation's FID to Tune as it lands, so ASHA can stop
-trials that trail, and the final figures at the end. Each trial is an MLflow run tagged
+whole run (`dmdscale.driver.run`, which fits a TorchTrainer, the Train V2 pattern), reporting
+every checkpoint evaluation's FID to Tune as it lands, so ASHA can stop trials that trail, and the final figures at the end. Each trial is an MLflow run tagged
 with the sweep's run as its parent; the sweep's run gets the results table, the best config
 and a picture of every trial's FID curve. An interrupted sweep resumes from DIR.
 
@@ -78,10 +78,10 @@ def check_sweep(cfg: Config) -> None:
             except ConfigError as exc:
                 raise ConfigError(f"sweep.space.{key}: value {value!r} does not make a valid run: {exc}") from None
     if sweep.early_stopping == "asha" and not uses_eval_actors(cfg):
-        raise ConfigError("sweep.early_stopping: asha stops trials on the FID of checkpoints evaluated during "
-                          "training, which needs a family with evaluation actors (unet2d) and "
-                          "eval.during_training=true; "
-                          "set sweep.early_stopping=none")
+        evaluated = ", ".join(name for name, family in FAMILIES.items() if family.has_eval_actors)
+        raise ConfigError(f"sweep.early_stopping: asha stops trials on the FID of checkpoints evaluated during "
+                          f"training, which needs a family with evaluation actors ({evaluated}) and "
+                          f"eval.during_training=true; set sweep.early_stopping=none")
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
