@@ -27,6 +27,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/toy2d_ablations.py
 	$(PY) bench/digits_throughput.py
+	$(PY) bench/digits_ablations.py --steps 200
 
 clean:
 	rm -rf runs mlruns mlflow.db .pytest_cache

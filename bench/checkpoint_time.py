@@ -52,8 +52,8 @@ def engines(width: int, cfg) -> dict[str, DeepSpeedOptimizedModule]:
         return ClassConditionalUNet(UNet2DModel(**tiny_unet_config(32, 3, 10, width)), schedule)
 
     fake = unet()
-    out = {"generator": DeepSpeedOptimizedModule(unet(), cfg.train, cfg.scale, 4),
-           "critic": DeepSpeedOptimizedModule(Critic(fake, ConvHead.for_model(fake)), cfg.train, cfg.scale, 4)}
+    out = {"generator": DeepSpeedOptimizedModule(unet(), cfg.train, cfg.scale, 4, role="generator"),
+           "critic": DeepSpeedOptimizedModule(Critic(fake, ConvHead.for_model(fake)), cfg.train, cfg.scale, 4, role="critic")}
     x, t, y = torch.randn(4, 3, 32, 32), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
     for name, engine in out.items():
         model = engine.module.fake_score if name == "critic" else engine.module

@@ -67,8 +67,8 @@ def make_step(cfg, teacher_path: Path, device: torch.device) -> tuple[DMD2Step, 
     generator = copy.deepcopy(teacher).train().requires_grad_(True)
     fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
     critic = Critic(fake_score, ConvHead.for_model(fake_score)).to(device)
-    step = DMD2Step(cfg, teacher, TorchOptimizedModule(generator, cfg.train),
-                    TorchOptimizedModule(critic, cfg.train), device=device)
+    step = DMD2Step(cfg, teacher, TorchOptimizedModule(generator, cfg.train, role="generator"),
+                    TorchOptimizedModule(critic, cfg.train, role="critic"), device=device)
     return step, generator
 
 

@@ -69,8 +69,8 @@ def one_setup(setup: str, size: str, steps: int) -> dict:
     for model in (generator, fake):
         model.unet.enable_gradient_checkpointing()
     critic = Critic(fake, ConvHead.for_model(fake)).to(device, torch.bfloat16)
-    gen_engine = DeepSpeedOptimizedModule(generator, cfg.train, cfg.scale, 1)
-    critic_engine = DeepSpeedOptimizedModule(critic, cfg.train, cfg.scale, 1)
+    gen_engine = DeepSpeedOptimizedModule(generator, cfg.train, cfg.scale, 1, role="generator")
+    critic_engine = DeepSpeedOptimizedModule(critic, cfg.train, cfg.scale, 1, role="critic")
     step = DMD2Step(cfg, teacher, gen_engine, critic_engine, device=device)
     text = config["cross_attention_dim"]
     pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]

@@ -1,7 +1,12 @@
 """toy2d ablations in one run, same seed and iteration budget for each variant:
 TTUR ratio 1 vs 5, GAN on vs off, 4-step student with vs without backward simulation.
 
-    python bench/toy2d_ablations.py [--steps N]
+    python bench/toy2d_ablations.py [--steps N] [--seeds 0 1]
+    python bench/toy2d_ablations.py --explore loss.gan_max_step=0 ...   # one ad-hoc variant
+
+Writes bench/results/toy2d_ablations.json and rewrites the table between the markers in
+bench/README.md; `--explore` appends to bench/results/toy2d_explore.jsonl (the tuning behind
+toy2d.yaml's comments).
 
 Writes bench/results/toy2d_ablations.json and rewrites the table between the markers in
 bench/README.md.
@@ -36,16 +41,24 @@ COLUMNS = ["energy_distance_student", "in_mode_fraction_student", "mode_share_mi
            "mode_share_max_student", "train_seconds"]
 
 
-def run(steps: int | None) -> dict:
+def run_one(overrides: dict, steps: int | None, seed: int) -> dict:
+    extra = {"train.max_steps": steps} if steps else {}
+    cfg = load_config(ROOT / "pipelines" / "configs" / "toy2d.yaml", {**overrides, **extra, "train.seed": seed})
+    t0 = time.perf_counter()
+    toy, _ = toy2d.train(cfg, progress=False)
+    train_s = time.perf_counter() - t0
+    metrics, _ = toy.evaluate(seed=1234 + seed)
+    return {**metrics, "train_seconds": train_s}
+
+
+def run(steps: int | None, seeds: list[int]) -> dict:
+    """Each variant at every seed; the figures are the means, `spread` half their range."""
     results = {}
     for name, overrides in VARIANTS.items():
-        extra = {"train.max_steps": steps} if steps else {}
-        cfg = load_config(ROOT / "pipelines" / "configs" / "toy2d.yaml", {**overrides, **extra})
-        t0 = time.perf_counter()
-        toy, _ = toy2d.train(cfg, progress=False)
-        train_s = time.perf_counter() - t0
-        metrics, _ = toy.evaluate()
-        results[name] = {"overrides": overrides, **metrics, "train_seconds": train_s}
+        runs = [run_one(overrides, steps, seed) for seed in seeds]
+        mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+        spread = {k: (max(r[k] for r in runs) - min(r[k] for r in runs)) / 2 for k in COLUMNS}
+        results[name] = {"overrides": overrides, **mean, "spread": spread, "seeds": seeds, "runs": runs}
         print(name, {k: round(results[name][k], 4) for k in COLUMNS}, flush=True)
     return results
 
@@ -55,7 +68,8 @@ def table(results: dict) -> str:
     lines = ["| variant | energy distance | in mode | min mode share | max mode share | train s |",
              "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['energy_distance_student']:.4f} | {r['in_mode_fraction_student']:.3f} | "
+        lines.append(f"| {name} | {r['energy_distance_student']:.4f} | {r['in_mode_fraction_student']:.3f} "
+                     f"± {r['spread']['in_mode_fraction_student']:.3f} | "
                      f"{r['mode_share_min_student']:.3f} | {r['mode_share_max_student']:.3f} | "
                      f"{r['train_seconds']:.0f} |")
     lines.append(f"| teacher, {teacher['teacher_steps']} DDIM steps | {teacher['energy_distance_teacher']:.4f} | "
@@ -68,9 +82,22 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=None, help="iterations per variant (default: the config's)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
+    parser.add_argument("--explore", nargs="*", default=None, help="one ad-hoc variant: dotted key=value overrides")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    results = run(args.steps)
+    if args.explore is not None:
+        from dmdscale.config import parse_override
+
+        overrides = dict(map(parse_override, args.explore))
+        for seed in args.seeds:
+            line = {"overrides": overrides, "steps": args.steps, "seed": seed,
+                    **{k: v for k, v in run_one(overrides, args.steps, seed).items() if k in COLUMNS}}
+            with open(ROOT / "bench" / "results" / "toy2d_explore.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+            print(line, flush=True)
+        return
+    results = run(args.steps, args.seeds)
     payload = {"bench": "toy2d_ablations", "device": f"cpu ({platform.processor() or platform.machine()}, "
                f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "results": results}
     out = ROOT / "bench" / "results" / "toy2d_ablations.json"

@@ -120,9 +120,12 @@ class TrainConfig(_Section):
     max_steps: int = Field(2000, ge=1)
     batch_size: int = Field(256, ge=1)  # global, across workers
     ttur_ratio: int = Field(5, ge=1)  # critic updates per generator update
-    lr: float = Field(1e-4, gt=0)  # both generator and critic, as in the paper
+    lr: float = Field(1e-4, gt=0)  # the generator's, and the critic's unless critic_lr is set
+    critic_lr: float | None = Field(None, gt=0)  # None: lr (the paper sets both equal)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.01, ge=0)
+    # Linear LR warm-up over this many iterations for both players; the generator's clock
+    # counts iterations, not its own updates (the authors step its scheduler every iteration).
     warmup_steps: int = Field(500, ge=0)
     grad_clip: float = Field(10.0, gt=0)
     # bf16: autocast and DeepSpeed bf16 engines, and the frozen teacher stored in bf16.
@@ -130,6 +133,14 @@ class TrainConfig(_Section):
     # Recompute the generator's and fake score's activations in backward (UNet2DConditionModel).
     gradient_checkpointing: bool = False
     seed: int = 0
+    # Exponential moving averages of the generator's weights, one per decay (per generator
+    # update, warmed up as min(decay, (1 + k) / (10 + k))): kept in checkpoints, evaluated next
+    # to the raw weights; export.ema picks the one exported as the student.
+    ema_decays: list[float] = Field(default_factory=list)
+    # Start from another run: its folder (final student or latest checkpoint) or an exported
+    # student folder. Generator, critic and EMA weights are loaded where present; optimizer,
+    # LR warm-up and data position start afresh (a new stage with new settings).
+    init: str | None = None
     # Consecutive non-finite iterations tolerated (each is skipped) before the run stops.
     max_nonfinite_steps: int = Field(10, ge=0)
     log_every: int = Field(50, ge=1)
@@ -138,6 +149,15 @@ class TrainConfig(_Section):
     # Worker-group restarts Ray Train makes after a failure (each resumes from the latest
     # checkpoint) before the run fails: FailureConfig(max_failures).
     max_failures: int = Field(2, ge=0)
+
+    @field_validator("ema_decays")
+    @classmethod
+    def _check_decays(cls, v: list[float]) -> list[float]:
+        if any(not 0 < d < 1 for d in v):
+            raise ValueError(f"each decay must be in (0, 1), got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"decays must be distinct, got {v}")
+        return v
 
 
 class LossConfig(_Section):
@@ -148,9 +168,27 @@ class LossConfig(_Section):
     regression_metric: Literal["pseudo_huber", "mse"] = "pseudo_huber"
     regression_pairs: int = Field(1024, ge=1)
     regression_sampler_steps: int = Field(50, ge=2)
-    # DM loss noise levels: t ~ U{dm_min_step..dm_max_step} = [0.02 T, 0.98 T].
+    # DM loss noise levels: t in [dm_min_step, dm_max_step] = [0.02 T, 0.98 T], drawn by dm_timesteps.
     dm_min_step: int = Field(20, ge=0, le=999)
     dm_max_step: int = Field(980, ge=0, le=999)
+    # How noise levels are drawn within a range: "uniform" in t, or "karras": uniformly by index
+    # on EDM's sigma grid (rho 7, sigma 0.002..80) mapped onto this schedule's timesteps, which
+    # puts far more draws at low noise (the authors' pixel-space ImageNet code).
+    dm_timesteps: Literal["uniform", "karras"] = "uniform"
+    gan_timesteps: Literal["uniform", "karras"] = "uniform"
+    # Real and generated images are noised to t in [0, gan_max_step] before the discriminator
+    # (the authors' diffusion_gan_max_timestep); 0: clean images.
+    gan_max_step: int = Field(999, ge=0, le=999)
+    # When set, the generator's GAN weight is recomputed every generator update so that
+    # |w_g * d GAN / dx| = gan_grad_ratio * |d DM / dx| at the generator's output (gradient
+    # norms over the global batch); gan_generator_weight then only switches the term on.
+    gan_grad_ratio: float | None = Field(None, gt=0)
+    # The discriminator head on the fake score's bottleneck: "conv" (one strided conv + 1x1) or
+    # "full" (the authors': two full-width 4x4 stride-2 convs, then a 1x1 to one logit).
+    gan_head: Literal["conv", "full"] = "conv"
+    # Differentiable augmentation of real and generated discriminator inputs alike (DiffAugment:
+    # flip, shift, cutout) against discriminator overfitting on small data sets.
+    gan_augment: list[Literal["flip", "shift", "cutout"]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check_range(self) -> "LossConfig":
@@ -200,6 +238,9 @@ class ScaleConfig(_Section):
 
 class ExportConfig(_Section):
     """The exported student (DIR/student): always fp32 safetensors weights a stock diffusers loads."""
+
+    # The generator EMA exported as the student (one of train.ema_decays); None: the raw weights.
+    ema: float | None = None
 
     # Also fp16 weights beside them, loaded with from_pretrained(..., variant="fp16").
     fp16_variant: bool = False
@@ -303,6 +344,11 @@ class Config(_Section):
         if self.lora.enabled and not family.supports_lora:
             lora = ", ".join(name for name, f in FAMILIES.items() if f.supports_lora)
             raise ValueError(f"lora.enabled: LoRA applies to the {lora} families, not {self.model.family!r}")
+        if self.export.ema is not None and self.export.ema not in self.train.ema_decays:
+            raise ValueError(f"export.ema: {self.export.ema} is not one of train.ema_decays {self.train.ema_decays}")
+        if self.train.ema_decays and self.scale.zero_stage == 3:
+            raise ValueError("train.ema_decays: generator EMA needs whole weights on every rank; "
+                             "use scale.zero_stage 0-2 or leave train.ema_decays empty")
         if self.lora.enabled and self.rollout.mode == "actors":
             raise ValueError("rollout.mode: 'actors' publishes full UNet weights, not LoRA adapters; "
                              "use rollout.mode=inline with lora.enabled")

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dmdscale.config import Config
-from dmdscale.distributed.checkpoint import RunJournal, parse_fail_at_step
+from dmdscale.distributed.checkpoint import RunJournal, init_source, parse_fail_at_step
 from dmdscale.families import family_of
 from dmdscale.tracking import Tracker
 
@@ -27,11 +27,13 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
     """The whole run into `out`; returns metrics.json's figures. A sweep trial tags its MLflow
     run (`run_tags`) and follows the checkpoint evaluations as they land (`on_evaluation`)."""
     from dmdscale.distributed.launch import run_storage
-    from dmdscale.eval.plots import curves_from_log, plot_curves
+    from dmdscale.eval.plots import curves_from_log, plot_curves, plot_diagnostics
 
     family = family_of(cfg)
     fail_at_step = parse_fail_at_step(os.environ.get("DMDSCALE_FAIL_AT_STEP"))
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.init is not None:
+        init_source(cfg.train.init)  # a missing or wrong start folder fails here, before any work
     inputs = family.preflight(cfg)
     # Runs on Ray keep a journal beside their checkpoints: a rerun resumes an unfinished run of
     # the same config, and a changed config is an error here, before any work.
@@ -58,9 +60,11 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_curves(curves_from_log(trained.log, "loss_"), out / "losses.png")
         pictures = ["metrics.json", "samples.png", "losses.png"]
+        if plot_diagnostics(trained.log, out / "diagnostics.png") is not None:
+            pictures.append("diagnostics.png")
         if trained.evaluations is not None:  # FID over training: the checkpoints, then the final figure
             (out / "checkpoint_evaluations.json").write_text(json.dumps(trained.evaluations, indent=1, default=float))
-            final = {"step": cfg.train.max_steps, "fid_student": metrics["fid_student"]}
+            final = {"step": cfg.train.max_steps, **{k: v for k, v in metrics.items() if k.startswith("fid_student")}}
             plot_curves(curves_from_log([*trained.evaluations, final], "fid_student"), out / "fid.png")
             pictures.append("fid.png")
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},

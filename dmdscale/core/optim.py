@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -26,27 +26,43 @@ class OptimizedModule(Protocol):
     def zero_grad(self) -> None: ...
 
 
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """Constant learning rate after a linear warm-up (the paper: 500 steps)."""
-    return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+Role = Literal["generator", "critic"]
 
 
-def warmup_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning-rate schedule of every trainable module, plain or DeepSpeed."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_factor, warmup_steps=warmup_steps))
+def warmup_factor(update: int, warmup_steps: int, iterations_per_update: int = 1) -> float:
+    """Constant learning rate after a linear warm-up over `warmup_steps` iterations (the paper:
+    500). A player updated every `iterations_per_update` iterations makes its update k at
+    iteration k * iterations_per_update, so its warm-up runs on the iteration clock."""
+    if warmup_steps == 0:
+        return 1.0
+    return min(1.0, (update * iterations_per_update + 1) / warmup_steps)
+
+
+def learning_rate(train: TrainConfig, role: Role) -> float:
+    return train.critic_lr if role == "critic" and train.critic_lr is not None else train.lr
+
+
+def warmup_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, role: Role
+                        ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of every trainable module, plain or DeepSpeed: the generator
+    updates once every ttur_ratio iterations, the critic every iteration."""
+    per_update = train.ttur_ratio if role == "generator" else 1
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        warmup_factor, warmup_steps=train.warmup_steps, iterations_per_update=per_update))
 
 
 class TorchOptimizedModule:
-    """AdamW (betas, weight decay from config), linear warm-up, gradient-norm clipping.
+    """AdamW (betas, weight decay from config; the role's learning rate), linear warm-up on the
+    iteration clock, gradient-norm clipping.
     A step whose gradient norm is not finite is skipped, never applied."""
 
-    def __init__(self, module: nn.Module, cfg: TrainConfig):
+    def __init__(self, module: nn.Module, cfg: TrainConfig, *, role: Role):
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+            self.params, lr=learning_rate(cfg, role), betas=cfg.betas, weight_decay=cfg.weight_decay
         )
-        self.scheduler = warmup_lr_scheduler(self.optimizer, cfg.warmup_steps)
+        self.scheduler = warmup_lr_scheduler(self.optimizer, cfg, role)
         self.grad_clip = cfg.grad_clip
 
     def backward(self, loss: Tensor) -> None:

@@ -6,7 +6,7 @@ x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps. Conversions between a network's na
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -41,6 +41,24 @@ class NoiseSchedule(nn.Module):
     def ddpm(cls, beta_schedule: str = "linear", num_train_timesteps: int = 1000, **kw: Any):
         return cls(dict(DDPMScheduler(num_train_timesteps=num_train_timesteps,
                                       beta_schedule=beta_schedule, **kw).config))
+
+    @property
+    def sigmas(self) -> Tensor:
+        """sigma_t = sqrt((1 - abar_t) / abar_t): the noise-to-signal ratio of x_t / sqrt(abar_t)
+        (EDM's sigma), increasing in t (float64)."""
+        return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    def karras_timesteps(self, n: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                         rho: float = 7.0) -> Tensor:
+        """EDM's sigma grid (Karras et al. 2022, rho 7), each point mapped to the timestep of this
+        schedule with the nearest sigma (in log sigma): n timesteps, ascending, with repeats where
+        the grid is denser than the schedule. Drawing uniformly by index from it is the noise-level
+        distribution of the authors' pixel-space ImageNet code, on a VP model."""
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64, device=self.alphas_cumprod.device)
+        lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        grid = (lo + ramp * (hi - lo)) ** rho
+        distance = (self.sigmas.log()[None, :] - grid.log()[:, None]).abs()
+        return distance.argmin(dim=1)
 
     def _coeffs(self, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
         abar = self.alphas_cumprod[t.long()].to(torch.float32)
@@ -86,3 +104,36 @@ class NoiseSchedule(nn.Module):
         )
         sampler.set_timesteps(num_inference_steps)
         return sampler
+
+
+class TimestepSampler(nn.Module):
+    """Draws noise levels within a timestep range [low, high]: uniformly in t ("uniform"), or
+    uniformly by index on the Karras sigma grid mapped onto the schedule ("karras").
+
+    Both are a table of timesteps drawn from uniformly by index (uniform: every timestep once),
+    so a range keeps the table's entries inside it. `draw` takes a function `randint(high, n)`
+    for its random indices, so the caller's random stream (e.g. a NoiseStream) decides them.
+    """
+
+    KINDS = ("uniform", "karras")
+
+    def __init__(self, schedule: NoiseSchedule, kind: str = "uniform"):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"timestep sampler must be one of {self.KINDS}, got {kind!r}")
+        self.kind = kind
+        T = schedule.num_train_timesteps
+        table = torch.arange(T) if kind == "uniform" else schedule.karras_timesteps().cpu()
+        self.register_buffer("table", table.long(), persistent=False)
+
+    def within(self, low: int, high: int) -> Tensor:
+        """The table's timesteps in [low, high]; the nearest one when none falls inside."""
+        inside = self.table[(self.table >= low) & (self.table <= high)]
+        if len(inside) == 0:  # a narrow range between two grid points
+            nearest = (self.table - (low + high) / 2).abs().argmin()
+            inside = self.table[nearest:nearest + 1]
+        return inside
+
+    def draw(self, low: int, high: int, n: int, randint: Callable[[int, int], Tensor]) -> Tensor:
+        inside = self.within(low, high)
+        return inside[randint(len(inside), n).to(inside.device)]

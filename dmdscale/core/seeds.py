@@ -48,3 +48,9 @@ def regression_pairs(seed: int) -> int:
 def toy_teacher_fit(seed: int) -> int:
     """toy2d: fitting the MLP teacher network to the exact denoiser."""
     return seed + 17
+
+
+def gan_augmentation(seed: int, step: int, rank: int) -> int:
+    """Iteration `step`'s augmentation of the discriminator's inputs on `rank` (each rank its own
+    samples' draws; a pure function so a resumed run draws the same)."""
+    return (seed * 3_000_017 + step * 104_729 + rank * 7 + 20_000_003) % _MOD

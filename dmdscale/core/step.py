@@ -4,9 +4,15 @@ Iteration `step`:
   1. The generator produces x = G(x_in, t_in, c) from its training input (backward simulation
      for multi-step students, pure noise for one step); with gradients only on generator turns.
   2. Generator turn (step % ttur_ratio == 0): minimise dm_loss + w_g * gan_g + w_r * regression,
-     with the critic's parameters frozen (its forward sits inside the generator's backward).
+     with the critic's parameters frozen (its forward sits inside the generator's backward);
+     then the generator EMAs, if any, take the new weights in.
   3. Every iteration: the critic (fake score + head) minimises denoising loss on x.detach()
      + w_d * GAN discriminator loss on real vs generated, in one backward and one optimizer.
+The discriminator sees real and generated images augmented alike (loss.gan_augment) and
+noised to t <= loss.gan_max_step; DM and GAN noise levels are drawn by loss.dm_timesteps /
+loss.gan_timesteps. Every log step adds diagnostics: by noise level, the teacher/fake-score x0
+gap and the discriminator's mean probabilities; every generator turn with the GAN on, the
+gradient norms of both terms at the generator's output.
 Non-finite losses are detected before backward (agreed across ranks by `sync_flag`), reported
 in the metrics and skipped.
 """
@@ -22,9 +28,12 @@ from torch import Tensor
 
 from dmdscale.config import Config
 from dmdscale.core import seeds
+from dmdscale.core.augment import augment
+from dmdscale.core.ema import GeneratorEMA
 from dmdscale.core.losses import denoising_loss, dm_loss, gan_critic_loss, gan_generator_loss, regression_loss
 from dmdscale.core.optim import OptimizedModule
 from dmdscale.core.sampling import NoiseStream, backward_simulate, draw_k, simulation_seed, teacher_sample
+from dmdscale.core.schedule import TimestepSampler
 from dmdscale.models.base import Cond, Critic, Denoiser, requires_grad
 
 
@@ -68,7 +77,8 @@ class DMD2Step:
 
     def __init__(self, cfg: Config, teacher: Denoiser, generator_opt: OptimizedModule,
                  critic_opt: OptimizedModule, *, regression_pairs: RegressionPairs | None = None,
-                 sync_flag: Callable[[bool], bool] = lambda ok: ok, rank: int = 0, world_size: int = 1,
+                 ema: GeneratorEMA | None = None, sync_flag: Callable[[bool], bool] = lambda ok: ok,
+                 sync_sum: Callable[[Tensor], Tensor] = lambda x: x, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.teacher = teacher.eval().requires_grad_(False)
@@ -77,15 +87,21 @@ class DMD2Step:
         self.generator_opt = generator_opt
         self.critic_opt = critic_opt
         self.regression_pairs = regression_pairs
-        self.sync_flag = sync_flag
+        self.ema = ema  # updated after every applied generator update
+        self.sync_flag, self.sync_sum = sync_flag, sync_sum  # across ranks: all agree / sum
         self.device = torch.device(device)
         self.schedule = teacher.schedule
         self.T = self.schedule.num_train_timesteps
+        lc = cfg.loss
+        self.dm_timesteps = TimestepSampler(self.schedule, lc.dm_timesteps).to(self.device)
+        self.gan_timesteps = TimestepSampler(self.schedule, lc.gan_timesteps).to(self.device)
+        self.gan_on_generator = lc.gan_generator_weight > 0 or lc.gan_grad_ratio is not None
         self.rank, self.world_size = rank, world_size
         # Every rank draws this rank's rows of one global stream, so a global batch gets the
         # same noise however it is split over workers. Backward-simulation noise is seeded per
         # iteration (simulation_seed), apart from the training noise, so the generator's input
         # is never correlated with it and a rollout actor can reproduce it exactly.
+        self.augment_rng = torch.Generator(self.device)  # re-seeded every iteration
         self.rng = NoiseStream(torch.Generator(self.device).manual_seed(seeds.training_noise(cfg.train.seed)), rank, world_size)
 
     # -- helpers ------------------------------------------------------------------------
@@ -99,6 +115,9 @@ class DMD2Step:
 
     def _randint(self, low: int, high: int, n: int) -> Tensor:
         return self.rng.randint(low, high, n, self.device)
+
+    def _randindex(self, high: int, n: int) -> Tensor:
+        return self._randint(0, high, n)
 
     def simulation_rng(self, step: int) -> NoiseStream:
         """The backward-simulation noise of iteration `step` (what a rollout actor is given)."""
@@ -132,21 +151,37 @@ class DMD2Step:
     # -- the iteration ----------------------------------------------------------------------
     def __call__(self, batch: Batch, step: int) -> dict[str, float]:
         update_generator = step % self.cfg.train.ttur_ratio == 0
+        diagnose = step % self.cfg.train.log_every == 0
         x_in, t_in = self.generator_input(batch, step)
+        # This iteration's augmentation draws (each gan_input call takes fresh ones from it).
+        self.augment_rng = torch.Generator(self.device).manual_seed(
+            seeds.gan_augmentation(self.cfg.train.seed, step, self.rank))
         with torch.set_grad_enabled(update_generator), self._autocast():
             x = self.generator(x_in, t_in, batch.cond)
         metrics: dict[str, float] = {"generator_updated": float(update_generator)}
         if update_generator:
-            metrics |= self.update_generator(x, batch)
-        metrics |= self.update_critic(x.detach(), batch)
+            metrics |= self.update_generator(x, batch, diagnose)
+        metrics |= self.update_critic(x.detach(), batch, diagnose)
         return metrics
 
-    def update_generator(self, x: Tensor, batch: Batch) -> dict[str, float]:
+    def gan_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(the discriminator's input, its timesteps): x augmented (loss.gan_augment), then
+        noised to t in [0, loss.gan_max_step] (0: the clean image at t = 0)."""
         lc, n = self.cfg.loss, len(x)
+        if lc.gan_augment:
+            x = augment(x, lc.gan_augment, self.augment_rng)
+        if lc.gan_max_step == 0:
+            return x, torch.zeros(n, dtype=torch.long, device=x.device)
+        t = self.gan_timesteps.draw(0, min(lc.gan_max_step, self.T - 1), n, self._randindex)
+        return self.schedule.add_noise(x, self._randn(x), t), t
+
+    def update_generator(self, x: Tensor, batch: Batch, diagnose: bool = False) -> dict[str, float]:
+        lc, n = self.cfg.loss, len(x)
+        metrics: dict[str, float] = {}
         # The GAN term runs the critic inside the generator's backward: keep the critic's
         # parameters out of that graph (also required by ZeRO-3 with two engines).
         with requires_grad(self.critic, False), self._autocast():
-            t = self._randint(lc.dm_min_step, lc.dm_max_step + 1, n)
+            t = self.dm_timesteps.draw(lc.dm_min_step, lc.dm_max_step, n, self._randindex)
             x_t = self.schedule.add_noise(x.detach(), self._randn(x), t)
             with torch.no_grad():
                 x0_real = self.teacher(x_t, t, batch.cond, lc.guidance_scale)
@@ -154,17 +189,47 @@ class DMD2Step:
             # dm_loss's nan_to_num guards 0/0 only; a score network emitting NaN/inf must
             # not be masked by it, so its outputs count towards the finiteness check.
             scores_finite = bool(torch.isfinite(x0_real).all() and torch.isfinite(x0_fake).all())
+            if diagnose:
+                gap = (x0_real.float() - x0_fake.float()).abs().flatten(1).mean(1)
+                metrics |= by_noise_level("diag_x0_gap", gap, self.schedule.sigmas[t])
             losses = {"loss_dm": dm_loss(x, x0_real, x0_fake)}
-            total = losses["loss_dm"]
-            if lc.gan_generator_weight > 0:
-                t_gan = self._randint(0, self.T, n)
-                logits = self.critic(self.schedule.add_noise(x, self._randn(x), t_gan), t_gan, batch.cond)
-                losses["loss_gan_generator"] = gan_generator_loss(logits)
-                total = total + lc.gan_generator_weight * losses["loss_gan_generator"]
+            objective, total = losses["loss_dm"], losses["loss_dm"].detach()
+            if self.gan_on_generator:
+                x_gan, t_gan = self.gan_input(x)
+                losses["loss_gan_generator"] = gan_generator_loss(self.critic(x_gan, t_gan, batch.cond))
+                objective, weight, norms = self._gan_generator_objective(x, losses)
+                total = total + weight * losses["loss_gan_generator"].detach()
+                metrics |= norms
             if lc.regression_weight > 0 and self.regression_pairs is not None:
                 losses["loss_regression"] = self._regression(n)
-                total = total + lc.regression_weight * losses["loss_regression"]
-            return self._apply(self.generator_opt, total, losses, "generator", scores_finite)
+                objective = objective + lc.regression_weight * losses["loss_regression"]
+                total = total + lc.regression_weight * losses["loss_regression"].detach()
+            metrics |= self._apply(self.generator_opt, objective, losses, "generator", scores_finite, total)
+        if self.ema is not None and metrics["nonfinite_generator"] == 0:
+            self.ema.update()
+        return metrics
+
+    def _gan_generator_objective(self, x: Tensor, losses: dict[str, Tensor]) -> tuple[Tensor, float, dict[str, float]]:
+        """(a loss whose gradient at x is d DM/dx + w_g d GAN/dx, w_g, gradient-norm metrics).
+
+        The two terms' gradients at the generator's output are taken apart (the GAN one through
+        the critic, once) so their norms can be logged and, with loss.gan_grad_ratio, the GAN
+        weight set from them; the generator's own backward then starts from their sum.
+        """
+        lc = self.cfg.loss
+        g_dm, = torch.autograd.grad(losses["loss_dm"], x, retain_graph=True)  # x.grad_fn stays for the backward
+        g_gan, = torch.autograd.grad(losses["loss_gan_generator"], x, retain_graph=True)
+        # Squared norms summed over ranks: the norms of the global batch's gradients (up to the
+        # same 1 / world factor), so every rank computes the same weight.
+        squares = self.sync_sum(torch.stack([g_dm.float().pow(2).sum(), g_gan.float().pow(2).sum()]))
+        norm_dm, norm_gan = (float(v) for v in squares.clamp_min(0).sqrt())
+        weight = lc.gan_generator_weight
+        if lc.gan_grad_ratio is not None:
+            weight = lc.gan_grad_ratio * norm_dm / norm_gan if norm_gan > 0 and math.isfinite(norm_dm / norm_gan) else 0.0
+        grad = (g_dm + weight * g_gan).detach()
+        objective = (x.float() * grad.float()).sum()  # d/dx = grad: the generator backward starts here
+        return objective, weight, {"gan_weight": weight, "grad_norm_dm_x": norm_dm,
+                                   "grad_norm_gan_x": weight * norm_gan}
 
     def _regression(self, n: int) -> Tensor:
         pairs = self.regression_pairs
@@ -173,7 +238,7 @@ class DMD2Step:
         pred = self.generator(pairs.noise[idx], t0, _index_cond(pairs.cond, idx))
         return regression_loss(pred, pairs.target[idx], self.cfg.loss.regression_metric)
 
-    def update_critic(self, x_fake: Tensor, batch: Batch) -> dict[str, float]:
+    def update_critic(self, x_fake: Tensor, batch: Batch, diagnose: bool = False) -> dict[str, float]:
         lc, n = self.cfg.loss, len(x_fake)
         fake_score = self.critic.fake_score
         with self._autocast():
@@ -185,29 +250,51 @@ class DMD2Step:
             total = losses["loss_fake_score"]
             extra: dict[str, float] = {}
             if lc.gan_critic_weight > 0:
-                real = batch.images
-                t_fake, t_real = self._randint(0, self.T, n), self._randint(0, self.T, len(real))
-                fake_logits = self.critic(self.schedule.add_noise(x_fake, self._randn(x_fake), t_fake),
-                                           t_fake, batch.cond)
-                real_logits = self.critic(self.schedule.add_noise(real, self._randn(real), t_real),
-                                           t_real, batch.cond)
+                fake_in, t_fake = self.gan_input(x_fake)
+                real_in, t_real = self.gan_input(batch.images)
+                fake_logits = self.critic(fake_in, t_fake, batch.cond)
+                real_logits = self.critic(real_in, t_real, batch.cond)
                 losses["loss_gan_critic"] = gan_critic_loss(real_logits, fake_logits)
                 total = total + lc.gan_critic_weight * losses["loss_gan_critic"]
                 extra = {"logits_real": float(real_logits.detach().float().mean()),
                          "logits_fake": float(fake_logits.detach().float().mean())}
+                if diagnose:  # the discriminator's mean probability of "real", by noise level
+                    extra |= by_noise_level("diag_d_real", torch.sigmoid(real_logits.detach().float()),
+                                            self.schedule.sigmas[t_real])
+                    extra |= by_noise_level("diag_d_fake", torch.sigmoid(fake_logits.detach().float()),
+                                            self.schedule.sigmas[t_fake])
             return self._apply(self.critic_opt, total, losses, "critic") | extra
 
-    def _apply(self, target: OptimizedModule, total: Tensor, losses: dict[str, Tensor],
-               name: str, inputs_finite: bool = True) -> dict[str, float]:
-        """Backward and step unless the loss is non-finite on any rank; report either way."""
+    def _apply(self, target: OptimizedModule, objective: Tensor, losses: dict[str, Tensor],
+               name: str, inputs_finite: bool = True, total: Tensor | None = None) -> dict[str, float]:
+        """Backward `objective` and step unless the loss (`total`, default the objective) is
+        non-finite on any rank; report either way."""
+        total = objective if total is None else total
         finite = self.sync_flag(inputs_finite and bool(torch.isfinite(total.detach())))
         metrics = {k: float(v.detach()) for k, v in losses.items()}
         metrics[f"nonfinite_{name}"] = float(not finite)
         if not finite:
             target.zero_grad()
             return metrics
-        target.backward(total)
+        target.backward(objective)
         norm = target.step()  # a non-finite gradient norm is skipped by the optimizer wrapper
         metrics[f"grad_norm_{name}"] = norm
         metrics[f"nonfinite_{name}"] = float(not math.isfinite(norm))
         return metrics
+
+
+# Noise-level buckets of the diagnostics, in sigma = sqrt((1 - abar) / abar): nearly clean,
+# fine detail, coarse structure, mostly noise.
+SIGMA_BUCKETS = ((0.0, 0.1), (0.1, 0.5), (0.5, 2.0), (2.0, math.inf))
+
+
+def by_noise_level(name: str, values: Tensor, sigmas: Tensor) -> dict[str, float]:
+    """Mean of per-sample `values` in each sigma bucket that holds samples:
+    {"<name>_sigma_<lo>-<hi>": mean}."""
+    out = {}
+    sigmas = sigmas.to(values.device)
+    for lo, hi in SIGMA_BUCKETS:
+        inside = (sigmas >= lo) & (sigmas < hi)
+        if inside.any():
+            out[f"{name}_sigma_{lo:g}-{hi:g}"] = float(values[inside].mean())
+    return out

@@ -105,6 +105,70 @@ def load_training_state(directory: str | Path, modules: dict[str, Checkpointable
     return state, load_file(directory / f"rng_rank{rank}.safetensors")
 
 
+class EMACheckpoint:
+    """The generator EMAs as a checkpoint part: every rank holds the same averages (ZeRO 0-2
+    keep whole weights on each), so rank 0 writes them and every rank reads them back."""
+
+    def __init__(self, ema: Any, rank: int):
+        self.ema, self.rank = ema, rank
+
+    def save(self, directory: str | Path, tag: str) -> None:
+        if self.rank == 0:
+            save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()}, Path(directory) / f"{tag}.safetensors")
+
+    def load(self, directory: str | Path, tag: str) -> None:
+        self.ema.load_state_dict(load_file(Path(directory) / f"{tag}.safetensors"))
+
+
+# -- stages: what a next run starts from (train.init) -------------------------------------------
+STAGE_DIR = "stage"  # in the final checkpoint and the run folder
+STAGE_PARTS = ("generator", "critic", "ema")
+
+
+def save_stage(folder: str | Path, weights: dict[str, dict[str, Tensor] | None]) -> Path:
+    """folder/stage/<part>.safetensors for the parts given (generator: the raw trained weights;
+    critic: fake score + head; ema: the averages): a later run's `train.init`."""
+    stage = Path(folder) / STAGE_DIR
+    stage.mkdir(parents=True, exist_ok=True)
+    for part, state in weights.items():
+        if state is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, stage / f"{part}.safetensors")
+    return stage
+
+
+def init_source(path: str | Path) -> tuple[str, Path]:
+    """What `train.init` points at: ("stage", folder) for a run folder or its stage/ folder,
+    ("student", folder) for an exported student (generator weights only). A clear error
+    naming the key otherwise: checked on the driver before any cluster work."""
+    from dmdscale.export import STUDENT_DIR, STUDENT_INFO
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"train.init: {folder} is not a folder (give a run folder or an exported student)")
+    for candidate in (folder, folder / STAGE_DIR):
+        if (candidate / "generator.safetensors").is_file():
+            return "stage", candidate
+    for candidate in (folder, folder / STUDENT_DIR):
+        if (candidate / STUDENT_INFO).is_file():
+            return "student", candidate
+    raise ConfigError(f"train.init: {folder} holds neither a stage/ (written by every finished run) nor an "
+                      f"exported student ({STUDENT_INFO})")
+
+
+def load_stage(path: str | Path) -> dict[str, dict[str, Tensor]]:
+    """The weights `train.init` starts from, by part (generator, and critic and ema when the
+    source has them). An exported student's UNet is read as the generator's `unet.` weights."""
+    kind, folder = init_source(path)
+    if kind == "student":
+        unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        if not unet.is_file():
+            raise ConfigError(f"train.init: {folder} has no unet/diffusion_pytorch_model.safetensors; start from "
+                              f"the run folder instead (its stage/ holds the generator, critic and EMA)")
+        return {"generator": {f"unet.{k}": v for k, v in load_file(unet).items()}}
+    return {part: load_file(folder / f"{part}.safetensors") for part in STAGE_PARTS
+            if (folder / f"{part}.safetensors").is_file()}
+
+
 class InjectedFailure(RuntimeError):
     """Raised once by rank 0 at DMDSCALE_FAIL_AT_STEP, to rehearse recovery."""
 

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from dmdscale.config import ScaleConfig, TrainConfig
-from dmdscale.core.optim import warmup_lr_scheduler
+from dmdscale.core.optim import Role, learning_rate, warmup_lr_scheduler
 
 
-def deepspeed_config(train: TrainConfig, scale: ScaleConfig, micro_batch: int) -> dict[str, Any]:
+def deepspeed_config(train: TrainConfig, scale: ScaleConfig, micro_batch: int, role: Role) -> dict[str, Any]:
     """The DeepSpeed JSON config for one trainable module (AdamW, clipping, ZeRO). The warm-up
     is the plain path's (`warmup_lr_scheduler`), handed to DeepSpeed as a client scheduler."""
     zero: dict[str, Any] = {"stage": scale.zero_stage}
@@ -32,7 +32,7 @@ def deepspeed_config(train: TrainConfig, scale: ScaleConfig, micro_batch: int) -
         "optimizer": {
             "type": "AdamW",
             # torch_adam: torch's AdamW instead of compiling DeepSpeed's fused kernel (~45 s on CPU).
-            "params": {"lr": train.lr, "betas": list(train.betas), "weight_decay": train.weight_decay,
+            "params": {"lr": learning_rate(train, role), "betas": list(train.betas), "weight_decay": train.weight_decay,
                        "torch_adam": True},
         },
         "gradient_clipping": train.grad_clip,
@@ -70,17 +70,17 @@ def load_weights_only(path: str | Path, map_location: Any = None) -> Any:
 class DeepSpeedOptimizedModule:
     """A module trained by a DeepSpeed engine; same interface as TorchOptimizedModule."""
 
-    def __init__(self, module: nn.Module, train: TrainConfig, scale: ScaleConfig, micro_batch: int):
+    def __init__(self, module: nn.Module, train: TrainConfig, scale: ScaleConfig, micro_batch: int, *, role: Role):
         import deepspeed
 
         if not torch.distributed.is_initialized():
             ensure_single_process_env()
         params = [p for p in module.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=params, config=deepspeed_config(train, scale, micro_batch),
+            model=module, model_parameters=params, config=deepspeed_config(train, scale, micro_batch, role),
             # The same schedule as one plain process. DeepSpeed's WarmupLR starts at warmup_min_lr
             # for two optimizer steps, which made each engine's first two updates no-ops.
-            lr_scheduler=functools.partial(warmup_lr_scheduler, warmup_steps=train.warmup_steps),
+            lr_scheduler=functools.partial(warmup_lr_scheduler, train=train, role=role),
             dist_init_required=not torch.distributed.is_initialized(),
         )
         self.module = self.engine.module

@@ -4,11 +4,12 @@ The driver starts an `EvaluationPool` before training and hands it (it pickles: 
 of actor handles) to the Ray Train workers. At each checkpoint rank 0 calls `pool.submit(step,
 state_dict)`: the weights go into the object store once, an actor acknowledges them as soon
 as they sit in its own queue, and a background thread in that actor evaluates them later:
-`eval.num_samples` student samples with the final evaluation's labels and seed, FID against
-the held-out images with the final evaluation's extractor, class accuracy when that extractor
-is the digit classifier, all logged to the driver's MLflow run at the checkpoint's step under
-the final evaluation's names (`fid_student`, `class_accuracy_student`), so checkpoints and the
-final figure form one curve; plus a 10-per-class sample grid under `eval_grids/`.
+`eval.num_samples` student samples with the final evaluation's labels and seed, FID and KID
+against the held-out images with the final evaluation's extractor, class accuracy when that
+extractor is the digit classifier, all logged to the driver's MLflow run at the checkpoint's
+step under the final evaluation's names (`fid_student`, `kid_student`, `class_accuracy_student`),
+so checkpoints and the final figure form one curve; plus a 10-per-class sample grid under
+`eval_grids/`.
 
 Training never waits for an evaluation; after training the driver calls `pool.drain()`, which
 waits for every queued evaluation, then `pool.shutdown()`. Tracking failures are warnings, a
@@ -73,33 +74,22 @@ class CheckpointEvaluator:
         self.extractor = extractor
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.sink = MlflowSink(tracking_uri, run_id)  # its calls never raise
-        self.workdir = Path(tempfile.gettempdir())  # compute_fid makes and removes its own folder
+        self.workdir = Path(tempfile.gettempdir())  # compute_fid_kid makes and removes its own folder
 
-    def evaluate(self, step: int, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """{step, fid_student, class_accuracy_student (None without a classifier), the sample
-        quality figures of `sample_quality_of` (`swd_pixels_student`, `recall_classifier_student`,
-        ...), seconds}, with `error` instead of figures if the evaluation raised, and `tracking_error` if
-        logging failed (the figures are still returned)."""
-        from dmdscale.eval.metrics import (
-            DigitClassifier,
-            class_accuracy,
-            compute_fid,
-            sample_quality_of,
-            sample_student,
-        )
-
+    def evaluate(self, step: int, state_dict: dict[str, torch.Tensor],
+                 averages: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+        """{step, fid_student, kid_student, class_accuracy_student (None without a classifier),
+        the sample quality figures of `sample_quality_of` (`swd_pixels_student`,
+        `recall_classifier_student`, ...), seconds}, with `error` instead of figures if the
+        evaluation raised, and `tracking_error` if logging failed (the figures are still returned).
+        Each of `averages` (e.g. {"ema_0.97": weights}) adds the same figures as `*_student_<name>`."""
         t0 = time.perf_counter()
-        result: dict[str, Any] = {"step": int(step), "fid_student": None, "class_accuracy_student": None}
+        result: dict[str, Any] = {"step": int(step), "fid_student": None, "kid_student": None,
+                                  "class_accuracy_student": None}
         try:
-            self.model.load_state_dict(state_dict)
-            spec = self.spec
-            images = sample_student(self.model, spec["timesteps"], spec["labels"], spec["shape"],
-                                    spec["seed"], self.device, desc=f"evaluate step {step}")
-            result["fid_student"] = compute_fid(images, self.real, self.extractor, self.workdir)
-            classifier = self.extractor if isinstance(self.extractor, DigitClassifier) else None
-            if classifier is not None:
-                result["class_accuracy_student"] = class_accuracy(classifier, images, spec["labels"])
-            result |= sample_quality_of("student", self.real, images, classifier, spec["seed"])
+            images = self._figures("student", state_dict, step, result)
+            for name, weights in (averages or {}).items():
+                self._figures(f"student_{name}", weights, step, result)
         except Exception as exc:  # reported in the result; the actor goes on with the next one
             result["error"] = f"{type(exc).__name__}: {exc}"
             result["seconds"] = time.perf_counter() - t0
@@ -110,6 +100,27 @@ class CheckpointEvaluator:
             result["tracking_error"] = "; ".join(problems)
         result["seconds"] = time.perf_counter() - t0
         return result
+
+    def _figures(self, who: str, state_dict: dict[str, torch.Tensor], step: int, result: dict[str, Any]) -> np.ndarray:
+        """Sample `state_dict`'s student and add `who`'s figures to `result`; its images."""
+        from dmdscale.eval.metrics import (
+            DigitClassifier,
+            class_accuracy,
+            compute_fid_kid,
+            sample_quality_of,
+            sample_student,
+        )
+
+        self.model.load_state_dict(state_dict)
+        spec = self.spec
+        images = sample_student(self.model, spec["timesteps"], spec["labels"], spec["shape"],
+                                spec["seed"], self.device, desc=f"evaluate step {step}: {who}")
+        result[f"fid_{who}"], result[f"kid_{who}"] = compute_fid_kid(images, self.real, self.extractor, self.workdir)
+        classifier = self.extractor if isinstance(self.extractor, DigitClassifier) else None
+        if classifier is not None:
+            result[f"class_accuracy_{who}"] = class_accuracy(classifier, images, spec["labels"])
+        result |= sample_quality_of(who, self.real, images, classifier, spec["seed"])
+        return images
 
     def _log(self, step: int, result: dict[str, Any], images: np.ndarray) -> list[str]:
         """Metrics at `step` and the sample grid into the MLflow run; failures are returned,
@@ -167,11 +178,15 @@ class _EvaluationActor:
     def ready(self) -> dict[str, Any]:
         return {"actor": self.index, "device": str(self.device), "threads": torch.get_num_threads()}
 
-    def submit(self, step: int, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Queue weights for evaluation and return at once (an acknowledgement, not a result).
-        A step already queued, in progress or evaluated without error is not queued again
-        (a restarted rank 0 may resubmit the checkpoint it resumed from)."""
-        weights = {k: v.detach().clone() for k, v in state_dict.items()}
+    def submit(self, step: int, state_dict: dict[str, torch.Tensor],
+               averages: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+        """Queue weights (and the generator's averages) for evaluation and return at once (an
+        acknowledgement, not a result). A step already queued, in progress or evaluated without
+        error is not queued again (a restarted rank 0 may resubmit the checkpoint it resumed from)."""
+        def owned(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.detach().clone() for k, v in sd.items()}
+
+        weights = (owned(state_dict), {name: owned(sd) for name, sd in (averages or {}).items()})
         with self._cond:
             done = {r["step"] for r in self._results if "error" not in r}
             duplicate = step == self._busy or step in done or any(s == step for s, _ in self._queue)
@@ -205,7 +220,7 @@ class _EvaluationActor:
                 self._busy = step
             result: dict[str, Any] = {"step": step}
             try:
-                result = self.evaluator.evaluate(step, weights) | {"actor": self.index}
+                result = self.evaluator.evaluate(step, *weights) | {"actor": self.index}
             except BaseException as exc:  # evaluate reports its own errors; this is a last guard
                 result |= {"actor": self.index, "error": f"{type(exc).__name__}: {exc}"}
             finally:
@@ -272,8 +287,10 @@ class EvaluationPool:
     def __len__(self) -> int:
         return len(self._actors)
 
-    def submit(self, step: int, state_dict: dict[str, torch.Tensor]) -> dict[str, Any] | None:
-        """Queue a checkpoint's full student state_dict for evaluation at `step`.
+    def submit(self, step: int, state_dict: dict[str, torch.Tensor],
+               averages: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any] | None:
+        """Queue a checkpoint's full student state_dict (and the generator's averages by name,
+        e.g. {"ema_0.97": ...}) for evaluation at `step`.
 
         Puts a CPU copy into the object store once and hands it to the next actor (round
         robin), waiting only for its acknowledgement (up to `ack_timeout` s), never for the
@@ -287,8 +304,13 @@ class EvaluationPool:
         index = self._next % len(self._actors)
         self._next += 1
         try:
-            weights = ray.put({k: v.detach().cpu() for k, v in state_dict.items()})
-            ack = self._actors[index].submit.remote(int(step), weights)  # top level: the actor gets the dict
+            def cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                return {k: v.detach().cpu() for k, v in sd.items()}
+
+            weights = ray.put(cpu(state_dict))
+            extra = ray.put({name: cpu(sd) for name, sd in (averages or {}).items()})
+            # top level: the actor gets the dicts themselves
+            ack = self._actors[index].submit.remote(int(step), weights, extra)
             return ray.get(ack, timeout=self.ack_timeout)
         except ray.exceptions.GetTimeoutError:
             _warn(f"evaluation actor {index} did not acknowledge the checkpoint at step {step} within "
@@ -304,8 +326,8 @@ class EvaluationPool:
     def drain(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """Wait until every queued evaluation has finished; all results, sorted by step.
 
-        Each result is {step, fid_student, class_accuracy_student, seconds, actor} (figures
-        None when not computed), plus `error` if the evaluation failed and `tracking_error`
+        Each result is {step, fid_student, kid_student, class_accuracy_student, seconds, actor}
+        (figures None when not computed), plus `error` if the evaluation failed and `tracking_error`
         if MLflow logging failed. With a `timeout` (s), evaluations still running then are
         left out with a warning. A dead actor's results are lost (with a warning); what it
         had logged stays in MLflow.

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dmdscale.config import Config
+from dmdscale.distributed.checkpoint import STAGE_DIR
 from dmdscale.distributed.resources import worker_resources
-from dmdscale.distributed.worker import TRAIN_LOG, TRAIN_METRICS, train_worker
+from dmdscale.distributed.worker import ALTERNATES_DIR, TRAIN_LOG, TRAIN_METRICS, train_worker
 
 
 def run_storage(cfg: Config, out: Path) -> tuple[str, str]:
@@ -27,8 +28,9 @@ def fit_on_ray(cfg: Config, train_data: Any, teacher_path: str | Path, out: Path
     """Ray Train workers running DMD2 under DeepSpeed over the `train_data` stream.
 
     A run restarted with the same name and storage resumes from its latest checkpoint. Copies
-    `student_parts` (what the family's `save_student` wrote) and rank 0's log (TRAIN_LOG) from
-    the final checkpoint into `out`, and returns the workers' final metrics.
+    `student_parts` (what the family's `save_student` wrote), the other weights' students
+    (ALTERNATES_DIR), what a next stage starts from (STAGE_DIR) and rank 0's log (TRAIN_LOG)
+    from the final checkpoint into `out`, and returns the workers' final metrics.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -50,7 +52,7 @@ def fit_on_ray(cfg: Config, train_data: Any, teacher_path: str | Path, out: Path
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt:
-        for part in (*student_parts, TRAIN_LOG):
+        for part in (*student_parts, ALTERNATES_DIR, STAGE_DIR, TRAIN_LOG):
             src, dst = Path(ckpt) / part, out / part
             if src.is_dir():
                 shutil.copytree(src, dst, dirs_exist_ok=True)

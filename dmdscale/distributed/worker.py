@@ -20,16 +20,20 @@ import torch
 
 from dmdscale.config import Config
 from dmdscale.core import seeds
+from dmdscale.core.ema import GeneratorEMA, ema_name
 from dmdscale.core.loop import LoopResult, prefetched, train_loop
 from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.data.latents import TEXT_COLUMNS
 from dmdscale.distributed.checkpoint import (
     DataPosition,
+    EMACheckpoint,
     InjectedFailure,
     RunJournal,
     TrainingState,
+    load_stage,
     load_training_state,
     rng_states,
+    save_stage,
     save_training_state,
     set_rng_states,
 )
@@ -39,6 +43,9 @@ from dmdscale.models.base import Critic, Denoiser
 
 TRAIN_LOG = "train_log.json"  # rank 0's logged reports (losses by step), a JSON list
 TRAIN_METRICS = "train_metrics.json"  # the workers' final figures, in the final checkpoint
+# The weights not exported as the student (raw, or the EMAs not chosen by export.ema), each
+# saved as the family saves its student: <ALTERNATES_DIR>/<name>/, evaluated next to it.
+ALTERNATES_DIR = "alternates"
 
 
 def build_players(cfg: Config, teacher_path: str, device: torch.device) -> tuple[Denoiser, Denoiser, Critic]:
@@ -55,7 +62,33 @@ def build_players(cfg: Config, teacher_path: str, device: torch.device) -> tuple
     if cfg.train.gradient_checkpointing:
         for model in (generator, fake_score):
             model.unet.enable_gradient_checkpointing()
-    return teacher, generator, Critic(fake_score, family.critic_head(fake_score)).to(device)
+    critic = Critic(fake_score, family.critic_head(cfg, fake_score)).to(device)
+    if cfg.train.init is not None:  # a new stage: another run's weights, fresh optimizers
+        start = load_stage(cfg.train.init)
+        _load_part(generator, start["generator"], "generator", cfg.train.init)
+        if "critic" in start:
+            _load_part(critic, start["critic"], "critic", cfg.train.init)
+    return teacher, generator, critic
+
+
+def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], part: str, source: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"train.init: the {part} weights in {source} do not fit this run's {part} (another "
+                         f"teacher, head or LoRA setting?): {str(exc).splitlines()[0]}") from None
+
+
+def init_ema(cfg: Config, generator: torch.nn.Module) -> GeneratorEMA | None:
+    """The generator's EMAs (train.ema_decays), continuing train.init's averages where it has them."""
+    if not cfg.train.ema_decays:
+        return None
+    ema = GeneratorEMA(generator, cfg.train.ema_decays)
+    if cfg.train.init is not None:
+        start = load_stage(cfg.train.init)
+        if "ema" in start:
+            ema.load_state_dict(start["ema"], strict=False)
+    return ema
 
 
 def to_batch(columns: dict[str, torch.Tensor]) -> Batch:
@@ -86,6 +119,17 @@ def shard_batches(shard: Any, batch_size: int, device: torch.device, shuffle_buf
             raise ValueError(f"this worker's data shard holds fewer rows than its batch ({batch_size}): "
                              "lower train.batch_size or scale.num_workers")
         position.epoch_length, epoch, skip = count, epoch + 1, 0
+
+
+def all_ranks_sum(values: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a small tensor (e.g. squared gradient norms), on every rank."""
+    if not torch.distributed.is_initialized():
+        return values
+    total = values.detach().float().cpu().clone()  # gloo reduces CPU tensors, NCCL device ones
+    if torch.distributed.get_backend() == "nccl":
+        total = total.to(values.device)
+    torch.distributed.all_reduce(total)
+    return total.to(values.device)
 
 
 def all_ranks_agree(ok: bool) -> bool:
@@ -123,12 +167,15 @@ class TrainWorker:
         self.micro = cfg.train.batch_size // self.world
         self.teacher_path = config["teacher_path"]
         _, self.generator, critic = players = build_players(cfg, self.teacher_path, self.device)
-        self.generator_engine = DeepSpeedOptimizedModule(self.generator, cfg.train, cfg.scale, self.micro)
-        self.critic_engine = DeepSpeedOptimizedModule(critic, cfg.train, cfg.scale, self.micro)
+        self.generator_engine = DeepSpeedOptimizedModule(self.generator, cfg.train, cfg.scale, self.micro, role="generator")
+        self.critic_engine = DeepSpeedOptimizedModule(critic, cfg.train, cfg.scale, self.micro, role="critic")
+        self.ema = init_ema(cfg, self.generator)
         self.engines = {"generator": self.generator_engine, "critic": self.critic_engine}
-        self.step_fn = DMD2Step(cfg, players[0], self.generator_engine, self.critic_engine,
-                                sync_flag=all_ranks_agree, rank=self.rank, world_size=self.world,
-                                device=self.device)
+        if self.ema is not None:
+            self.engines["ema"] = EMACheckpoint(self.ema, self.rank)
+        self.step_fn = DMD2Step(cfg, players[0], self.generator_engine, self.critic_engine, ema=self.ema,
+                                sync_flag=all_ranks_agree, sync_sum=all_ranks_sum, rank=self.rank,
+                                world_size=self.world, device=self.device)
         self.eval_pool = config.get("eval_pool")
         self.rollouts: Any = None  # the rollout pool, started in run() when the run uses one
         self.fail_at = config.get("fail_at_step")
@@ -222,7 +269,8 @@ class TrainWorker:
         if self.eval_pool is not None:
             weights = self.generator_engine.full_state_dict()  # collective under ZeRO-3: every rank gathers
             if self.rank == 0:  # at the count of iterations done, like the final figure at max_steps
-                self.eval_pool.submit(step + 1, weights)  # queued on the evaluation actors; never awaited
+                averages = {ema_name(d): self.ema.full_state_dict(d) for d in self.ema.decays} if self.ema else None
+                self.eval_pool.submit(step + 1, weights, averages)  # queued on the evaluation actors; never awaited
 
     def _finish(self, result: LoopResult, rollout_stats: dict[str, Any]) -> None:
         """The final report, with the student (as its family saves it), the figures and the log."""
@@ -237,13 +285,32 @@ class TrainWorker:
                  "train_images_per_s": steady_images / result.seconds if result.seconds else 0.0,
                  "nonfinite_steps": result.nonfinite_steps,
                  **{f"rollout_{k}": v for k, v in rollout_stats.items()}}
+        critic = self.critic_engine.full_state_dict()  # collective under ZeRO-3
         with tempfile.TemporaryDirectory() as tmp:
             with self.generator_engine.gathered():  # every rank gathers under ZeRO-3; rank 0 writes
                 if self.rank == 0:
-                    family_of(self.cfg).save_student(self.cfg, self.generator, Path(tmp))
+                    self._save_students(Path(tmp))
+                    save_stage(tmp, {"generator": self.generator.state_dict(), "critic": critic,
+                                     "ema": self.ema.state_dict() if self.ema else None})
                     (Path(tmp) / TRAIN_METRICS).write_text(json.dumps(final))
                     (Path(tmp) / TRAIN_LOG).write_text(json.dumps(self.logged, default=float))
             ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None)
+
+    def _save_students(self, folder: Path) -> None:
+        """The exported student (export.ema's average, or the raw weights), and each other set
+        of weights under ALTERNATES_DIR/<name>/ for the final evaluation to compare."""
+        family, cfg, exported = family_of(self.cfg), self.cfg, self.cfg.export.ema
+        decays = self.ema.decays if self.ema is not None else []
+        if exported is None:
+            family.save_student(cfg, self.generator, folder)
+        else:
+            with self.ema.swapped_in(exported):
+                family.save_student(cfg, self.generator, folder)
+            family.save_student(cfg, self.generator, folder / ALTERNATES_DIR / "raw")
+        for decay in decays:
+            if decay != exported:
+                with self.ema.swapped_in(decay):
+                    family.save_student(cfg, self.generator, folder / ALTERNATES_DIR / ema_name(decay))
 
 
 def train_worker(config: dict[str, Any]) -> None:

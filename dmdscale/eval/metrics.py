@@ -1,11 +1,12 @@
-"""Evaluation for image students: FID through clean-fid, class accuracy, sample grids.
+"""Evaluation for image students: FID and KID through clean-fid, class accuracy, sample grids.
 
 clean-fid's standard Inception weights are fetched from the network on first use, which is
 impossible on offline machines, and Inception features are a poor yardstick for 16x16 digits
 anyway. So dmdscale trains its own small digit classifier (seconds on CPU), caches it with
 safetensors, and hands clean-fid a wrapper around the classifier's penultimate features as
 `custom_feat_extractor`. The images still go through clean-fid's own loading and "clean"
-resizing, so the FID figures are clean-fid's computation with a different feature network.
+resizing, so the FID and KID figures are clean-fid's computation with a different feature
+network.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ __all__ = [
     "classifier_features",
     "sample_quality_of",
     "compute_fid",
+    "compute_fid_kid",
     "generate",
     "inception_weights_path",
     "write_png_folder",
@@ -280,29 +282,88 @@ def _feature_extractor(extractor: str | nn.Module) -> nn.Module | None:
     raise ValueError(f"unknown extractor {extractor!r}: use 'inception' or a DigitClassifier")
 
 
-def compute_fid(gen_images: np.ndarray, ref_images: np.ndarray, extractor: str | nn.Module,
-                workdir: str | os.PathLike, batch_size: int = 100) -> float:
-    """FID between two uint8 NHWC image sets, computed by clean-fid on PNG folders.
+# clean-fid draws KID's random subsets from numpy's global RNG; a fixed draw makes KID a
+# function of the images alone, so two evaluations of the same images agree.
+KID_SEED = 0
 
-    The folders live in a fresh temporary directory under `workdir` (removed afterwards), so
-    concurrent evaluators sharing a workdir never see each other's files.
-    """
+
+def _cleanfid_features(gen_images: np.ndarray, ref_images: np.ndarray,
+                       extractor: str | nn.Module, workdir: str | os.PathLike,
+                       batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gen, ref) features (N, D) from clean-fid's own loading and "clean" resizing of PNG
+    folders, extracted once per set, on the CPU: what its `compute_fid` on two folders does."""
     if len(gen_images) < 2 or len(ref_images) < 2:
-        raise ValueError("FID needs at least two images in each set")
+        raise ValueError("FID and KID need at least two images in each set")
     from cleanfid import fid as cleanfid_fid
+    from cleanfid.features import build_feature_extractor
 
     feat_model = _feature_extractor(extractor)
+    if feat_model is None:  # clean-fid's Inception, built as its compute_fid builds it
+        feat_model = build_feature_extractor("clean", torch.device("cpu"), use_dataparallel=False)
+
+    def features(folder: Path) -> np.ndarray:
+        return cleanfid_fid.get_folder_features(
+            str(folder), feat_model, num_workers=0, batch_size=batch_size,
+            device=torch.device("cpu"), mode="clean", verbose=False)
+
     Path(workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="fid-") as tmp:
         gen_dir = write_png_folder(gen_images, Path(tmp) / "gen")
         ref_dir = write_png_folder(ref_images, Path(tmp) / "ref")
-        with warnings.catch_warnings():  # clean-fid passes scipy's deprecated sqrtm(disp=)
-            warnings.filterwarnings("ignore", ".*`disp` argument", DeprecationWarning)
-            score = cleanfid_fid.compute_fid(
-                str(gen_dir), str(ref_dir), mode="clean", custom_feat_extractor=feat_model,
-                device=torch.device("cpu"), num_workers=0, batch_size=batch_size, verbose=False,
-                use_dataparallel=False)
-    return float(score)
+        return features(gen_dir), features(ref_dir)
+
+
+def _fid(gen_feats: np.ndarray, ref_feats: np.ndarray) -> float:
+    """clean-fid's Frechet distance between the features' Gaussians (mean, covariance)."""
+    from cleanfid import fid as cleanfid_fid
+
+    with warnings.catch_warnings():  # clean-fid passes scipy's deprecated sqrtm(disp=)
+        warnings.filterwarnings("ignore", ".*`disp` argument", DeprecationWarning)
+        return float(cleanfid_fid.fid_from_feats(gen_feats, ref_feats))
+
+
+def _kid(gen_feats: np.ndarray, ref_feats: np.ndarray, rescale: bool = False) -> float:
+    """clean-fid's unbiased KID (cubic polynomial kernel (x.y / d + 1)^3, 100 subsets of up to
+    1000) with the subsets drawn from a KID_SEED state; the caller's global numpy RNG state is
+    restored. (Other threads drawing from numpy's global RNG meanwhile would shift the draw.)
+
+    The kernel is sized for Inception's features (x.y / d well below 1). With `rescale`, both
+    sets are divided by the reference set's RMS feature value first, so x.x / d is ~1: the digit
+    classifier's features are ~60x larger, which made the kernel values ~1e4 and the estimate's
+    noise larger than the differences it should show (teacher vs held-out digits read -72)."""
+    from cleanfid import fid as cleanfid_fid
+
+    if rescale:
+        scale = float(np.sqrt(np.mean(np.square(ref_feats, dtype=np.float64))))
+        gen_feats, ref_feats = gen_feats / scale, ref_feats / scale
+
+    saved = np.random.get_state()
+    np.random.set_state(np.random.RandomState(KID_SEED).get_state())
+    try:
+        return float(cleanfid_fid.kernel_distance(gen_feats, ref_feats))
+    finally:
+        np.random.set_state(saved)
+
+
+def compute_fid_kid(gen_images: np.ndarray, ref_images: np.ndarray, extractor: str | nn.Module,
+                    workdir: str | os.PathLike, batch_size: int = 100) -> tuple[float, float]:
+    """(FID, KID) between two uint8 NHWC image sets, both computed by clean-fid on the same
+    features, extracted once per set. KID is unbiased: its expectation does not depend on the
+    sample size, where FID's is biased upward at small sizes. Both are deterministic. On a
+    custom extractor's features (the digit classifier) KID's kernel sees them rescaled (`_kid`).
+
+    The PNG folders live in a fresh temporary directory under `workdir` (removed afterwards),
+    so concurrent evaluators sharing a workdir never see each other's files.
+    """
+    feats = _cleanfid_features(gen_images, ref_images, extractor, workdir, batch_size)
+    return _fid(*feats), _kid(*feats, rescale=not isinstance(extractor, str))
+
+
+def compute_fid(gen_images: np.ndarray, ref_images: np.ndarray, extractor: str | nn.Module,
+                workdir: str | os.PathLike, batch_size: int = 100) -> float:
+    """FID between two uint8 NHWC image sets, computed by clean-fid on PNG folders (in a
+    temporary directory under `workdir`, as `compute_fid_kid`, without the KID)."""
+    return _fid(*_cleanfid_features(gen_images, ref_images, extractor, workdir, batch_size))
 
 
 @torch.no_grad()

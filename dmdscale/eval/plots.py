@@ -11,6 +11,14 @@ import numpy as np
 Curve = tuple[Sequence[int], Sequence[float]]  # (steps, values)
 
 
+def _save(fig, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def save_grid(images_uint8_nhwc: np.ndarray, labels_or_None: np.ndarray | None,
               path: str | os.PathLike, ncols: int = 10, title: str | None = None,
               scale: float = 0.8) -> Path:
@@ -38,11 +46,7 @@ def save_grid(images_uint8_nhwc: np.ndarray, labels_or_None: np.ndarray | None,
             ax.set_title(str(int(labels_or_None[i])), fontsize=9, pad=2)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
 
 
 def curves_from_log(records: Sequence[dict], prefix: str) -> dict[str, Curve]:
@@ -74,11 +78,7 @@ def plot_curves(curves: dict[str, Curve], path: str | os.PathLike) -> Path:
             ax.set_yscale("symlog", linthresh=max(min(positive), 1e-4 * max(positive)))
         ax.set_title(name)
         ax.set_xlabel("step")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
 
 
 def plot_overlay(curves: dict[str, Curve], path: str | os.PathLike, ylabel: str, title: str | None = None) -> Path:
@@ -101,8 +101,45 @@ def plot_overlay(curves: dict[str, Curve], path: str | os.PathLike, ylabel: str,
         ax.set_title(title)
     if curves:
         ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
+
+
+def plot_panels(panels: dict[str, dict[str, Curve]], path: str | os.PathLike) -> Path:
+    """One panel per group, its named curves overlaid with a legend (e.g. a figure by noise level)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    titles = [t for t in panels if panels[t]]
+    fig = Figure(figsize=(4.2 * max(len(titles), 1), 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, max(len(titles), 1), squeeze=False)).ravel()
+    for ax, title in zip(axes, titles):
+        for name, (steps, values) in sorted(panels[title].items()):
+            ax.plot(steps, values, lw=0.9, label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+# The DMD2 step's diagnostics (dmdscale.core.step): panel title -> metric prefix.
+DIAGNOSTIC_PANELS = {
+    "|x0 teacher - x0 fake score|, by sigma": "diag_x0_gap_",
+    "discriminator P(real) on real, by sigma": "diag_d_real_",
+    "discriminator P(real) on generated, by sigma": "diag_d_fake_",
+    "gradient norms at the generator's output": "grad_norm_",
+}
+
+
+def plot_diagnostics(log: Sequence[dict], path: str | os.PathLike) -> Path | None:
+    """diagnostics.png from a run's log; None when the log holds no diagnostics (e.g. no GAN
+    and an old log). The gradient panel shows the DM and (weighted) GAN terms' norms at x."""
+    panels = {}
+    for title, prefix in DIAGNOSTIC_PANELS.items():
+        curves = curves_from_log(log, prefix)
+        if prefix == "grad_norm_":
+            curves = {k: v for k, v in curves.items() if k.endswith("_x")}
+        panels[title] = {name.removeprefix(prefix): curve for name, curve in curves.items() if curve[0]}
+    if not any(panels.values()):
+        return None
+    return plot_panels(panels, path)

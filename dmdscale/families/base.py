@@ -79,11 +79,11 @@ class Family:
     def load_teacher(self, cfg: Config, teacher_path: str) -> Denoiser:
         raise NotImplementedError
 
-    def critic_head(self, fake_score: Denoiser) -> nn.Module:
-        """The discriminator head on the fake score's bottleneck features."""
-        from dmdscale.models.heads import ConvHead
+    def critic_head(self, cfg: Config, fake_score: Denoiser) -> nn.Module:
+        """The discriminator head on the fake score's bottleneck features (loss.gan_head)."""
+        from dmdscale.models.heads import HEADS
 
-        return ConvHead.for_model(fake_score)
+        return HEADS[cfg.loss.gan_head].for_model(fake_score)
 
     def adapt_generator(self, cfg: Config, generator: Denoiser) -> None:
         """Narrow what of the generator trains (e.g. a LoRA adapter); the default trains it all."""

@@ -148,12 +148,12 @@ image = pipe("a photo of a cat", {", ".join(f"{k}={v}" for k, v in call.items())
     def evaluate(self, cfg: Config, inputs: Inputs, trained: Trained, workdir: Path) -> Evaluation:
         """Student samples from the exported folder exactly as a user loads it (stock diffusers,
         the call its model card gives), the teacher's at its many-step CFG sampler, the measured
-        speedup, the label-free sample quality figures, and FID where clean-fid's Inception
+        speedup, the label-free sample quality figures, and FID and KID where clean-fid's Inception
         weights are on disk (they cannot be downloaded offline)."""
         from diffusers import DiffusionPipeline
 
         from dmdscale.data.sources import load_arrays
-        from dmdscale.eval.metrics import compute_fid, inception_weights_path, sample_quality_of
+        from dmdscale.eval.metrics import compute_fid_kid, inception_weights_path, sample_quality_of
         from dmdscale.export import STUDENT_INFO
 
         res, seed, prompts = cfg.data.resolution, cfg.train.seed, inputs.prompts
@@ -180,7 +180,8 @@ image = pipe("a photo of a cat", {", ".join(f"{k}={v}" for k, v in call.items())
                 metrics |= sample_quality_of(name, real, images[name], seed=seed)
         if inception_weights_path().is_file() and len(real) >= 2:
             for name in images:
-                metrics[f"fid_{name}"] = compute_fid(images[name], real, "inception", workdir / f"fid_{name}")
+                metrics[f"fid_{name}"], metrics[f"kid_{name}"] = compute_fid_kid(
+                    images[name], real, "inception", workdir / f"fid_{name}")
         else:
             metrics["fid_skipped"] = f"clean-fid Inception weights not at {inception_weights_path()}"
         return Evaluation(metrics, {"images": images["student"], "prompts": np.asarray(prompts)})

@@ -99,8 +99,8 @@ class Toy2D:
         if cfg.loss.regression_weight > 0:
             noise = torch.randn(cfg.loss.regression_pairs, 2, generator=torch.Generator().manual_seed(seeds.regression_pairs(cfg.train.seed)))
             pairs = RegressionPairs.build(self.teacher, noise.to(self.device), cfg.loss.regression_sampler_steps)
-        return DMD2Step(cfg, self.teacher, TorchOptimizedModule(self.generator, cfg.train),
-                        TorchOptimizedModule(self.critic, cfg.train), regression_pairs=pairs,
+        return DMD2Step(cfg, self.teacher, TorchOptimizedModule(self.generator, cfg.train, role="generator"),
+                        TorchOptimizedModule(self.critic, cfg.train, role="critic"), regression_pairs=pairs,
                         device=self.device)
 
     @torch.no_grad()
@@ -170,6 +170,12 @@ class Toy2dFamily(Family):
         if cfg.model.teacher != "analytic":
             raise ValueError(f"model.teacher: the toy2d teacher is the exact mixture denoiser, 'analytic' "
                              f"(got {cfg.model.teacher!r})")
+        if cfg.train.init is not None or cfg.train.ema_decays:
+            raise ValueError("train.init / train.ema_decays: staged runs and EMA are for the families trained on Ray "
+                             "(toy2d trains in one process)")
+        if cfg.loss.gan_augment or cfg.loss.gan_head != "conv":
+            raise ValueError("loss.gan_augment / loss.gan_head: image options; toy2d's points go to an MLP head "
+                             "(leave gan_augment empty and gan_head 'conv')")
 
     def preflight(self, cfg: Config) -> None:
         return None  # nothing outside this process to check

@@ -138,21 +138,27 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
                                     fid_extractor(cfg, inputs.classifier), tracker.tracking_uri, tracker.run_id)
 
     def evaluate(self, cfg: Config, inputs: Inputs, trained: Trained, workdir: Path) -> Evaluation:
-        """FID against held-out real images and class accuracy, for the teacher at its many-step
-        sampler and at 1 step, and for the student at its steps; plus the measured speedup."""
+        """FID and KID against held-out real images and class accuracy, for the teacher at its
+        many-step sampler and at 1 step, and for the student at its steps (and the weights not
+        exported, e.g. `fid_student_raw` next to an exported EMA); plus the measured speedup."""
+        from dmdscale.core.ema import ema_name
         from dmdscale.core.sampling import sample, teacher_sample
         from dmdscale.distributed.evalpool import eval_spec
+        from dmdscale.distributed.worker import ALTERNATES_DIR
         from dmdscale.eval.metrics import (
             DigitClassifier,
             class_accuracy,
-            compute_fid,
+            compute_fid_kid,
             generate,
             sample_quality_of,
             sample_student,
         )
+        from dmdscale.export import STUDENT_DIR
         from dmdscale.models.unet2d import load_unet
 
         teacher, student = load_unet(inputs.teacher_path), load_unet(trained.student)
+        # The weights not exported (raw or other EMAs), evaluated next to the student.
+        alternates = sorted((Path(trained.student).parent / ALTERNATES_DIR).glob(f"*/{STUDENT_DIR}"))
         classifier, (real, real_labels) = inputs.classifier, inputs.held_out
         spec = eval_spec(cfg)  # the checkpoint evaluations sample with the same spec
         n, (c, r, _), labels = cfg.eval.num_samples, spec["shape"], spec["labels"]
@@ -172,18 +178,22 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
                   for name, fn in [("teacher", teacher_many), ("teacher_1step", teacher_one)]}
         images["student"] = sample_student(student, steps, labels, spec["shape"], spec["seed"],
                                            desc="evaluate: student")
+        for folder in alternates:
+            images[f"student_{folder.parent.name}"] = sample_student(
+                load_unet(folder), steps, labels, spec["shape"], spec["seed"], desc=f"evaluate: {folder.parent.name}")
         metrics: dict[str, Any] = {"teacher_steps": cfg.eval.teacher_steps, "student_steps": len(steps),
-                                   "fid_feature_space": cfg.eval.feature_extractor}
+                                   "fid_feature_space": cfg.eval.feature_extractor,
+                                   "student_weights": "raw" if cfg.export.ema is None else ema_name(cfg.export.ema)}
         # The sample quality figures in the checkpoint evaluations' feature spaces (pixels, and the
         # classifier when it is the FID's extractor), so the curves end where these figures are.
         space = extractor if isinstance(extractor, DigitClassifier) else None
         for name, imgs in images.items():
-            metrics[f"fid_{name}"] = compute_fid(imgs, real, extractor, workdir / f"fid_{name}")
+            metrics[f"fid_{name}"], metrics[f"kid_{name}"] = compute_fid_kid(imgs, real, extractor, workdir / f"fid_{name}")
             metrics[f"class_accuracy_{name}"] = class_accuracy(classifier, imgs, labels)
             metrics |= sample_quality_of(name, real, imgs, space, spec["seed"])
         # The floor of these figures: as many real training images as samples, against the same held-out set.
         floor = inputs.train[0][:n]
-        metrics["fid_real_train"] = compute_fid(floor, real, extractor, workdir / "fid_real")
+        metrics["fid_real_train"], metrics["kid_real_train"] = compute_fid_kid(floor, real, extractor, workdir / "fid_real")
         metrics |= sample_quality_of("real_train", real, floor, space, spec["seed"])
         # Speed: the same batch through both samplers (after a warm-up call each).
         z = torch.randn(min(n, 256), c, r, r)

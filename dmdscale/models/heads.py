@@ -1,6 +1,7 @@
 """Discriminator heads on the fake score's bottleneck features."""
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmdscale.models.base import Denoiser
@@ -36,9 +37,62 @@ class ConvHead(nn.Module):
         )
 
     @classmethod
-    def for_model(cls, model: Denoiser, hidden: int | None = None) -> "ConvHead":
+    def for_model(cls, model: Denoiser, hidden: int | None = None) -> ConvHead:
         """A head sized to the model's bottleneck (its last `block_out_channels`)."""
         return cls(model.feature_channels, hidden)
 
     def forward(self, features: Tensor) -> Tensor:
         return self.net(features)
+
+
+class FullHead(nn.Module):
+    """The DMD2 authors' discriminator head, full width: two Conv 4x4 stride 2 (each followed by
+    GroupNorm + SiLU) keeping the input's channel count, then Conv 1x1 to one logit channel.
+
+    Larger than ConvHead (two 4x4 convs at full width instead of one 3x3); its logit map is
+    averaged by Critic, so a 1x1 or 2x2 map is fine.
+    """
+
+    # Each 4x4/2 conv with padding 1 maps size n to n // 2, so two of them need n >= 4.
+    MIN_SIZE = 4
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+
+        # At least 16 channels per group: the last conv's map can be 1x1 (a 4x4 bottleneck), where
+        # GroupNorm's usual 32 groups of 64 channels normalise pairs of values to +-1 and leave
+        # nothing to discriminate on (measured: such a head stayed at P(real) = 0.5).
+        groups = group_count(in_channels, max(1, min(32, in_channels // 16)))
+
+        def down() -> list[nn.Module]:
+            return [
+                nn.Conv2d(in_channels, in_channels, kernel_size=4, stride=2, padding=1),
+                nn.GroupNorm(groups, in_channels),
+                nn.SiLU(),
+            ]
+
+        self.net = nn.Sequential(*down(), *down(), nn.Conv2d(in_channels, 1, kernel_size=1))
+
+    @classmethod
+    def for_model(cls, model: Denoiser) -> FullHead:
+        """A head as wide as the model's bottleneck (its last `block_out_channels`)."""
+        return cls(model.feature_channels)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(self._pad_to_min_size(features))
+
+    def _pad_to_min_size(self, features: Tensor) -> Tensor:
+        """Zero-pad maps smaller than 4x4 (e.g. a 2x2 bottleneck) so the output is >= 1x1.
+
+        Zero padding is what the convs' own padding does anyway, adds no parameters, keeps
+        every input value and leaves maps of 4x4 and up untouched (unlike pooling/resizing).
+        """
+        pad_h = max(0, self.MIN_SIZE - features.shape[-2])
+        pad_w = max(0, self.MIN_SIZE - features.shape[-1])
+        if not (pad_h or pad_w):
+            return features
+        return F.pad(features, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
+# Config names of the discriminator heads on a UNet bottleneck.
+HEADS = {"conv": ConvHead, "full": FullHead}

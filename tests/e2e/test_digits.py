@@ -109,6 +109,48 @@ def test_quick_digits_run_end_to_end_through_an_injected_failure(tmp_path, mlflo
     assert [e["step"] for e in json.loads((out / "checkpoint_evaluations.json").read_text())] == [5, 10, 15]
     assert m["fid_real_train"] < m["fid_teacher_1step"]  # the floor sits below a 1-step teacher's blur
 
+    # The exported student is digits.yaml's generator EMA; the raw weights are evaluated beside it,
+    # at the end and at every checkpoint, with KID next to FID.
+    ema = f"ema_{m['student_weights'].removeprefix('ema_')}"
+    assert m["student_weights"].startswith("ema_") and (out / "alternates" / "raw" / "student" / "unet").is_dir()
+    assert np.isfinite([m["fid_student_raw"], m["kid_student"], m["kid_teacher"], m["kid_real_train"]]).all()
+    evaluations = json.loads((out / "checkpoint_evaluations.json").read_text())
+    assert all(np.isfinite([e["fid_student"], e[f"fid_student_{ema}"], e["kid_student"]]).all() for e in evaluations)
+    # The diagnostics (by noise level, and the two terms' gradient norms) and what a next stage starts from.
+    assert (out / "diagnostics.png").stat().st_size > 10_000 and "diagnostics.png" in artifacts
+    assert any(k.startswith("diag_d_real_sigma_") for r in log for k in r)
+    assert {"grad_norm_dm_x", "grad_norm_gan_x"} <= {k for r in log for k in r}
+    assert {p.name for p in (out / "stage").iterdir()} == {"generator.safetensors", "critic.safetensors",
+                                                           "ema.safetensors"}
+
+
+@pytest.mark.slow
+def test_a_second_stage_starts_from_the_first_runs_weights(tmp_path, cache):
+    """train.init: stage 2 loads stage 1's generator, critic and EMA (here: the quick run's own
+    stage written by a first quick run), with new settings, through the real command."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "stage1"
+    subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(first), f"cache_dir={cache}",
+                    "train.max_steps=2", "eval.during_training=false", "eval.num_samples=20"],
+                   check=True, timeout=1500, cwd=tmp_path)
+    second = tmp_path / "stage2"
+    proc = subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(second), f"cache_dir={cache}",
+                           "train.max_steps=1", "train.lr=1e-12", "train.critic_lr=1e-12", f"train.init={first}",
+                           "eval.during_training=false", "eval.num_samples=20"],
+                          capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # One iteration at lr 1e-12 leaves stage 1's weights where they were: stage 2 started from them.
+    for part in ("generator", "critic"):
+        a, b = load_file(first / "stage" / f"{part}.safetensors"), load_file(second / "stage" / f"{part}.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a), part
+    assert json.loads((second / "metrics.json").read_text())["steps_completed"] == 1
+    # A start folder that is not a run stops before any work, naming the key.
+    proc = subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(tmp_path / "bad"),
+                           f"cache_dir={cache}", f"train.init={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "train.init" in proc.stderr and not (tmp_path / "bad" / "ray").exists()
+
 
 def test_a_changed_config_does_not_resume_someone_elses_run(tmp_path, cache):
     from dmdscale.config import load_config

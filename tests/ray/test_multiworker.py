@@ -38,9 +38,9 @@ def _trajectory(config):
     micro = cfg.train.batch_size // world
     torch.manual_seed(0)  # the same initial weights on every rank and in both runs
     sched, mixture = NoiseSchedule.ddpm(), GaussianMixture2D()
-    gen = DeepSpeedOptimizedModule(MLPDenoiser(sched, 2, 32, 2), cfg.train, cfg.scale, micro)
+    gen = DeepSpeedOptimizedModule(MLPDenoiser(sched, 2, 32, 2), cfg.train, cfg.scale, micro, role="generator")
     critic = DeepSpeedOptimizedModule(Critic(MLPDenoiser(sched, 2, 32, 2), MLPHead(32, 16)),
-                                      cfg.train, cfg.scale, micro)
+                                      cfg.train, cfg.scale, micro, role="critic")
     # own_noise: each rank draws as if alone (the naive split), to show the test can fail.
     noise_rank, noise_world = (0, 1) if config["own_noise"] else (rank, world)
     step_fn = DMD2Step(cfg, MixtureDenoiser(mixture, sched), gen, critic, sync_flag=all_ranks_agree,

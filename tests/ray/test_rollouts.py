@@ -43,8 +43,8 @@ def make_step(overrides=None, rank=0, world_size=1):
     sched, mixture = NoiseSchedule.ddpm(), GaussianMixture2D()
     gen = BUILD()
     critic = Critic(MLPDenoiser(sched, 2, 16, 2), MLPHead(16, 16))
-    step = DMD2Step(cfg, MixtureDenoiser(mixture, sched), TorchOptimizedModule(gen, cfg.train),
-                    TorchOptimizedModule(critic, cfg.train), rank=rank, world_size=world_size)
+    step = DMD2Step(cfg, MixtureDenoiser(mixture, sched), TorchOptimizedModule(gen, cfg.train, role="generator"),
+                    TorchOptimizedModule(critic, cfg.train, role="critic"), rank=rank, world_size=world_size)
     return step, gen, mixture
 
 

@@ -27,7 +27,7 @@ from dmdscale.models.toy2d import MLPDenoiser
 
 def _engine(cfg, seed):
     torch.manual_seed(seed)
-    return DeepSpeedOptimizedModule(MLPDenoiser(NoiseSchedule.ddpm(), 2, 16, 2), cfg.train, cfg.scale, 8)
+    return DeepSpeedOptimizedModule(MLPDenoiser(NoiseSchedule.ddpm(), 2, 16, 2), cfg.train, cfg.scale, 8, role="generator")
 
 
 def _train(engine, n, seed):

@@ -14,7 +14,7 @@ from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoise
 
 def test_deepspeed_config_carries_the_paper_optimizer_settings():
     cfg = build_config({}, {"scale.zero_stage": 3, "scale.offload_optimizer": True, "train.mixed_precision": "bf16"})
-    ds = deepspeed_config(cfg.train, cfg.scale, micro_batch=8)
+    ds = deepspeed_config(cfg.train, cfg.scale, micro_batch=8, role="critic")
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["betas"] == [0.9, 0.999]
     assert ds["optimizer"]["params"]["weight_decay"] == 0.01 and ds["optimizer"]["params"]["torch_adam"]
     assert ds["gradient_clipping"] == 10.0 and ds["bf16"]["enabled"]
@@ -49,8 +49,8 @@ def test_dmd2_step_runs_on_deepspeed_zero(stage):
                             "loss.gan_generator_weight": 0.1, "loss.gan_critic_weight": 0.1})
     torch.manual_seed(0)
     sched, mixture = NoiseSchedule.ddpm(), GaussianMixture2D()
-    gen = DeepSpeedOptimizedModule(MLPDenoiser(sched, 2, 16, 2), cfg.train, cfg.scale, 16)
-    critic = DeepSpeedOptimizedModule(Critic(MLPDenoiser(sched, 2, 16, 2), MLPHead(16, 16)), cfg.train, cfg.scale, 16)
+    gen = DeepSpeedOptimizedModule(MLPDenoiser(sched, 2, 16, 2), cfg.train, cfg.scale, 16, role="generator")
+    critic = DeepSpeedOptimizedModule(Critic(MLPDenoiser(sched, 2, 16, 2), MLPHead(16, 16)), cfg.train, cfg.scale, 16, role="critic")
     step = DMD2Step(cfg, MixtureDenoiser(mixture, sched), gen, critic)
     for i in range(4):
         m = step(Batch(mixture.sample(16)), i)
@@ -71,8 +71,8 @@ def test_deepspeed_engine_follows_the_plain_optimizer_through_the_warm_up():
     plain_model = MLPDenoiser(sched, 2, 16, 2)
     ds_model = MLPDenoiser(sched, 2, 16, 2)
     ds_model.load_state_dict(plain_model.state_dict())
-    plain = TorchOptimizedModule(plain_model, cfg.train)
-    engine = DeepSpeedOptimizedModule(ds_model, cfg.train, cfg.scale, 8)
+    plain = TorchOptimizedModule(plain_model, cfg.train, role="generator")
+    engine = DeepSpeedOptimizedModule(ds_model, cfg.train, cfg.scale, 8, role="generator")
     g = torch.Generator().manual_seed(1)
     for _ in range(4):
         x, t = torch.randn(8, 2, generator=g), torch.randint(0, 1000, (8,), generator=g)

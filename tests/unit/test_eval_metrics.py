@@ -135,6 +135,61 @@ def test_fid_accepts_wrapped_extractor(clf, digits, tmp_path):
         ev.compute_fid(a[:1], b, clf, tmp_path)
 
 
+class _PooledPixels(torch.nn.Module):
+    """A fixed extractor with features in [0, 1] (8x8 mean grey levels), the scale clean-fid's
+    cubic KID kernel (x.y / d + 1)^3 is meant for (Inception's pooled activations): the digit
+    classifier's unnormalised features make that kernel's values ~1e4 and KID very noisy at 40."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 8).flatten(1) / 255
+
+
+def test_kid_near_zero_on_itself_and_positive_on_shifted_set(digits, tmp_path):
+    a, b = digits["xa"][:40], digits["xb"][:40]
+    extractor = _PooledPixels()
+    _, same = ev.compute_fid_kid(a, a, extractor, tmp_path)
+    _, real = ev.compute_fid_kid(a, b, extractor, tmp_path)
+    _, shifted = ev.compute_fid_kid(a, np.roll(a, 3, axis=2), extractor, tmp_path)
+    print(f"KID same={same:.5f} A-vs-B={real:.5f} shifted={shifted:.5f}")
+    # A set against itself is not two independent samples: the unbiased estimate is then
+    # slightly negative (-2/m times the mean kernel's diagonal excess), not exactly 0.
+    assert abs(same) < 0.05 * shifted and abs(real) < 0.05 * shifted
+    assert shifted > 0.1
+    assert list(tmp_path.iterdir()) == []  # the PNG folders are temporary
+
+
+@pytest.mark.filterwarnings("ignore:.*`disp` argument:DeprecationWarning")  # clean-fid's sqrtm call
+def test_fid_of_compute_fid_kid_is_compute_fid_and_cleanfid(clf, digits, tmp_path):
+    """Extracting features once changes no FID: compute_fid_kid's FID is compute_fid's, and both
+    are clean-fid's own `compute_fid` on the same PNG folders (what compute_fid called before)."""
+    a, b = digits["xa"][:40], digits["xb"][:50]
+    fid, _ = ev.compute_fid_kid(a, b, clf, tmp_path / "work")
+    reference = cleanfid_fid.compute_fid(
+        str(ev.write_png_folder(a, tmp_path / "a")), str(ev.write_png_folder(b, tmp_path / "b")),
+        mode="clean", custom_feat_extractor=ev.CleanFIDFeatures(clf), device=CPU, num_workers=0,
+        batch_size=100, verbose=False, use_dataparallel=False)
+    assert fid == ev.compute_fid(a, b, clf, tmp_path / "work")
+    assert fid == reference  # bit for bit
+    with pytest.raises(ValueError, match="at least two"):
+        ev.compute_fid_kid(a[:1], b, clf, tmp_path)
+
+
+def test_kid_is_deterministic_and_leaves_numpy_rng_alone(digits, tmp_path, monkeypatch):
+    """Sets of different sizes, so clean-fid's random subsets of the larger one matter."""
+    a, b = digits["xa"][:40], digits["xb"][:60]
+    np.random.seed(1)
+    _, first = ev.compute_fid_kid(a, b, _PooledPixels(), tmp_path)
+    np.random.seed(2)  # the caller's global RNG state does not matter...
+    state = np.random.get_state()
+    _, second = ev.compute_fid_kid(a, b, _PooledPixels(), tmp_path)
+    after = np.random.get_state()
+    assert first == second
+    # ... and is left as it was
+    assert state[0] == after[0] and np.array_equal(state[1], after[1]) and state[2:] == after[2:]
+    monkeypatch.setattr(ev, "KID_SEED", 1)  # while the subsets' seed does: the draw is pinned
+    assert ev.compute_fid_kid(a, b, _PooledPixels(), tmp_path)[1] != first
+
+
 def test_inception_without_weights_raises_clear_error(digits, tmp_path):
     path = ev.inception_weights_path()
     if path.exists():

@@ -96,7 +96,8 @@ def test_dmd2_steps_on_a_text_teacher(tiny, family, lora):
                                             "loss.guidance_scale": 8.0, "train.gradient_checkpointing": True})
     teacher, generator, critic = build_players(cfg, tiny[family], torch.device("cpu"))
     before = {n: p.detach().clone() for n, p in generator.named_parameters()}
-    step = DMD2Step(cfg, teacher, TorchOptimizedModule(generator, cfg.train), TorchOptimizedModule(critic, cfg.train))
+    step = DMD2Step(cfg, teacher, TorchOptimizedModule(generator, cfg.train, role="generator"),
+                    TorchOptimizedModule(critic, cfg.train, role="critic"))
     batch = Batch(torch.randn(4, 4, 16, 16), PromptEncoder.load(tiny[family], family).encode(PROMPTS))
     for s in range(3):
         metrics = step(batch, s)

@@ -22,8 +22,8 @@ def make_step(overrides=None, teacher_cls=MixtureDenoiser, regression=False, ran
     gen = MLPDenoiser(sched, 2, 16, 2)
     critic = Critic(MLPDenoiser(sched, 2, 16, 2), MLPHead(16, 16))
     pairs = RegressionPairs.build(teacher, torch.randn(32, 2), 5) if regression else None
-    step = DMD2Step(cfg, teacher, TorchOptimizedModule(gen, cfg.train),
-                    TorchOptimizedModule(critic, cfg.train), regression_pairs=pairs, rank=rank,
+    step = DMD2Step(cfg, teacher, TorchOptimizedModule(gen, cfg.train, role="generator"),
+                    TorchOptimizedModule(critic, cfg.train, role="critic"), regression_pairs=pairs, rank=rank,
                     world_size=world_size)
     return step, gen, critic, mixture
 

@@ -1,0 +1,273 @@
+"""digits ablations: DMD2's quality levers, each at the same iteration budget, two seeds or more.
+
+Plain-process runs of the real DMD2Step (the code every Ray worker runs) on the cached digits
+teacher, with in-memory batches: fast, and the Ray path is covered by the tests. Every run is
+evaluated the way the demo is (same labels, noise and feature space): FID and KID of
+`eval.num_samples` student samples against the held-out digits (digit-classifier features),
+class accuracy, and the pixel-space recall and SWD that see lost variety. The teacher is
+evaluated at its 50-step sampler with the same seeds, so "student vs teacher" is paired.
+
+    python bench/digits_ablations.py                       # every variant, seeds 0 1
+    python bench/digits_ablations.py --variants no_gan gan --seeds 0 1 2
+    python bench/digits_ablations.py --explore loss.gan_max_step=250 train.lr=3e-4   # one ad-hoc run
+
+Writes bench/results/digits_ablations.json (each run as it finishes, so a partial sweep keeps
+what it measured) and the table in bench/README.md. `--explore` runs go to
+bench/results/digits_explore.jsonl: the tuning behind digits.yaml's comments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from readme_table import update_readme_table
+
+from dmdscale.config import Config, load_config
+from dmdscale.core.ema import GeneratorEMA, ema_name
+from dmdscale.core.loop import train_loop
+from dmdscale.core.optim import TorchOptimizedModule
+from dmdscale.core.sampling import teacher_sample
+from dmdscale.core.step import Batch, DMD2Step
+from dmdscale.distributed.evalpool import eval_spec
+from dmdscale.distributed.worker import build_players
+from dmdscale.eval.metrics import class_accuracy, compute_fid_kid, generate, sample_quality_of, sample_student
+from dmdscale.families import family_of
+from dmdscale.models.unet2d import load_unet
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+CONFIG = ROOT / "pipelines" / "configs" / "digits.yaml"
+
+# The GAN as dmdscale had it before issue 13: noise levels uniform over all of [0, T), the
+# small conv head, a fixed weight (the EMA, new in the same change, is kept in every variant;
+# each run reports its raw weights too).
+GAN_BEFORE = {"loss.gan_generator_weight": 3e-3, "loss.gan_critic_weight": 1e-2, "loss.gan_timesteps": "uniform",
+              "loss.gan_max_step": 999, "loss.gan_head": "conv", "loss.gan_augment": [], "loss.gan_grad_ratio": None}
+NO_GAN = {"loss.gan_generator_weight": 0.0, "loss.gan_critic_weight": 0.0, "loss.gan_grad_ratio": None}
+FOUR_STEPS = {"generator.timesteps": [999, 749, 499, 249]}
+
+# name -> (overrides on digits.yaml, what it shows). Two-stage runs are their own kind (below).
+VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "defaults": ({}, "digits.yaml as shipped"),
+    "no_gan": (NO_GAN, "DM loss only (TTUR 5)"),
+    "gan_before": (GAN_BEFORE, "the GAN before issue 13 (uniform t over [0, T), conv head, w_g 3e-3)"),
+    "gan_fixed_weight": ({"loss.gan_grad_ratio": None, "loss.gan_generator_weight": 3e-3}, "defaults, w_g fixed at 3e-3"),
+    "gan_calibrated": ({"loss.gan_grad_ratio": 0.3}, "defaults, w_g calibrated to 0.3 of the DM gradient"),
+    "gan_augment": ({"loss.gan_augment": ["shift", "cutout"]}, "defaults + DiffAugment shift, cutout"),
+    "ttur_1": ({"train.ttur_ratio": 1}, "TTUR off (generator every iteration)"),
+    "four_step_backsim": ({**FOUR_STEPS, "generator.backward_simulation": True}, "4 steps, backward simulation"),
+    "four_step_noised_real": ({**FOUR_STEPS, "generator.backward_simulation": False}, "4 steps, noised real inputs"),
+}
+DEFAULT_VARIANTS = ["defaults", "no_gan", "gan_before", "ttur_1", "four_step_backsim", "four_step_noised_real"]
+
+
+def prepare(cfg: Config) -> Any:
+    """Data, classifier and teacher, as the demo prepares them (cached under cache_dir)."""
+    family = family_of(cfg)
+    return family.prepare(cfg, family.preflight(cfg))
+
+
+def batches(inputs: Any, batch_size: int, seed: int):
+    images, labels = inputs.train
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = torch.from_numpy(labels).long()
+    g = torch.Generator().manual_seed(seed)
+    while True:  # epochs of shuffled batches, as Ray Data feeds the workers
+        order = torch.randperm(len(x), generator=g)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[i:i + batch_size]
+            yield Batch(x[idx], y[idx])
+
+
+def train(cfg: Config, inputs: Any, init: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One plain-process DMD2 run; returns the players (for a next stage) and the loop's log."""
+    torch.manual_seed(cfg.train.seed)
+    teacher, generator, critic = build_players(cfg, inputs.teacher_path, torch.device("cpu"))
+    if init is not None:  # a second stage starts from the first's generator, critic and EMA
+        generator.load_state_dict(init["generator"].state_dict())
+        critic.load_state_dict(init["critic"].state_dict())
+    ema = GeneratorEMA(generator, cfg.train.ema_decays) if cfg.train.ema_decays else None
+    if ema is not None and init is not None and init.get("ema") is not None:
+        ema.load_state_dict(init["ema"].state_dict(), strict=False)
+    step = DMD2Step(cfg, teacher, TorchOptimizedModule(generator, cfg.train, role="generator"),
+                    TorchOptimizedModule(critic, cfg.train, role="critic"), ema=ema)
+    result = train_loop(step, batches(inputs, cfg.train.batch_size, cfg.train.seed), cfg.train.max_steps,
+                        log_every=cfg.train.log_every, progress=sys.stderr.isatty())
+    logged = [m | {"step": i} for i, m in enumerate(result.history) if i % cfg.train.log_every == 0]
+    return {"generator": generator, "critic": critic, "ema": ema, "seconds": result.seconds, "log": logged,
+            "nonfinite_steps": result.nonfinite_steps}
+
+
+def evaluate(cfg: Config, inputs: Any, images: np.ndarray, workdir: Path) -> dict[str, float]:
+    real = inputs.held_out[0]
+    spec = eval_spec(cfg)
+    fid, kid = compute_fid_kid(images, real, inputs.classifier, workdir)
+    quality = sample_quality_of("x", real, images, None, spec["seed"])
+    return {"fid": fid, "kid": kid, "class_accuracy": class_accuracy(inputs.classifier, images, spec["labels"]),
+            "recall_pixels": quality["recall_pixels_x"], "swd_pixels": quality["swd_pixels_x"]}
+
+
+def teacher_figures(cfg: Config, inputs: Any, workdir: Path) -> dict[str, float]:
+    """The teacher at eval.teacher_steps with the evaluation's seed (cached: ~2 min of sampling)."""
+    spec = eval_spec(cfg)
+    key = f"{Path(inputs.teacher_path).name}-{cfg.eval.num_samples}-{cfg.eval.teacher_steps}-{spec['seed']}"
+    cache = Path(cfg.cache_dir).expanduser() / "bench" / f"teacher-{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    teacher = load_unet(inputs.teacher_path)
+    images = generate(lambda z, y: teacher_sample(teacher, z, cfg.eval.teacher_steps, y, cfg.loss.guidance_scale),
+                      spec["labels"], spec["shape"], spec["seed"], desc="teacher")
+    figures = evaluate(cfg, inputs, images, workdir)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(figures))
+    return figures
+
+
+def student_figures(cfg: Config, inputs: Any, trained: dict[str, Any], workdir: Path) -> dict[str, dict[str, float]]:
+    """Figures of the raw generator and of each EMA."""
+    spec = eval_spec(cfg)
+    out = {}
+
+    def figures(model) -> dict[str, float]:
+        model.eval()
+        images = sample_student(model, spec["timesteps"], spec["labels"], spec["shape"], spec["seed"], desc="student")
+        model.train()
+        return evaluate(cfg, inputs, images, workdir)
+
+    out["raw"] = figures(trained["generator"])
+    ema = trained["ema"]
+    for decay in ema.decays if ema is not None else []:
+        with ema.swapped_in(decay) as model:
+            out[ema_name(decay)] = figures(model)
+    return out
+
+
+def run(overrides: dict[str, Any], seed: int, inputs_cache: dict, workdir: Path,
+        stages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One run of a variant (one or more stages, each with its own overrides) at one seed."""
+    stages = stages or [{}]
+    trained, seconds, log = None, 0.0, []
+    for i, stage in enumerate(stages):
+        cfg = load_config(CONFIG, {**overrides, **stage, "train.seed": seed})
+        key = (cfg.train.seed, cfg.model.teacher)
+        inputs = inputs_cache.setdefault(key, prepare(cfg))
+        trained = train(cfg, inputs, init=trained)
+        seconds += trained["seconds"]
+        log += [m | {"stage": i} for m in trained["log"]]
+    return {"seed": seed, "train_seconds": seconds, "teacher": teacher_figures(cfg, inputs, workdir),
+            "student": student_figures(cfg, inputs, trained, workdir), "nonfinite_steps": trained["nonfinite_steps"],
+            "log": log, "config": {k: v for k, v in cfg.flat().items() if k.startswith(("train.", "loss.", "generator."))}}
+
+
+def late_means(log: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each logged figure over the second half of a run (losses, gradient norms, ...)."""
+    late = log[len(log) // 2:]
+    keys = sorted({k for m in late for k in m if k not in ("step", "stage")})
+    return {k: statistics.fmean(m[k] for m in late if k in m) for k in keys}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread (half the range; with two seeds, |a - b| / 2) of each figure over seeds."""
+    out: dict[str, Any] = {}
+    for who in ["teacher"] + [f"student.{w}" for w in runs[0]["student"]]:
+        rows = [r["teacher"] if who == "teacher" else r["student"][who.split(".", 1)[1]] for r in runs]
+        out[who] = {k: {"mean": statistics.fmean(r[k] for r in rows),
+                        "spread": (max(r[k] for r in rows) - min(r[k] for r in rows)) / 2,
+                        "values": [r[k] for r in rows]} for k in rows[0]}
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["| variant | what | weights | FID | KID x1e3 | class acc | recall (pixels) | teacher FID | s/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in results["variants"].items():
+        s = entry["summary"]
+        for who in [w for w in s if w.startswith("student.")]:
+            f = s[who]
+            lines.append(
+                f"| {name} | {entry['what']} | {who.split('.', 1)[1]} | {f['fid']['mean']:.2f} ± {f['fid']['spread']:.2f} "
+                f"| {1e3 * f['kid']['mean']:.2f} ± {1e3 * f['kid']['spread']:.2f} | {f['class_accuracy']['mean']:.3f} "
+                f"| {f['recall_pixels']['mean']:.2f} | {s['teacher']['fid']['mean']:.2f} ± {s['teacher']['fid']['spread']:.2f} "
+                f"| {statistics.fmean(r['train_seconds'] for r in entry['runs']):.0f} |")
+    seeds = sorted({r["seed"] for e in results["variants"].values() for r in e["runs"]})
+    lines.append(f"\nmean ± half-range over seeds {seeds}; {results['device']}; "
+                 f"`python bench/digits_ablations.py --steps {results['max_steps']}`.")
+    return "\n".join(lines)
+
+
+# Two-stage runs (the paper's best ImageNet result): half the iterations without the GAN at the
+# base LR, then the other half from there with the GAN on at 1/4 of it.
+STAGED = {"two_stage": "stage 1 no GAN, then GAN at 1/4 LR (same total iterations)"}
+
+
+def staged_stages(cfg_lr: float, steps: int) -> list[dict[str, Any]]:
+    half = steps // 2
+    return [{**NO_GAN, "train.max_steps": half}, {"train.max_steps": steps - half, "train.lr": cfg_lr / 4,
+                                                  "train.warmup_steps": 0}]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS + ["two_stage"],
+                    help=f"from {sorted(VARIANTS) + sorted(STAGED)}")
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
+    ap.add_argument("--steps", type=int, default=None, help="iterations per run (default: digits.yaml's)")
+    ap.add_argument("--explore", nargs="*", default=None, help="one ad-hoc run: dotted key=value overrides")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    base = load_config(CONFIG)
+    steps = args.steps or base.train.max_steps
+    inputs_cache: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if args.explore is not None:
+            from dmdscale.config import parse_override
+
+            overrides = dict(map(parse_override, args.explore)) | {"train.max_steps": steps}
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                r = run(overrides, seed, inputs_cache, workdir)
+                line = {"overrides": overrides, "seed": seed, "seconds": time.perf_counter() - t0,
+                        **{k: r[k] for k in ("teacher", "student", "train_seconds")}, "late_log": late_means(r["log"])}
+                with open(RESULTS / "digits_explore.jsonl", "a") as f:
+                    f.write(json.dumps(line) + "\n")
+                print(json.dumps(line, indent=1))
+            return
+        path = RESULTS / "digits_ablations.json"
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        if results.get("max_steps") != steps:
+            results = {}
+        results |= {"bench": "digits_ablations", "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+                    "torch": torch.__version__, "max_steps": steps, "config": str(CONFIG.relative_to(ROOT))}
+        results.setdefault("variants", {})
+        for name in args.variants:
+            if name in STAGED:
+                what = STAGED[name]
+                stages = staged_stages(base.train.lr, steps)
+                overrides = {}
+            else:
+                overrides, what = VARIANTS[name]
+                overrides = {**overrides, "train.max_steps": steps}
+                stages = None
+            runs = [run(overrides, seed, inputs_cache, workdir, stages) for seed in args.seeds]
+            results["variants"][name] = {"what": what, "overrides": overrides, "stages": stages,
+                                         "runs": runs, "summary": summarise(runs)}
+            path.write_text(json.dumps(results, indent=1, default=str))
+            print(f"{name}: " + json.dumps({k: v["fid"]["mean"] for k, v in results["variants"][name]["summary"].items()}))
+        update_readme_table("digits_ablations", table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""DMD2's quality levers (issue 13): GAN noise levels, the calibrated GAN weight and its
+diagnostics, the warm-up on the iteration clock, a separate critic LR, generator EMA, and staged
+runs (`train.init`)."""
+import copy
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from dmdscale.config import ConfigError, build_config
+from dmdscale.core.ema import GeneratorEMA, ema_name
+from dmdscale.core.losses import dm_loss, gan_generator_loss
+from dmdscale.core.optim import TorchOptimizedModule, warmup_factor
+from dmdscale.core.schedule import NoiseSchedule, TimestepSampler
+from dmdscale.core.step import Batch, DMD2Step, by_noise_level
+from dmdscale.distributed.checkpoint import init_source, load_stage, save_stage
+from dmdscale.eval.plots import plot_diagnostics
+from dmdscale.models.base import Critic
+from dmdscale.models.heads import MLPHead
+from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
+
+
+def make_step(overrides=None):
+    cfg = build_config({}, {"train.batch_size": 32, "train.warmup_steps": 0, "train.lr": 1e-3,
+                            "train.ttur_ratio": 1, **(overrides or {})})
+    torch.manual_seed(0)
+    sched = NoiseSchedule.ddpm()
+    mixture = GaussianMixture2D()
+    gen = MLPDenoiser(sched, 2, 16, 2)
+    critic = Critic(MLPDenoiser(sched, 2, 16, 2), MLPHead(16, 16))
+    step = DMD2Step(cfg, MixtureDenoiser(mixture, sched), TorchOptimizedModule(gen, cfg.train, role="generator"),
+                    TorchOptimizedModule(critic, cfg.train, role="critic"))
+    return step, gen, critic, mixture
+
+
+# -- noise levels ---------------------------------------------------------------------------
+def test_karras_sampler_puts_a_quarter_of_draws_at_low_noise_on_a_linear_schedule():
+    sched = NoiseSchedule.ddpm()
+    draws = {kind: TimestepSampler(sched, kind).draw(0, 999, 20000, lambda high, n: torch.randint(high, (n,)))
+             for kind in ("uniform", "karras")}
+    low = {kind: float((sched.sigmas[t] < 0.17).float().mean()) for kind, t in draws.items()}
+    assert 0.22 < low["karras"] < 0.28 and 0.03 < low["uniform"] < 0.07  # the authors' 25% vs VP-uniform's 5%
+    capped = TimestepSampler(sched, "karras").draw(0, 250, 5000, lambda high, n: torch.randint(high, (n,)))
+    assert int(capped.max()) <= 250 and int(capped.min()) == 0
+    assert TimestepSampler(sched, "karras").within(500, 500).tolist() != []  # a range between grid points
+
+
+def test_gan_input_is_the_clean_image_at_cap_zero_and_noised_below_the_cap_otherwise():
+    step, _, _, mixture = make_step({"loss.gan_max_step": 0})
+    x = mixture.sample(32)
+    x_in, t = step.gan_input(x)
+    assert torch.equal(x_in, x) and int(t.max()) == 0
+    step, _, _, _ = make_step({"loss.gan_max_step": 100})
+    x_in, t = step.gan_input(x)
+    assert int(t.max()) <= 100 and not torch.equal(x_in, x)
+
+
+# -- the GAN weight and its diagnostics -------------------------------------------------------
+def test_split_gradients_equal_the_direct_loss_gradient():
+    """The generator's backward from d DM/dx + w d GAN/dx is the gradient of dm + w * gan."""
+    overrides = {"loss.gan_generator_weight": 0.3, "loss.gan_critic_weight": 0.1}
+    step, gen, critic, mixture = make_step(overrides)
+    for i in range(3):  # let the fake score and critic move away from their init
+        step(Batch(mixture.sample(32)), i)
+    x_in, t_in = step.generator_input(Batch(mixture.sample(32)), 3)
+    rng_state = step.rng.get_state()
+    grads = []
+    for split in (True, False):
+        step.rng.set_state(rng_state)
+        gen.zero_grad()
+        x = gen(x_in, t_in)
+        t = step.dm_timesteps.draw(20, 980, 32, step._randindex)
+        x_t = step.schedule.add_noise(x.detach(), step._randn(x), t)
+        with torch.no_grad():
+            x0_real, x0_fake = step.teacher(x_t, t), critic.fake_score(x_t, t)
+        losses = {"loss_dm": dm_loss(x, x0_real, x0_fake)}
+        x_gan, t_gan = step.gan_input(x)
+        losses["loss_gan_generator"] = gan_generator_loss(critic(x_gan, t_gan))
+        if split:
+            objective, weight, norms = step._gan_generator_objective(x, losses)
+            assert weight == 0.3 and norms["grad_norm_gan_x"] > 0 and norms["grad_norm_dm_x"] > 0
+        else:
+            objective = losses["loss_dm"] + 0.3 * losses["loss_gan_generator"]
+        objective.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in gen.parameters()]).clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_calibrated_gan_weight_holds_the_gradient_norm_ratio():
+    step, _, _, mixture = make_step({"loss.gan_grad_ratio": 0.25, "loss.gan_critic_weight": 0.1,
+                                     "train.log_every": 2})
+    seen = []
+    for i in range(6):
+        m = step(Batch(mixture.sample(32)), i)
+        if m["grad_norm_dm_x"] > 0:
+            seen.append(m)
+            assert m["grad_norm_gan_x"] == pytest.approx(0.25 * m["grad_norm_dm_x"], rel=1e-5)
+            assert m["gan_weight"] > 0
+        if i % 2 == 0:  # log steps carry the by-noise-level diagnostics
+            assert any(k.startswith("diag_x0_gap_sigma_") for k in m)
+            assert any(k.startswith("diag_d_real_sigma_") for k in m) and any(k.startswith("diag_d_fake_") for k in m)
+        else:
+            assert not any(k.startswith("diag_") for k in m)
+    assert len(seen) >= 4
+    weights = {round(m["gan_weight"], 8) for m in seen}
+    assert len(weights) > 1  # recomputed every update, not a constant
+
+
+def test_noise_level_buckets_average_their_samples_only():
+    out = by_noise_level("gap", torch.tensor([1.0, 3.0, 10.0]), torch.tensor([0.05, 0.07, 5.0], dtype=torch.float64))
+    assert out == {"gap_sigma_0-0.1": 2.0, "gap_sigma_2-inf": 10.0}
+
+
+def test_diagnostics_png_is_drawn_from_the_log(tmp_path):
+    log = [{"step": s, "diag_x0_gap_sigma_0-0.1": 0.1 * s, "diag_d_real_sigma_0-0.1": 0.6,
+            "diag_d_fake_sigma_0-0.1": 0.4, "grad_norm_dm_x": 1.0, "grad_norm_gan_x": 0.3,
+            "grad_norm_generator": 5.0} for s in range(0, 50, 10)]
+    path = plot_diagnostics(log, tmp_path / "diagnostics.png")
+    assert path is not None and path.stat().st_size > 10_000
+    assert plot_diagnostics([{"step": 0, "loss_dm": 1.0}], tmp_path / "none.png") is None
+
+
+# -- optimizers -------------------------------------------------------------------------------
+def test_generator_warm_up_runs_on_the_iteration_clock():
+    # ratio 5, warm-up 20 iterations: the generator's update 4 happens at iteration 20 -> full LR.
+    assert warmup_factor(4, 20, iterations_per_update=5) == 1.0
+    assert warmup_factor(1, 20, iterations_per_update=5) == pytest.approx(6 / 20)
+    cfg = build_config({}, {"train.ttur_ratio": 5, "train.warmup_steps": 20, "train.lr": 1e-3,
+                            "train.critic_lr": 4e-3})
+    gen = TorchOptimizedModule(torch.nn.Linear(2, 2), cfg.train, role="generator")
+    critic = TorchOptimizedModule(torch.nn.Linear(2, 2), cfg.train, role="critic")
+    for opt in (gen, critic):
+        for _ in range(4):
+            opt.module(torch.randn(3, 2)).sum().backward()
+            opt.step()
+    assert gen.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # 4 updates = 20 iterations
+    assert critic.optimizer.param_groups[0]["lr"] == pytest.approx(4e-3 * 5 / 20)  # its own LR, 5 of 20
+
+
+# -- EMA --------------------------------------------------------------------------------------
+def test_ema_warms_up_swaps_in_and_round_trips():
+    net = torch.nn.Linear(3, 1)
+    ema = GeneratorEMA(net, [0.9, 0.99])
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update()  # update 0: decay min(0.9, 1/10) = 0.1 -> 90% of the new weights
+    torch.testing.assert_close(ema.averages[0.9][0], 0.1 * start + 0.9 * (start + 1))
+    trained = net.weight.detach().clone()
+    with ema.swapped_in(0.99) as model:
+        torch.testing.assert_close(model.weight, ema.averages[0.99][0])
+    assert torch.equal(net.weight, trained)  # its own weights are back
+    state = ema.state_dict()
+    assert f"{ema_name(0.9)}/weight" in state and int(state["updates"]) == 1
+    other = GeneratorEMA(copy.deepcopy(net), [0.9, 0.99])
+    other.load_state_dict(state)
+    assert other.updates == 1 and torch.equal(other.averages[0.9][0], ema.averages[0.9][0])
+    with pytest.raises(KeyError, match="ema_0.5"):
+        GeneratorEMA(net, [0.5]).load_state_dict(state)
+    assert GeneratorEMA(net, [0.5, 0.9]).load_state_dict(state, strict=False) == [0.9]
+
+
+def test_ema_and_gan_config_is_checked():
+    digits = {"model.family": "unet2d", "model.teacher": "train"}
+    with pytest.raises(ConfigError, match="export.ema"):
+        build_config({}, {**digits, "train.ema_decays": [0.9], "export.ema": 0.99})
+    with pytest.raises(ConfigError, match="ema_decays"):
+        build_config({}, {**digits, "train.ema_decays": [1.5]})
+    with pytest.raises(ConfigError, match="zero_stage"):
+        build_config({}, {**digits, "train.ema_decays": [0.9], "scale.zero_stage": 3})
+    with pytest.raises(ConfigError, match="loss.gan_augment"):
+        build_config({}, {**digits, "loss.gan_augment": ["rotate"]})
+    with pytest.raises(ConfigError, match="toy2d"):  # points have no image augmentation or conv head
+        build_config({}, {"loss.gan_augment": ["shift"]})
+
+
+def test_step_updates_the_ema_after_each_generator_update():
+    step, gen, critic, mixture = make_step({"train.ttur_ratio": 2})
+    step.ema = GeneratorEMA(gen, [0.9])
+    for i in range(5):
+        step(Batch(mixture.sample(32)), i)
+    assert step.ema.updates == 3  # iterations 0, 2, 4
+
+
+# -- staged runs -----------------------------------------------------------------------------
+def _unet_folder(path):
+    from dmdscale.models.unet2d import tiny_unet_config
+
+    UNet2DModel(**tiny_unet_config(16, 1, 10, 8)).save_pretrained(path / "unet")
+    DDPMScheduler(prediction_type="v_prediction").save_pretrained(path / "scheduler")
+    return path
+
+
+def test_init_starts_generator_critic_and_ema_from_another_runs_stage(tmp_path):
+    from dmdscale.distributed.worker import build_players, init_ema
+
+    teacher = str(_unet_folder(tmp_path / "teacher"))
+    cfg = build_config({}, {"model.family": "unet2d", "model.teacher": teacher, "train.ema_decays": [0.9]})
+    _, generator, critic = build_players(cfg, teacher, torch.device("cpu"))
+    with torch.no_grad():  # "trained" weights
+        for p in [*generator.parameters(), *critic.parameters()]:
+            p.add_(0.01)
+    ema = init_ema(cfg, generator)
+    ema.update()
+    save_stage(tmp_path / "run1", {"generator": generator.state_dict(), "critic": critic.state_dict(),
+                                   "ema": ema.state_dict()})
+    assert init_source(tmp_path / "run1") == ("stage", tmp_path / "run1" / "stage")
+
+    stage2 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init": str(tmp_path / "run1"),
+                                                                          "ema_decays": [0.9, 0.99]})})
+    _, gen2, critic2 = build_players(stage2, teacher, torch.device("cpu"))
+    for a, b in [(generator, gen2), (critic, critic2)]:
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), name
+    ema2 = init_ema(stage2, gen2)
+    assert ema2.updates == 1 and torch.equal(ema2.averages[0.9][0], ema.averages[0.9][0])
+
+    with pytest.raises(ConfigError, match="train.init"):
+        init_source(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="neither"):
+        init_source(tmp_path / "teacher")
+
+
+def test_init_from_an_exported_student_loads_its_unet(tmp_path):
+    from dmdscale.distributed.worker import build_players
+    from dmdscale.export import export_unet_student
+
+    teacher = str(_unet_folder(tmp_path / "teacher"))
+    cfg = build_config({}, {"model.family": "unet2d", "model.teacher": teacher})
+    _, generator, _ = build_players(cfg, teacher, torch.device("cpu"))
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.mul_(1.5)
+    export_unet_student(generator, [999], tmp_path / "run" / "student")
+    assert set(load_stage(tmp_path / "run")) == {"generator"}
+    stage2 = build_config({}, {"model.family": "unet2d", "model.teacher": teacher, "train.init": str(tmp_path / "run")})
+    _, gen2, _ = build_players(stage2, teacher, torch.device("cpu"))
+    for p, q in zip(generator.parameters(), gen2.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_full_head_and_augmentation_train_on_a_pixel_unet(tmp_path):
+    """The authors' head and DiffAugment in the real step on a (tiny) diffusers UNet: one
+    generator and one critic update with finite losses, the head's weights moving."""
+    from dmdscale.distributed.worker import build_players
+    from dmdscale.models.heads import FullHead
+
+    teacher_path = str(_unet_folder(tmp_path / "teacher"))
+    cfg = build_config({}, {"model.family": "unet2d", "model.teacher": teacher_path, "train.batch_size": 8,
+                            "train.warmup_steps": 0, "loss.gan_generator_weight": 0.01, "loss.gan_critic_weight": 0.1,
+                            "loss.gan_head": "full", "loss.gan_augment": ["shift", "cutout"],
+                            "loss.gan_timesteps": "karras", "loss.gan_max_step": 500, "train.log_every": 1})
+    teacher, generator, critic = build_players(cfg, teacher_path, torch.device("cpu"))
+    assert isinstance(critic.head, FullHead)
+    step = DMD2Step(cfg, teacher, TorchOptimizedModule(generator, cfg.train, role="generator"),
+                    TorchOptimizedModule(critic, cfg.train, role="critic"))
+    head_before = [p.detach().clone() for p in critic.head.parameters()]
+    m = step(Batch(torch.rand(8, 1, 16, 16) * 2 - 1, torch.arange(8) % 10), 0)
+    assert m["nonfinite_generator"] == 0 and m["nonfinite_critic"] == 0
+    assert all(k in m for k in ("loss_gan_generator", "loss_gan_critic", "grad_norm_gan_x"))
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, critic.head.parameters()))
