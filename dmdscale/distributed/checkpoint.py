@@ -155,17 +155,20 @@ def init_source(path: str | Path) -> tuple[str, Path]:
                       f"exported student ({STUDENT_INFO})")
 
 
-def load_stage(path: str | Path) -> dict[str, dict[str, Tensor]]:
-    """The weights `train.init` starts from, by part (generator, and critic and ema when the
-    source has them). An exported student's UNet is read as the generator's `unet.` weights."""
+def load_stage(path: str | Path, parts: tuple[str, ...] = STAGE_PARTS) -> dict[str, dict[str, Tensor]]:
+    """The weights `train.init` starts from, by part (of `parts`: generator, and critic and ema
+    when the source has them). An exported student's UNet is read as the generator's `unet.`
+    weights."""
     kind, folder = init_source(path)
     if kind == "student":
+        if "generator" not in parts:
+            return {}
         unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
         if not unet.is_file():
             raise ConfigError(f"train.init: {folder} has no unet/diffusion_pytorch_model.safetensors; start from "
                               f"the run folder instead (its stage/ holds the generator, critic and EMA)")
         return {"generator": {f"unet.{k}": v for k, v in load_file(unet).items()}}
-    return {part: load_file(folder / f"{part}.safetensors") for part in STAGE_PARTS
+    return {part: load_file(folder / f"{part}.safetensors") for part in parts
             if (folder / f"{part}.safetensors").is_file()}
 
 

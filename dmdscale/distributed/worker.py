@@ -64,7 +64,7 @@ def build_players(cfg: Config, teacher_path: str, device: torch.device) -> tuple
             model.unet.enable_gradient_checkpointing()
     critic = Critic(fake_score, family.critic_head(cfg, fake_score)).to(device)
     if cfg.train.init is not None:  # a new stage: another run's weights, fresh optimizers
-        start = load_stage(cfg.train.init)
+        start = load_stage(cfg.train.init, ("generator", "critic"))  # the EMAs: init_ema
         _load_part(generator, start["generator"], "generator", cfg.train.init)
         if "critic" in start:
             _load_part(critic, start["critic"], "critic", cfg.train.init)
@@ -85,7 +85,7 @@ def init_ema(cfg: Config, generator: torch.nn.Module) -> GeneratorEMA | None:
         return None
     ema = GeneratorEMA(generator, cfg.train.ema_decays)
     if cfg.train.init is not None:
-        start = load_stage(cfg.train.init)
+        start = load_stage(cfg.train.init, ("ema",))
         if "ema" in start:
             ema.load_state_dict(start["ema"], strict=False)
     return ema
