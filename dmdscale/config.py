@@ -11,8 +11,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dmdscale.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value is missing, unknown or out of range; the message names the dotted key."""
 
 
@@ -234,6 +236,10 @@ class ScaleConfig(_Section):
     # CPUs the run plans its train workers and side actors within; None: the whole Ray
     # cluster's. A sweep sets each trial's share, so concurrent trials do not oversubscribe.
     cluster_cpus: float | None = Field(None, gt=0)
+    # A run asks Ray for more than its cluster holds: a cluster this process started fails at
+    # once; one joined by address may autoscale, so the request is asked of the autoscaler and
+    # waited for this long (announced, with what is pending) before the run fails.
+    resource_wait_s: float = Field(600.0, ge=0)
 
 
 class ExportConfig(_Section):
@@ -247,7 +253,8 @@ class ExportConfig(_Section):
 
 
 class EvalConfig(_Section):
-    num_samples: int = Field(5000, ge=1)
+    # FID needs a covariance and the k-NN figures (k up to 5) more images than neighbours.
+    num_samples: int = Field(5000, ge=8)
     teacher_steps: int = Field(100, ge=1)  # the teacher's deterministic many-step sampler
     # FID features: a digit classifier dmdscale trains, or clean-fid's Inception (local weights only).
     feature_extractor: Literal["classifier", "inception"] = "classifier"
@@ -344,6 +351,10 @@ class Config(_Section):
         if self.lora.enabled and not family.supports_lora:
             lora = ", ".join(name for name, f in FAMILIES.items() if f.supports_lora)
             raise ValueError(f"lora.enabled: LoRA applies to the {lora} families, not {self.model.family!r}")
+        workers, batch = self.scale.num_workers, self.train.batch_size
+        if batch % workers:
+            raise ValueError(f"train.batch_size: {batch} does not split evenly over scale.num_workers={workers} "
+                             f"(each worker takes batch_size / num_workers); use a multiple of {workers}")
         if self.export.ema is not None and self.export.ema not in self.train.ema_decays:
             raise ValueError(f"export.ema: {self.export.ema} is not one of train.ema_decays {self.train.ema_decays}")
         if self.train.ema_decays and self.scale.zero_stage == 3:
@@ -387,7 +398,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' must look like key=value, e.g. train.max_steps=100")
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{text}': the value is not valid YAML (quote strings holding ': ' or '#')") from None
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -428,7 +442,13 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config file '{path}'{where}: not valid YAML ({problem})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
     return build_config(raw, overrides, quick)

@@ -1,10 +1,12 @@
 """The one driver: a whole run of any family into a run folder, read top to bottom.
 
-Preflight (cheap checks, before any cluster work), the run journal (resume or refuse a changed
-config), what the family builds once (teacher, classifier), the MLflow run, training (on Ray
-Train, or in process), the final evaluation, and the run folder: metrics.json, samples.npz,
-samples.png, losses.png, (with checkpoint evaluations) checkpoint_evaluations.json and fid.png,
-and student/.
+Preflight (every cheap check before anything slow: data and labels, teacher, evaluation
+settings, tracking server, the Ray cluster's size), the run journal (resume, refuse a changed
+config, or only redo the evaluation of a run whose training finished), what the family builds
+once (teacher, classifier), the MLflow run, training (on Ray Train, or in process), the final
+evaluation, and the run folder: metrics.json, samples.npz, samples.png, losses.png, (with
+checkpoint evaluations) checkpoint_evaluations.json and fid.png, and student/. The journal
+marks the run finished only when all of that is written.
 """
 from __future__ import annotations
 
@@ -19,7 +21,30 @@ import numpy as np
 from dmdscale.config import Config
 from dmdscale.distributed.checkpoint import RunJournal, init_source, parse_fail_at_step
 from dmdscale.families import family_of
-from dmdscale.tracking import Tracker
+from dmdscale.families.base import Trained
+from dmdscale.redact import redact_mapping
+from dmdscale.tracking import Tracker, absolute_tracking_uri, check_tracking_server
+
+TRAINED_RECORD = "trained.json"  # what training handed the evaluation: a rerun evaluates from it
+
+
+def _save_trained(trained: Trained, out: Path) -> None:
+    record = {"student": str(trained.student), "metrics": trained.metrics, "evaluations": trained.evaluations}
+    (out / TRAINED_RECORD).write_text(json.dumps(record, indent=1, default=float))
+
+
+def _load_trained(out: Path) -> Trained:
+    """The record of a run whose training finished (the log is the run folder's train_log.json)."""
+    from dmdscale.config import ConfigError
+    from dmdscale.distributed.worker import TRAIN_LOG
+
+    record, log = out / TRAINED_RECORD, out / TRAIN_LOG
+    if not record.is_file() or not log.is_file() or not Path(json.loads(record.read_text())["student"]).exists():
+        raise ConfigError(f"{out}: the journal says this run's training finished, but {record.name}, {log.name} or "
+                          f"the student is missing from the run folder; rerun with the --out it trained into, "
+                          f"or delete its storage folder to train again")
+    data = json.loads(record.read_text())
+    return Trained(data["student"], data["metrics"], json.loads(log.read_text()), data["evaluations"])
 
 
 def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
@@ -34,23 +59,37 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.init is not None:
         init_source(cfg.train.init)  # a missing or wrong start folder fails here, before any work
-    inputs = family.preflight(cfg)
+    inputs = family.preflight(cfg)  # data, labels, teacher, evaluation settings
+    check_tracking_server(absolute_tracking_uri())
     # Runs on Ray keep a journal beside their checkpoints: a rerun resumes an unfinished run of
-    # the same config, and a changed config is an error here, before any work.
+    # the same config (or only evaluates one whose training finished), and a changed config is
+    # an error here, before any work.
     journal = RunJournal.at(*run_storage(cfg, out)) if family.trains_on_ray else None
-    resuming = journal is not None and journal.begin(cfg.flat()) == "resume"
-    if resuming:
+    state = journal.begin(redact_mapping(cfg.flat())) if journal is not None else "new"  # no credentials stored
+    if family.trains_on_ray:
+        from dmdscale.distributed.cluster import connect, ensure_fits
+
+        connect(log_to_driver=True)
+        ensure_fits(cfg)
+    if state == "resume":
         print(f"dmdscale: {journal.directory} holds an unfinished run of this config; resuming it")
+    elif state == "evaluate":
+        print(f"dmdscale: {journal.directory} holds a run of this config whose training finished; "
+              f"evaluating it and writing the run folder")
     inputs = family.prepare(cfg, inputs)
 
-    resume_run_id = journal.read().get("mlflow_run_id") if resuming else None
+    resume_run_id = journal.read().get("mlflow_run_id") if state != "new" else None
     with Tracker(cfg.name, run_name=f"{family.run_label}-{out.name}", params=cfg.flat(),
                  resume_run_id=resume_run_id, tags=run_tags) as tracker:
         if journal is not None:
             journal.note("mlflow_run_id", tracker.run_id)
-        trained = family.fit(cfg, inputs, out, tracker, fail_at_step=fail_at_step, on_evaluation=on_evaluation)
-        if journal is not None:
-            journal.mark_finished()  # the student is out: a rerun starts afresh
+        if state == "evaluate":
+            trained = _load_trained(out)
+        else:
+            trained = family.fit(cfg, inputs, out, tracker, fail_at_step=fail_at_step, on_evaluation=on_evaluation)
+            if journal is not None:
+                _save_trained(trained, out)
+                journal.mark_trained()  # an interrupted evaluation is redone, not the training
         evaluation = family.evaluate(cfg, inputs, trained, out / "fid")
         metrics = {**evaluation.metrics, **trained.metrics}
 
@@ -72,5 +111,7 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
         for name in pictures:
             tracker.log_artifact(out / name)
         shutil.rmtree(out / "fid", ignore_errors=True)
+        if journal is not None:
+            journal.mark_finished()  # everything promised is written: a rerun starts afresh
     print(json.dumps(metrics, indent=2))
     return metrics

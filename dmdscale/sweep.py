@@ -214,9 +214,17 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], out: str, cluster
 
 
 def prepare(cfg: Config) -> None:
-    """Build what every trial would otherwise build at once (e.g. data, classifier, teacher)."""
+    """The cheap checks first (data, teacher, tracking server, the cluster holds one trial's run),
+    then build what every trial would otherwise build at once (e.g. data, classifier, teacher)."""
+    from dmdscale.distributed.cluster import connect, ensure_fits
+    from dmdscale.tracking import absolute_tracking_uri, check_tracking_server
+
     family = family_of(cfg)
-    family.prepare(cfg, family.preflight(cfg))
+    inputs = family.preflight(cfg)
+    check_tracking_server(absolute_tracking_uri())
+    connect(log_to_driver=True)
+    ensure_fits(cfg)
+    family.prepare(cfg, inputs)
 
 
 def _check_same_sweep(cfg: Config, out: Path) -> bool:
@@ -336,8 +344,6 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     resuming = _check_same_sweep(cfg, out)
     (out / "sweep_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     prepare(cfg)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
     cluster = ray.cluster_resources()
     slots = concurrent_trials(cfg, cluster)
     # CPU trials plan their workers within their share of the CPUs (scale.cluster_cpus).

@@ -17,6 +17,9 @@ from typing import Any, Callable
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 
+from dmdscale.errors import UserError
+from dmdscale.redact import redact
+
 # MLflow's HTTP client retries a failed request 7 times with backoff factor 2, each try with a
 # 120 s timeout: with the server gone, one logging call blocks a training step for about 4
 # minutes. dmdscale retries on its own scale instead (MlflowSink's back-off), so its default
@@ -96,7 +99,7 @@ class MlflowSink:
             return True
         if self._retry_at is not None and self._clock() < self._retry_at:
             self.skipped += 1
-            self.last_problem = (f"skipped: MLflow at {self.tracking_uri} failed earlier; "
+            self.last_problem = (f"skipped: MLflow at {redact(self.tracking_uri)} failed earlier; "
                                  f"next try in {self._retry_at - self._clock():.0f} s")
             return False
         try:
@@ -112,7 +115,7 @@ class MlflowSink:
 
     def _failed(self, what: str, exc: Exception) -> None:
         self.failures += 1
-        self.last_problem = f"{type(exc).__name__}: {exc}"
+        self.last_problem = redact(f"{type(exc).__name__}: {exc}")
         if self._retry_at is None:  # the first failure of an outage: say it once
             _warn(f"MLflow logging to {self.tracking_uri} failed ({what}): {self.last_problem}\n"
                   f"  Training goes on; the figures are kept in the run folder. MLflow calls are "
@@ -122,7 +125,7 @@ class MlflowSink:
         self._retry_at = self._clock() + self._wait
 
     def _recovered(self) -> None:
-        print(f"dmdscale: MLflow at {self.tracking_uri} answers again ({self.failures} calls failed and "
+        print(f"dmdscale: MLflow at {redact(self.tracking_uri)} answers again ({self.failures} calls failed and "
               f"{self.skipped} were skipped so far; those figures are only in the run folder)",
               file=sys.stderr, flush=True)
         self._retry_at, self._wait = None, self._first_wait
@@ -130,11 +133,53 @@ class MlflowSink:
 
 def _warn(message: str) -> None:
     # print, not warnings.warn: the default filter would show a later outage's warning only once.
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    print(f"warning: {redact(message)}", file=sys.stderr, flush=True)  # never a credential of the URI
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(UserError, RuntimeError):
     """The run could not be created or opened at the tracking URI when it started."""
+
+
+def check_tracking_server(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Before any slow work: an http(s) tracking server must answer its /health endpoint within
+    `timeout` seconds (a local sqlite or file store needs no check)."""
+    import urllib.error
+    import urllib.request
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:  # credentials in the URI go in a header, as MLflow's client sends them
+        request = urllib.request.Request(_without_userinfo(url), headers=_basic_auth(tracking_uri))
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # it answers; MLflow's own client reports credentials
+            return
+        problem = f"HTTP {exc.code}"
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+    raise TrackingUnavailable(
+        f"the MLflow tracking server at {redact(tracking_uri)} did not answer within {timeout:g} s ({redact(problem)}); "
+        f"start it, fix MLFLOW_TRACKING_URI, or unset it to log into ./mlflow.db")
+
+
+def _without_userinfo(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+def _basic_auth(url: str) -> dict[str, str]:
+    import base64
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.username is None:
+        return {}
+    token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
 
 
 class Tracker:
@@ -157,16 +202,16 @@ class Tracker:
             self.run = self._open_run(experiment, run_name, resume_run_id)
             self.run_id = self.run.info.run_id
             logged = self.run.data.params  # a resumed run keeps the values it started with
-            params = {k: str(v)[:6000] for k, v in (params or {}).items() if k not in logged}
+            params = {k: redact(str(v))[:6000] for k, v in (params or {}).items() if k not in logged}
             if params or tags:
                 self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()],
                                       tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
         except Exception as exc:
-            raise TrackingUnavailable(
+            raise TrackingUnavailable(redact(
                 f"cannot start an MLflow run at {self.tracking_uri} (MLFLOW_TRACKING_URI="
                 f"{os.environ.get('MLFLOW_TRACKING_URI', '<unset>')}): {type(exc).__name__}: {exc}\n"
                 f"Start the tracking server, fix MLFLOW_TRACKING_URI, or unset it to log into "
-                f"./mlflow.db.") from exc
+                f"./mlflow.db.")) from exc
         self.sink = MlflowSink(self.tracking_uri, self.run_id, client=self.client)
 
     def _open_run(self, experiment: str, run_name: str | None, resume_run_id: str | None) -> Any:

@@ -60,7 +60,7 @@ def latent_dataset(cfg: Config, train_path: str) -> "ray.data.Dataset":  # noqa:
     import ray.data
 
     cache = cfg.data.latent_cache
-    if cache is not None and _cache_ready(Path(cache).expanduser(), cache_key(cfg, train_path)):
+    if cache is not None and cache_ready(Path(cache).expanduser(), cache_key(cfg, train_path)):
         return ray.data.read_parquet(str(Path(cache).expanduser()))
     ds = encode(cfg, train_path)
     if cache is None:
@@ -95,7 +95,7 @@ def _key_id(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _cache_ready(folder: Path, key: dict[str, Any]) -> bool:
+def cache_ready(folder: Path, key: dict[str, Any]) -> bool:
     """True when `folder` holds finished latents for `key`; an error when it holds another's."""
     marker = folder / CACHE_MARKER
     if not marker.is_file():
@@ -111,4 +111,4 @@ def _cache_ready(folder: Path, key: dict[str, Any]) -> bool:
 def check_cache_target(cfg: Config, train_path: str) -> None:
     """Before any cluster work: a cache folder that holds another run's latents is an error."""
     if cfg.data.latent_cache is not None:
-        _cache_ready(Path(cfg.data.latent_cache).expanduser(), cache_key(cfg, train_path))
+        cache_ready(Path(cfg.data.latent_cache).expanduser(), cache_key(cfg, train_path))

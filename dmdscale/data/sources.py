@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from dmdscale.data.images import to_model_space
+from dmdscale.errors import UserError
 
 __all__ = [
     "DataError",
@@ -59,7 +60,7 @@ _FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _USER_SET_FOOTER_ACTORS = _FOOTER_ACTORS_ENV in os.environ
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source that cannot be used; the message names the path and what is missing."""
 
 
@@ -205,18 +206,37 @@ def _decode_all(data: Sequence[bytes | None], resolution: int, channels: int) ->
 # --------------------------------------------------------------------------- validation
 
 
-def check_source(path: str | os.PathLike, require_labels: bool, require_prompts: bool = False) -> str:
+def check_source(path: str | os.PathLike, require_labels: bool, require_prompts: bool = False,
+                 num_classes: int | None = None) -> str:
     """Validate a source on the driver before any cluster work; returns its kind.
 
-    Reads only Parquet schemas or the small metadata.jsonl, never the images, so a wrong path
-    or a missing column fails in a second with a message naming it, instead of deep inside a
-    Ray task after the cluster has started.
+    Reads only Parquet schemas, the label column (with `num_classes`: every label must be in
+    [0, num_classes)) or the small metadata.jsonl, never the images, so a wrong path, a missing
+    column or a label the model has no class for fails in a second with a message naming it,
+    instead of deep inside a Ray task after the cluster has started.
     """
     source = _describe(path, require_labels)
+    if num_classes is not None and source.has_label:
+        for file in source.files:
+            _check_labels(file, _labels_of(source, file), num_classes)
     if require_prompts and not source.has_prompt:
         column = "'text' in metadata.jsonl" if source.kind == "imagefolder" else "column 'prompt'"
         raise DataError(f"{source.root}: text-to-image training needs captions: {column} is missing")
     return source.kind
+
+
+def _labels_of(source: _Source, file: str) -> np.ndarray:
+    if source.kind == "imagefolder":
+        return _read_metadata(Path(file)).column("label").to_numpy(zero_copy_only=False)
+    return pq.read_table(file, columns=["label"]).column("label").to_numpy(zero_copy_only=False)
+
+
+def _check_labels(file: str, labels: np.ndarray, num_classes: int) -> None:
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        raise DataError(f"{file}: {int(bad.sum())} of {len(labels)} rows have labels outside [0, {num_classes}) "
+                        f"(found {int(labels.min())}..{int(labels.max())}); set data.num_classes to at least "
+                        f"{int(labels.max()) + 1} or fix the labels")
 
 
 def _describe(path: str | os.PathLike, require_labels: bool) -> _Source:

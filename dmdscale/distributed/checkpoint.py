@@ -5,13 +5,20 @@ A checkpoint folder holds, per trainable module, DeepSpeed's own sharded engine 
 per rank its RNG states (safetensors) and data position (JSON). Everything is read back without
 unpickling arbitrary objects: safetensors, JSON, and DeepSpeed files through `torch.load`
 with `weights_only=True` (`dmdscale.distributed.engine.load_weights_only`).
+
+Each rank also writes the sha256 of every file it wrote (checksums_rank<r>.json); a checkpoint
+is verified against them before anything of it is loaded, and a resume falls back to the
+newest checkpoint that verifies (`load_latest_good`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
+import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable, Protocol, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,6 +29,13 @@ from dmdscale.config import ConfigError
 
 def _state_file(rank: int) -> str:
     return f"training_state_rank{rank}.json"
+
+
+def _checksum_file(rank: int) -> str:
+    return f"checksums_rank{rank}.json"
+
+
+CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train names checkpoint folders checkpoint_<timestamp>
 
 
 class Checkpointable(Protocol):
@@ -77,19 +91,24 @@ def set_rng_states(states: dict[str, Tensor], step_rng: Any) -> None:
 
 
 def save_training_state(directory: str | Path, state: TrainingState, modules: dict[str, Checkpointable],
-                        rngs: dict[str, Tensor], rank: int) -> None:
-    """Every rank calls this (engine saves are collective) into its own local folder."""
+                        rngs: dict[str, Tensor], rank: int, world_size: int | None = None) -> None:
+    """Every rank calls this (engine saves are collective) into its own local folder, which Ray
+    merges with the other ranks' in storage. `world_size`: the ranks writing this checkpoint
+    (default: torch.distributed's world)."""
     directory = Path(directory)
     for tag, module in modules.items():
         module.save(directory, tag)
     save_file({k: v.contiguous() for k, v in rngs.items()}, directory / f"rng_rank{rank}.safetensors")
     (directory / _state_file(rank)).write_text(json.dumps(asdict(state)))
+    write_checksums(directory, rank, _world_size() if world_size is None else world_size)
 
 
 def load_training_state(directory: str | Path, modules: dict[str, Checkpointable],
                         rank: int) -> tuple[TrainingState, dict[str, Tensor]]:
-    """Restore the modules in place; return this rank's state and RNG states."""
+    """Restore the modules in place; return this rank's state and RNG states. The checkpoint is
+    verified first (CorruptCheckpoint), so a damaged one leaves no module half loaded."""
     directory = Path(directory)
+    verify_checkpoint(directory)
     state_file = directory / _state_file(rank)
     if not state_file.is_file() and (directory / "train_metrics.json").is_file():
         raise FileNotFoundError(
@@ -103,6 +122,127 @@ def load_training_state(directory: str | Path, modules: dict[str, Checkpointable
         module.load(directory, tag)
     state = TrainingState(**json.loads(state_file.read_text()))
     return state, load_file(directory / f"rng_rank{rank}.safetensors")
+
+
+# -- checksums: a damaged checkpoint is found before it is loaded -----------------------------
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint's file is missing or does not match the checksum saved with it. `detail`
+    names the file and what is wrong, without the folder (which may be a local copy)."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail or message
+
+
+def _damaged(directory: str | Path, detail: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(f"checkpoint {directory} is damaged: {detail}", detail)
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):  # streamed: engine files are large
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: str | Path, rank: int, world_size: int) -> None:
+    """checksums_rank<rank>.json: sha256 and size of every file in `directory`, which holds
+    only what this rank wrote (ranks save into their own folders; their file names differ)."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("checksums_rank"))
+    record = {"world_size": world_size,
+              "files": {p.relative_to(directory).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
+                        for p in files}}
+    (directory / _checksum_file(rank)).write_text(json.dumps(record, indent=1))
+
+
+def _read_checksums(directory: Path, name: str) -> dict[str, Any]:
+    try:
+        record = json.loads((directory / name).read_text())
+        return {"world_size": int(record["world_size"]), "files": dict(record["files"])}
+    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(directory, f"{name} is unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Raise CorruptCheckpoint naming the first missing or altered file of `directory`.
+
+    Every rank checks every rank's files, not only its own: all ranks then reach the same
+    verdict without talking to each other, and fall back to the same checkpoint. A checkpoint
+    without checksum files (written before they existed) passes unchecked.
+    """
+    directory = Path(directory)
+    records = {p.name: _read_checksums(directory, p.name) for p in sorted(directory.glob("checksums_rank*.json"))}
+    for name, record in records.items():
+        for rank in range(record["world_size"]):
+            if _checksum_file(rank) not in records:  # a rank's upload never arrived
+                raise _damaged(directory, f"{_checksum_file(rank)} is missing ({name} says "
+                                          f"{record['world_size']} ranks wrote this checkpoint)")
+    for name, record in records.items():
+        for relative, expected in record["files"].items():
+            path = directory / relative
+            if not path.is_file():
+                raise _damaged(directory, f"{relative} is missing (listed in {name})")
+            if path.stat().st_size != expected["size"]:
+                raise _damaged(directory, f"{relative} has {path.stat().st_size} bytes, "
+                                          f"{name} says {expected['size']}")
+            if _sha256(path) != expected["sha256"]:
+                raise _damaged(directory, f"{relative} does not match its sha256 in {name}")
+
+
+def checkpoints_before(filesystem: Any, latest: str) -> list[str]:
+    """The checkpoint folders beside `latest` (a path on `filesystem`) that Ray wrote before
+    it, newest first. Ray names them checkpoint_<local time to the microsecond>, so name order
+    is report order; folders named after `latest` (an upload that never completed) are left out."""
+    latest_path = PurePosixPath(latest)
+    siblings = _checkpoint_folders(filesystem, str(latest_path.parent))
+    return sorted((p for p in siblings if PurePosixPath(p).name < latest_path.name), reverse=True)
+
+
+def _checkpoint_folders(filesystem: Any, directory: str) -> list[str]:
+    import pyarrow.fs
+
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(directory, allow_not_found=True))
+    return [info.path for info in infos
+            if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX)]
+
+
+T = TypeVar("T")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def load_latest_good(checkpoints: Iterable[Any], load: Callable[[Path], T],
+                     warn: Callable[[str], None] = _warn) -> T:
+    """`load` of the first of `checkpoints` (newest first) that is not damaged.
+
+    A checkpoint is anything with `.path` (named in messages) and `.as_directory()` (a local
+    copy), like `ray.train.Checkpoint`; the iterable may be lazy, so older ones are listed and
+    fetched only when needed. `load` verifies before it loads anything (load_training_state).
+    A damaged one costs a warning naming its bad file; when all are damaged, CorruptCheckpoint
+    names each one's bad file.
+    """
+    damaged: list[tuple[str, str]] = []  # (checkpoint path, its bad file and what is wrong)
+    for checkpoint in checkpoints:
+        try:
+            with checkpoint.as_directory() as local:
+                return load(Path(local))
+        except CorruptCheckpoint as exc:
+            damaged.append((str(checkpoint.path), exc.detail))
+            warn(f"checkpoint {checkpoint.path} is damaged ({exc.detail}); looking for an older one")
+    if not damaged:
+        raise ValueError("load_latest_good: no checkpoint given")
+    bad_files = "; ".join(f"{path}: {detail}" for path, detail in damaged)
+    run_folder = PurePosixPath(damaged[0][0]).parent
+    raise CorruptCheckpoint(f"no undamaged checkpoint to resume from ({bad_files}); delete the run folder "
+                            f"{run_folder} (or use another --out) to train afresh")
 
 
 class EMACheckpoint:
@@ -183,16 +323,19 @@ def parse_fail_at_step(value: str | None) -> int | None:
     try:
         step = int(value)
     except ValueError:
-        raise ValueError(f"DMDSCALE_FAIL_AT_STEP must be a non-negative integer step, got {value!r}") from None
+        raise ConfigError(f"DMDSCALE_FAIL_AT_STEP must be a non-negative integer step, got {value!r}") from None
     if step < 0:
-        raise ValueError(f"DMDSCALE_FAIL_AT_STEP must be a non-negative integer step, got {value!r}")
+        raise ConfigError(f"DMDSCALE_FAIL_AT_STEP must be a non-negative integer step, got {value!r}")
     return step
 
 
 # Keys that may change when a run resumes; any other change means a different run.
 RESUMABLE_CHANGES = ("train.max_steps", "train.max_failures", "eval.", "scale.prefetch_batches",
                      "scale.cpu_threads_per_worker", "scale.storage_path", "scale.cluster_cpus", "rollout.",
-                     "data.encode_")
+                     "data.encode_", "scale.resource_wait_s")
+# Keys that may change when a trained run only reruns its final evaluation: the resumable ones
+# but the length of training (the trained student has the recorded one).
+EVALUATION_CHANGES = tuple(k for k in RESUMABLE_CHANGES if k != "train.max_steps")
 
 
 class RunJournal:
@@ -210,7 +353,14 @@ class RunJournal:
         """The journal of run `run_name` under a storage path or URI (e.g. s3://bucket/runs)."""
         import pyarrow.fs
 
-        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+        from dmdscale.redact import redact
+
+        try:
+            fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+        except (OSError, pyarrow.ArrowException) as exc:  # a bad URI, an unreachable bucket, no credentials
+            raise ConfigError(redact(f"scale.storage_path: cannot use {storage_path} for checkpoints "
+                                     f"({str(exc).splitlines()[0]}); fix the URI, the network or the credentials, "
+                                     f"or leave it unset to keep them in <out>/ray")) from None
         return cls(fs, f"{root.rstrip('/')}/{run_name}")
 
     def read(self) -> dict[str, Any]:
@@ -219,42 +369,97 @@ class RunJournal:
         if self.fs.get_file_info(self.path).type == pyarrow.fs.FileType.NotFound:
             return {"starts": [], "markers": []}
         with self.fs.open_input_stream(self.path) as f:
-            return json.loads(f.read().decode())
+            raw = f.read()
+        try:
+            data = json.loads(raw.decode())
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise self._damaged(exc) from None
+        if not isinstance(data, dict) or not isinstance(data.get("starts"), list):
+            raise self._damaged("not a journal record")
+        return data
+
+    def _damaged(self, reason: Any) -> ConfigError:
+        # Deleting only the journal would let Ray resume the checkpoints without its record.
+        return ConfigError(f"run journal {self.path} is damaged ({reason}); delete the run folder "
+                           f"{self.directory} (or use another --out) to start the run afresh, giving up "
+                           f"resuming its unfinished run")
 
     def begin(self, config: dict[str, Any]) -> str:
-        """Called by the driver before training: "new", or "resume" an unfinished run of the
-        same config. A finished run's folder is cleared for a fresh one; an unfinished run with
-        another config is an error naming the keys, so nothing of it is lost by accident."""
+        """Called by the driver before training; returns what to do with the run folder:
+
+        - "new": train from scratch (a finished run's folder is cleared first; an unfinished
+          run of another config that never wrote a checkpoint is replaced, with a note);
+        - "resume": resume the unfinished training of the same config;
+        - "evaluate": training finished (`mark_trained`) but the final evaluation did not; run
+          only the evaluation (evaluation keys may have changed).
+
+        An unfinished run with a checkpoint and another config is an error naming the keys, so
+        nothing of it is lost by accident.
+        """
         config = json.loads(json.dumps(config, default=str))  # as it reads back (tuples -> lists)
         data = self.read()
         if data.get("finished"):
             self.fs.delete_dir_contents(self.directory)
             data = {"starts": [], "markers": []}
         elif "config" in data:
+            may_change = EVALUATION_CHANGES if data.get("trained") else RESUMABLE_CHANGES
             changed = sorted(k for k in set(config) | set(data["config"])
-                             if not k.startswith(RESUMABLE_CHANGES) and config.get(k) != data["config"].get(k))
-            if changed:
-                raise ConfigError(
-                    f"{self.directory} holds an unfinished run with a different config "
-                    f"({', '.join(changed)}); resume it with the same config, or use another --out "
-                    f"(or scale.storage_path)")
-            return "resume" if data["starts"] else "new"
+                             if not k.startswith(may_change) and config.get(k) != data["config"].get(k))
+            if not changed:
+                return "evaluate" if data.get("trained") else "resume" if data["starts"] else "new"
+            self._refuse_replacing(changed, data)
+            print(f"dmdscale: {self.directory} holds a run of another config ({', '.join(changed)}) that "
+                  f"wrote no checkpoint; starting this one in its place")
+            data = {"starts": [], "markers": []}
         data["config"] = config
         self._write(data)
         return "new"
+
+    def _refuse_replacing(self, changed: list[str], data: dict[str, Any]) -> None:
+        """An error if the run of another config has anything to lose: a checkpoint (its
+        progress) or its training (trained, final evaluation pending)."""
+        keys = ", ".join(changed)
+        if data.get("trained"):
+            raise ConfigError(
+                f"{self.directory} holds a trained run whose final evaluation did not finish, with a "
+                f"different config ({keys}); rerun with its config to evaluate it (evaluation keys such "
+                f"as eval.* may change), or use another --out (or scale.storage_path)")
+        if _checkpoint_folders(self.fs, self.directory):
+            raise ConfigError(
+                f"{self.directory} holds an unfinished run with a different config "
+                f"({keys}); resume it with the same config, or use another --out "
+                f"(or scale.storage_path)")
 
     def note(self, key: str, value: Any) -> None:
         data = self.read()
         data[key] = value
         self._write(data)
 
+    def mark_trained(self) -> None:
+        """Training is done and its student saved; a rerun only evaluates (begin -> "evaluate")."""
+        self.note("trained", True)
+
     def mark_finished(self) -> None:
         self.note("finished", True)
 
     def _write(self, data: dict[str, Any]) -> None:
-        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(self.path) as f:
-            f.write(json.dumps(data, indent=1).encode())
+        """Write a temp file beside the journal, then rename it over the journal: a crash
+        mid-write leaves the old journal whole (an object store's PUT appears whole anyway)."""
+        self.fs.create_dir(self.directory, recursive=True)
+        temp = f"{self.path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with self.fs.open_output_stream(temp) as f:
+                f.write(json.dumps(data, indent=1).encode())
+            self.fs.move(temp, self.path)
+        except BaseException:
+            self._delete_quietly(temp)
+            raise
+
+    def _delete_quietly(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except OSError:  # never written, or already moved
+            pass
 
     def record_start(self, step: int) -> int:
         """Note that training (re)started at `step`; returns how many starts came before."""

@@ -60,11 +60,59 @@ def deepspeed_record_types() -> list[type]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_weights_only(path: str | Path, map_location: Any = None) -> Any:
+def load_weights_only(path: str | Path, map_location: Any = None, mmap: bool | None = None) -> Any:
     """torch.load that never unpickles arbitrary objects: tensors, containers and the few
     DeepSpeed records above. A checkpoint carrying anything else raises UnpicklingError."""
     with torch.serialization.safe_globals(deepspeed_record_types()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        # Not torch.load: inside `every_torch_load_weights_only` that name leads back here.
+        return torch.serialization.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
+def _forced_weights_only(f: Any, map_location: Any = None, *_: Any, mmap: bool | None = None, **__: Any) -> Any:
+    """torch.load's signature; weights_only=False and pickle_module are dropped on purpose."""
+    return load_weights_only(f, map_location, mmap=mmap)
+
+
+@contextlib.contextmanager
+def every_torch_load_weights_only() -> Iterator[None]:
+    """Inside the block every torch.load is weights-only, whatever its caller asks: the net under
+    DeepSpeed code that reads around the checkpoint engine (universal checkpoints, the ZeRO-3
+    fp32 merge, or a later version's new path). Process-wide while it lasts; another thread's
+    torch.load in that window is only made stricter."""
+    original = torch.load
+    torch.load = _forced_weights_only
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _why_loading_is_unsafe(engine: Any) -> str | None:
+    """None when DeepSpeed's checkpoint reads go through `load_weights_only`, else the reason."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is None:
+        return "the engine has no checkpoint_engine to route loads through"
+    if getattr(checkpoint_engine, "load", None) is not load_weights_only:
+        return f"{type(checkpoint_engine).__name__}.load could not be replaced"
+    universal = getattr(engine, "load_universal_checkpoint", None)
+    if universal is None or universal():
+        # Universal checkpoints are read by the optimizers with torch.load(weights_only=False).
+        return "universal checkpoint loading is on or cannot be checked"
+    return None
+
+
+def install_weights_only_loader(engine: Any) -> None:
+    """Make DeepSpeed restore through `load_weights_only`, or refuse to build the engine: its own
+    loader unpickles with weights_only=False, and checkpoints may come from shared storage."""
+    with contextlib.suppress(AttributeError):  # no checkpoint engine, or a read-only load: reported below
+        engine.checkpoint_engine.load = load_weights_only
+    problem = _why_loading_is_unsafe(engine)
+    if problem is not None:
+        import deepspeed
+
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__}: the weights-only checkpoint loader could not be "
+                           f"installed ({problem}); install the DeepSpeed version pyproject.toml allows "
+                           f"or update dmdscale/distributed/engine.py for this one")
 
 
 class DeepSpeedOptimizedModule:
@@ -83,10 +131,8 @@ class DeepSpeedOptimizedModule:
             lr_scheduler=functools.partial(warmup_lr_scheduler, train=train, role=role),
             dist_init_required=not torch.distributed.is_initialized(),
         )
+        install_weights_only_loader(self.engine)
         self.module = self.engine.module
-        # DeepSpeed's own loader unpickles with weights_only=False; checkpoints may come from
-        # shared storage, so restore through the weights-only loader instead.
-        self.engine.checkpoint_engine.load = load_weights_only
 
     def backward(self, loss: Tensor) -> None:
         self.engine.backward(loss)
@@ -123,6 +169,7 @@ class DeepSpeedOptimizedModule:
 
     def load(self, directory: str | Path, tag: str) -> None:
         """Restore what `save` wrote (same number of workers), weights-only."""
-        path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
+        with every_torch_load_weights_only():
+            path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' under {directory}")

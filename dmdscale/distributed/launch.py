@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,7 +52,14 @@ def fit_on_ray(cfg: Config, train_data: Any, teacher_path: str | Path, out: Path
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
         datasets={"train": train_data},
     )
-    result = trainer.fit()
+    # Ray Train's Ctrl-C handler (abort the run) outlives fit(); left in place, a Ctrl-C in the
+    # final evaluation would call a finished controller and exit 0 with the run folder unwritten.
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
     with result.checkpoint.as_directory() as ckpt:
         for part in (*student_parts, ALTERNATES_DIR, STAGE_DIR, TRAIN_LOG):
             src, dst = Path(ckpt) / part, out / part

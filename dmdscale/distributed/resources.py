@@ -9,8 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from dmdscale.config import Config
+from dmdscale.config import Config, ConfigError
 from dmdscale.families import family_of
+
+# A CPU train worker below this share of a CPU is not a plan but an accident (64 workers on
+# 2 CPUs got 0.012 each).
+MIN_WORKER_CPUS = 0.25
 
 
 def uses_rollout_actors(cfg: Config) -> bool:
@@ -57,12 +61,15 @@ def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float]:
             raise ValueError(f"rollout.actor_gpus and eval.actor_gpus leave no GPU share for the train workers "
                              f"(each would get {gpu:g})")
         return {"CPU": 1.0, "GPU": gpu}
-    share = (cluster_cpus - cfg.scale.data_cpus - side.cpus(cfg)) / workers
-    if share <= 0:
-        raise ValueError(
+    free = cluster_cpus - cfg.scale.data_cpus - side.cpus(cfg)
+    share = free / workers
+    if share < MIN_WORKER_CPUS:
+        fit = int(free / MIN_WORKER_CPUS)
+        raise ConfigError(
             f"scale.num_workers={workers} with scale.data_cpus={cfg.scale.data_cpus} and {side.cpus(cfg):g} CPUs "
-            f"for rollout/evaluation actors does not fit the cluster's {cluster_cpus:g} CPUs"
-        )
+            f"for rollout/evaluation actors leaves each train worker {max(share, 0):.3g} of the cluster's "
+            f"{cluster_cpus:g} CPUs (at least {MIN_WORKER_CPUS} each); "
+            + (f"use scale.num_workers <= {fit}" if fit else "lower scale.data_cpus or the actors' CPUs"))
     return {"CPU": min(1.0, share)}
 
 

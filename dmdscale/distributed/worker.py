@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import json
 import tempfile
 import time
@@ -30,6 +31,8 @@ from dmdscale.distributed.checkpoint import (
     InjectedFailure,
     RunJournal,
     TrainingState,
+    checkpoints_before,
+    load_latest_good,
     load_stage,
     load_training_state,
     rng_states,
@@ -192,14 +195,18 @@ class TrainWorker:
         self.images_seen, self.started = 0, time.perf_counter()
 
     def _resume(self) -> tuple[int, DataPosition, list[dict[str, float]]]:
-        """(first step, data position, rank 0's log so far) from the latest checkpoint, if any."""
+        """(first step, data position, rank 0's log so far) from the latest undamaged checkpoint, if any."""
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        latest = ray.train.get_checkpoint()
+        if latest is None:
             return 0, DataPosition(), []
-        with checkpoint.as_directory() as ckpt:
-            state, rngs = load_training_state(ckpt, self.engines, self.rank)
+        # A damaged latest checkpoint falls back to the ones Ray wrote before it, newest first
+        # (listed only if needed); every rank verifies all files, so all pick the same one.
+        fs = latest.filesystem
+        older = (ray.train.Checkpoint(path, fs) for path in checkpoints_before(fs, latest.path))
+        state, rngs = load_latest_good(itertools.chain([latest], older),
+                                       functools.partial(load_training_state, modules=self.engines, rank=self.rank))
         set_rng_states(rngs, self.step_fn.rng)
         return state.step, DataPosition(state.data_epoch, state.data_batch), \
             (list(state.logged) if self.rank == 0 else [])

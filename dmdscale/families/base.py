@@ -24,6 +24,21 @@ if TYPE_CHECKING:
     from dmdscale.models.base import Denoiser
 
 
+def check_teacher_steps(cfg: Config, teacher: str, trained_here: int | None = None) -> None:
+    """eval.teacher_steps must fit the teacher's schedule (its length: `trained_here` for a
+    teacher dmdscale trains, else a local folder's scheduler config; a hub id is not read)."""
+    from dmdscale.config import ConfigError
+    from dmdscale.models.base import is_local
+
+    length = trained_here
+    config = Path(teacher).expanduser() / "scheduler" / "scheduler_config.json"
+    if length is None and is_local(teacher) and config.is_file():
+        length = int(json.loads(config.read_text()).get("num_train_timesteps", 1000))
+    if length is not None and cfg.eval.teacher_steps > length:
+        raise ConfigError(f"eval.teacher_steps: {cfg.eval.teacher_steps} sampler steps, but the teacher's schedule "
+                          f"has {length} timesteps; use at most {length}")
+
+
 @dataclasses.dataclass
 class RunInputs:
     """What a run needs before training: its data paths and its teacher (path or hub id)."""
@@ -97,6 +112,11 @@ class Family:
         """(Ray Data stream of training rows, DatasetStats of the source)."""
         raise NotImplementedError
 
+    def data_demands(self, cfg: Config) -> list[Any]:
+        """What the family's data stage holds of the cluster before training starts
+        (`dmdscale.distributed.cluster.Demand`s); none by default."""
+        return []
+
     def start_eval_pool(self, cfg: Config, inputs: Any, tracker: Any) -> Any:
         """The checkpoint evaluation pool (families with `has_eval_actors`)."""
         raise NotImplementedError
@@ -112,15 +132,13 @@ class Family:
         """Train on Ray: the family's data stream, checkpoint evaluations on separate actors
         meanwhile (each handed to `on_evaluation` as soon as it is finished), DMD2 on Ray Train
         with DeepSpeed; then the exported student."""
-        import ray
-
+        from dmdscale.distributed.cluster import connect
         from dmdscale.distributed.evalpool import fit_while_watching
         from dmdscale.distributed.launch import fit_on_ray
         from dmdscale.distributed.resources import uses_eval_actors
         from dmdscale.distributed.worker import TRAIN_LOG
 
-        if not ray.is_initialized():
-            ray.init(log_to_driver=True)
+        connect(log_to_driver=True)
         train_data, stats = self.train_data(cfg, inputs)
         eval_pool = self.start_eval_pool(cfg, inputs, tracker) if uses_eval_actors(cfg) else None
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dmdscale.config import Config
-from dmdscale.families.base import Evaluation, Family, RunInputs, Trained
+from dmdscale.families.base import Evaluation, Family, RunInputs, Trained, check_teacher_steps
 
 STUDENT_UNET_DIR = "student_unet"  # the final checkpoint's UNet; finish_student builds the pipeline around it
 STUDENT_LORA = "student_lora.safetensors"
@@ -69,14 +69,32 @@ class SDFamily(Family):
         """The teacher folder's parts, images and captions in the data, the latent cache target."""
         from dmdscale.data.latents import check_cache_target
         from dmdscale.data.sources import check_source, load_prompts, source_paths
+        from dmdscale.models.base import check_hub_teacher, is_local
         from dmdscale.models.sd import check_pipeline_folder
 
-        check_pipeline_folder(cfg.model.teacher, self.name)
+        teacher = check_pipeline_folder(cfg.model.teacher, self.name)
+        if not is_local(teacher):
+            check_hub_teacher(teacher)
+        check_teacher_steps(cfg, teacher)
         train, held_out = source_paths(cfg)
         for path in {train, held_out}:
             check_source(path, require_labels=False, require_prompts=True)
         check_cache_target(cfg, train)
         return Inputs(train, held_out, cfg.model.teacher, load_prompts(held_out, cfg.eval.num_samples))
+
+    def data_demands(self, cfg: Config) -> list[Any]:
+        """The encoding actor pool (data.encode_actors, a GPU each with scale.use_gpu), unless the
+        latents are already cached."""
+        from dmdscale.data.latents import cache_key, cache_ready
+        from dmdscale.data.sources import source_paths
+        from dmdscale.distributed.cluster import Demand
+
+        cache = cfg.data.latent_cache
+        if cache is not None and cache_ready(Path(cache).expanduser(), cache_key(cfg, source_paths(cfg)[0])):
+            return []
+        per_actor = {"CPU": min(1.0, cfg.scale.data_cpus)} | ({"GPU": 1.0} if cfg.scale.use_gpu else {})
+        return [Demand("latent encoding", {k: v * cfg.data.encode_actors for k, v in per_actor.items()},
+                       "data.encode_actors, scale.use_gpu, scale.data_cpus")]
 
     def load_teacher(self, cfg: Config, teacher_path: str):
         """bf16 weights under bf16 mixed precision: a frozen network needs no fp32 copy."""

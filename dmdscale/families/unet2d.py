@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dmdscale.config import Config
-from dmdscale.families.base import Evaluation, Family, RunInputs, Trained
+from dmdscale.families.base import Evaluation, Family, RunInputs, Trained, check_teacher_steps
 
 
 @dataclasses.dataclass
@@ -73,10 +73,18 @@ class UNet2DFamily(Family):
     def preflight(self, cfg: Config) -> Inputs:
         """(train path, held-out path), validated on the driver before any cluster work."""
         from dmdscale.data.sources import check_source, source_paths
+        from dmdscale.models.base import check_hub_teacher, is_local
+        from dmdscale.models.unet2d import check_unet_folder
+        from dmdscale.tools.teacher import TRAIN_TIMESTEPS
 
         train, held_out = source_paths(cfg)
-        for path in {train, held_out}:
-            check_source(path, require_labels=True)  # class-conditional: labels are required
+        for path in {train, held_out}:  # class-conditional: labels are required, each with its class
+            check_source(path, require_labels=True, num_classes=cfg.data.num_classes)
+        if cfg.model.teacher != "train":
+            teacher = check_unet_folder(cfg.model.teacher)
+            if not is_local(teacher):
+                check_hub_teacher(teacher)
+        check_teacher_steps(cfg, cfg.model.teacher, TRAIN_TIMESTEPS if cfg.model.teacher == "train" else None)
         return Inputs(train, held_out, cfg.model.teacher)
 
     def prepare(self, cfg: Config, inputs: Inputs) -> Inputs:
@@ -90,7 +98,7 @@ class UNet2DFamily(Family):
         if len(train[0]) == 0 or len(held_out[0]) == 0:
             raise DataError(f"no usable images in {inputs.train_path if len(train[0]) == 0 else inputs.held_out_path}")
         classifier = load_or_train_classifier(Path(cfg.cache_dir).expanduser() / "classifiers", *train,
-                                              steps=cfg.eval.classifier_steps)
+                                              steps=cfg.eval.classifier_steps, num_classes=cfg.data.num_classes)
         teacher = str(resolve_teacher(cfg, *train))
         return dataclasses.replace(inputs, teacher_path=teacher, train=train, held_out=held_out, classifier=classifier)
 

@@ -66,7 +66,9 @@ def check_pipeline_folder(path: str | os.PathLike, family: str) -> str:
     needed = sd_variant(family).components
     missing = [n for n in needed if not (root / n).exists()]
     if missing:
-        raise FileNotFoundError(f"model.teacher {str(root)!r} is not a diffusers {family} pipeline folder: "
+        from dmdscale.errors import TeacherNotFound
+
+        raise TeacherNotFound(f"model.teacher {str(root)!r} is not a diffusers {family} pipeline folder: "
                                 f"missing {', '.join(missing)}")
     return str(root)
 

@@ -120,23 +120,31 @@ def tiny_unet_config(resolution: int = 16, channels: int = 1, num_classes: int =
     }
 
 
+def check_unet_folder(path_or_hub_id: str | os.PathLike) -> str:
+    """A local teacher folder must hold unet/ and scheduler/ (TeacherNotFound naming what is
+    missing); a hub id passes through. Returns the path to load from."""
+    from dmdscale.errors import TeacherNotFound
+
+    p = os.fspath(path_or_hub_id)
+    if not is_local(p):
+        return p
+    root = Path(p).expanduser()
+    missing = [sub for sub, f in (("unet", "config.json"), ("scheduler", "scheduler_config.json"))
+               if not (root / sub / f).is_file()]
+    if missing:
+        raise TeacherNotFound(
+            f"teacher folder {str(root)!r} is not a diffusers UNet teacher: missing "
+            + ", ".join(f"{m}/" for m in missing)
+            + " (expected unet/config.json with weights and scheduler/scheduler_config.json)")
+    return str(root)
+
+
 def load_unet(path_or_hub_id: str | os.PathLike) -> ClassConditionalUNet:
     """A class-conditional UNet from a diffusers folder (local, or a hub id) with `unet/` and
     `scheduler/`: a user's own teacher, the cached one `load_or_train_teacher` makes, or an
     exported student (same layout). Returned in eval mode with gradients off.
     """
-    p = os.fspath(path_or_hub_id)
-    if is_local(p):
-        root = Path(p).expanduser()
-        missing = [sub for sub, f in (("unet", "config.json"), ("scheduler", "scheduler_config.json"))
-                   if not (root / sub / f).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"teacher folder {str(root)!r} is not a diffusers UNet teacher: missing "
-                + ", ".join(f"{m}/" for m in missing)
-                + " (expected unet/config.json with weights and scheduler/scheduler_config.json)"
-            )
-        p = str(root)
+    p = check_unet_folder(path_or_hub_id)
     try:
         unet = UNet2DModel.from_pretrained(p, subfolder="unet")
         scheduler = DDPMScheduler.from_pretrained(p, subfolder="scheduler")

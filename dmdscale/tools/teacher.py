@@ -32,6 +32,9 @@ def _as_tensor(a: ArrayLike) -> torch.Tensor:
     return a.detach().cpu() if torch.is_tensor(a) else torch.from_numpy(np.ascontiguousarray(a))
 
 
+TRAIN_TIMESTEPS = 1000  # the schedule of the teachers dmdscale trains (DDPM's)
+
+
 def ddpm_scheduler(prediction_type: str = "v_prediction") -> DDPMScheduler:
     """The teacher's schedule: linear betas (the DDPM choice for pixels in [-1, 1]).
 
@@ -41,7 +44,7 @@ def ddpm_scheduler(prediction_type: str = "v_prediction") -> DDPMScheduler:
     (50 or 200 steps alike; ancestral DDPM sampling was fine), the same v teacher for none.
     The DM loss reads the teacher's x0 at t up to 980, where the same amplification applies.
     """
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+    return DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="linear",
                          prediction_type=prediction_type, clip_sample=False)
 
 

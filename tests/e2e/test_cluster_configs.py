@@ -6,12 +6,14 @@ provider's defaults merged in, node types filled out) and `validate_config` (ray
 plus the cross-field checks). The provider bootstrap that follows in `ray up` (IAM, subnets,
 key pairs) needs credentials and is not run. Every `python <script>` these files and
 cluster/README.md name must exist, and every `key=value` given to a pipeline must be a
-dmdscale config key, checked with `load_config` against the pipeline's own YAML.
+dmdscale config key, checked with `load_config` against the pipeline's own YAML. The AWS IAM
+policies and the KubeRay NetworkPolicy are read for what they grant, not applied.
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import re
 import shlex
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 import ray
 import tomllib
 import yaml
+from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
 
@@ -30,7 +33,7 @@ from dmdscale.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 LAUNCHERS = ["aws.yaml", "gcp.yaml"]
-MANIFESTS = ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"]
+MANIFESTS = ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/networkpolicy.yaml"]
 DOCS = ["README.md"]
 HEAD = "head"
 GPUS_PER_MACHINE = {"p4d.24xlarge": 8, "p5.48xlarge": 8, "a2-highgpu-8g": 8, "a3-highgpu-8g": 8}
@@ -173,6 +176,12 @@ def test_setup_installs_dmdscale_with_the_constraints(name):
         remote = next(r for r, local in mounts.items() if Path(local) == Path(needed))
         assert remote == f"{editable}/{needed}"
     assert f"ray[default,train,data,tune]=={ray.__version__}" in args
+    assert pyproject_requirements()["ray"].specifier.contains(ray.__version__), "pyproject.toml excludes this Ray"
+
+
+def pyproject_requirements() -> dict[str, Requirement]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return {r.name: r for r in map(Requirement, deps)}
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)
@@ -181,6 +190,93 @@ def test_docker_image_is_pinned_to_the_clients_ray(name):
     for key in ("image", "head_image", "worker_image"):
         if key in docker:
             assert RAY_IMAGE.match(docker[key]), docker[key]
+
+
+# --- AWS: the instance profiles' policies ----------------------------------------------------
+
+AWS_POLICIES = ["aws-head-policy.json", "aws-worker-policy.json"]
+STORAGE = "MY_BUCKET", "dmdscale"  # s3://MY_BUCKET/dmdscale, the storage path the docs use
+
+
+def aws_policy(name: str) -> list[dict[str, Any]]:
+    doc = json.loads((CLUSTER / name).read_text())
+    assert doc["Version"] == "2012-10-17", name
+    return doc["Statement"]
+
+
+def as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
+
+
+def granting(statements: list[dict[str, Any]], action: str) -> list[dict[str, Any]]:
+    return [s for s in statements if s["Effect"] == "Allow" and action in as_list(s["Action"])]
+
+
+def test_aws_head_and_workers_run_under_named_instance_profiles():
+    config = launcher("aws.yaml")
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]["node_config"]["IamInstanceProfile"]
+    workers = [t["node_config"]["IamInstanceProfile"] for n, t in types.items() if n != config["head_node_type"]]
+    assert set(head) & {"Name", "Arn"}
+    assert workers and all(w == {"Name": "dmdscale-ray-worker"} for w in workers)
+    assert head != workers[0]
+    # With the head's profile named, Ray's bootstrap (`_configure_iam_role`, which imports
+    # boto3, hence read not run) leaves IAM alone instead of creating ray-autoscaler-v1 with
+    # AmazonEC2FullAccess and AmazonS3FullAccess.
+    bootstrap = (Path(ray.__file__).parent / "autoscaler/_private/aws/config.py").read_text()
+    assert 'if "IamInstanceProfile" in head_node_config:' in bootstrap
+
+
+@pytest.mark.parametrize("name", AWS_POLICIES)
+def test_aws_policies_grant_no_wildcard_actions(name):
+    for statement in aws_policy(name):
+        assert "NotAction" not in statement and "NotResource" not in statement, statement.get("Sid")
+        for action in as_list(statement["Action"]):
+            assert action != "*" and not action.endswith(":*"), f"{name}: {action}"
+
+
+def test_the_head_passes_only_the_worker_role_to_ec2():
+    (statement,) = granting(aws_policy("aws-head-policy.json"), "iam:PassRole")
+    assert as_list(statement["Action"]) == ["iam:PassRole"]
+    # README makes the worker role and its instance profile under one name.
+    profile = launcher("aws.yaml")["available_node_types"]["gpu_h100_8x"]["node_config"]["IamInstanceProfile"]
+    assert as_list(statement["Resource"]) == [f"arn:aws:iam::*:role/{profile['Name']}"]
+    assert statement["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+
+
+def test_the_head_manages_only_its_clusters_instances_of_the_worker_types():
+    config = launcher("aws.yaml")
+    statements = aws_policy("aws-head-policy.json")
+    for action in ("ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances"):
+        (statement,) = granting(statements, action)
+        # Ray tags every instance it launches with ray-cluster-name.
+        assert statement["Condition"] == {"StringEquals": {"aws:ResourceTag/ray-cluster-name": config["cluster_name"]}}
+    (deny,) = [s for s in statements if s["Effect"] == "Deny"]
+    assert as_list(deny["Action"]) == ["ec2:RunInstances"] and deny["Resource"].endswith(":instance/*")
+    worker_types = {t["node_config"]["InstanceType"] for n, t in config["available_node_types"].items()
+                    if n != config["head_node_type"]}
+    assert set(deny["Condition"]["StringNotEquals"]["ec2:InstanceType"]) == worker_types
+    region = config["provider"]["region"]
+    for statement in statements:
+        if any(a.startswith("ec2:") for a in as_list(statement["Action"])) and statement["Effect"] == "Allow":
+            scoped = statement.get("Condition", {}).get("StringEquals", {}).get("aws:RequestedRegion")
+            in_arn = all(f":{region}:" in r for r in as_list(statement["Resource"]))
+            assert scoped == region or in_arn, f"{statement['Sid']} is not limited to {region}"
+
+
+@pytest.mark.parametrize("name", AWS_POLICIES)
+def test_s3_access_is_the_run_storage_prefix_only(name):
+    bucket, prefix = STORAGE
+    statements = aws_policy(name)
+    s3 = [s for s in statements if any(a.startswith("s3:") for a in as_list(s["Action"]))]
+    assert s3
+    for statement in s3:
+        for resource in as_list(statement["Resource"]):
+            assert resource in (f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/{prefix}/*"), resource
+    (listing,) = granting(statements, "s3:ListBucket")
+    assert set(listing["Condition"]["StringLikeIfExists"]["s3:prefix"]) == {prefix, f"{prefix}/*"}
+    if name == "aws-worker-policy.json":
+        assert s3 == statements, "workers get storage access and nothing else"
 
 
 # --- entry points and config keys named anywhere in cluster/ ----------------------------------
@@ -431,6 +527,15 @@ def test_rayjob_shuts_down_and_carries_a_valid_runtime_env():
     assert not missing, f"pyproject.toml dependencies missing from the RayJob's pip: {sorted(missing)}"
 
 
+def test_rayjob_pip_keeps_pyprojects_version_bounds():
+    packages = [Requirement(p) for p in yaml.safe_load(rayjob()["spec"]["runtimeEnvYAML"])["pip"]["packages"]]
+    for name, requirement in pyproject_requirements().items():
+        if name == "ray":  # pinned to the image's version, which the bounds must allow
+            assert requirement.specifier.contains(ray.__version__)
+        elif requirement.specifier:
+            assert requirement in packages, f"the RayJob's pip lacks {requirement}"
+
+
 def test_rayjob_cluster_matches_the_raycluster():
     """The RayJob repeats the RayCluster's spec (a RayJob cannot reference it); keep them equal."""
     (_, cluster), (_, job) = cluster_specs()
@@ -439,3 +544,60 @@ def test_rayjob_cluster_matches_the_raycluster():
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     for g in job["workerGroupSpecs"]:
         assert g == groups[g["groupName"]], g["groupName"]
+
+
+# --- KubeRay: the head's NetworkPolicy --------------------------------------------------------
+
+def network_policy() -> dict[str, Any]:
+    (doc,) = yaml.safe_load_all((CLUSTER / "kuberay/networkpolicy.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    return doc
+
+
+def reaches(policy: dict[str, Any], labels: dict[str, str], port: int) -> bool:
+    """Whether a pod of the policy's namespace with these labels may connect to `port` on the
+    selected pods (peers here are podSelectors; a rule without `from` admits everyone)."""
+    for rule in policy["spec"].get("ingress", []):
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        peers = rule.get("from")
+        if peers is None or any(p["podSelector"]["matchLabels"].items() <= labels.items() for p in peers):
+            return True
+    return False
+
+
+RAY_PORTS = [6379, 8265, 10001, 8000, 52365]  # GCS, dashboard, client, serve, dashboard agent
+
+
+def test_network_policy_selects_the_rayclusters_head_and_stays_in_the_namespace():
+    (cluster,) = yaml.safe_load_all((CLUSTER / "kuberay/raycluster.yaml").read_text())
+    spec = network_policy()["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"ray.io/cluster": cluster["metadata"]["name"],
+                                                   "ray.io/node-type": "head"}}
+    assert "Ingress" in spec["policyTypes"]
+    for rule in spec["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits every pod and address"
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"} and set(peer["podSelector"]) == {"matchLabels"}, peer
+
+
+def test_network_policy_opens_the_head_to_its_cluster_and_the_job_api_to_submitters():
+    policy = network_policy()
+    name = policy["spec"]["podSelector"]["matchLabels"]["ray.io/cluster"]
+    worker = {"ray.io/cluster": name, "ray.io/node-type": "worker", "ray.io/group": "gpu-h100-8x"}
+    submitters = [{"app.kubernetes.io/component": "kuberay-operator", "app.kubernetes.io/name": "kuberay-operator"},
+                  {"job-name": rayjob()["metadata"]["name"]},
+                  {"dmdscale.io/ray-submitter": "true", "app": "ci"}]
+    outsiders = [{}, {"app": "notebook"}, {"ray.io/cluster": "other", "ray.io/node-type": "worker"}]
+    assert all(reaches(policy, worker, port) for port in RAY_PORTS)
+    for labels in submitters:
+        assert [p for p in RAY_PORTS if reaches(policy, labels, p)] == [8265], labels
+    for labels in outsiders:
+        assert not any(reaches(policy, labels, p) for p in RAY_PORTS), labels
+
+
+def test_network_policy_check_has_teeth():
+    policy = network_policy()
+    policy["spec"]["ingress"].append({"ports": [{"port": 6379}]})
+    assert reaches(policy, {"app": "notebook"}, 6379)

@@ -2,8 +2,10 @@
 clean-fid and MLflow (sqlite), on --quick, with corrupt rows in the training data."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -35,13 +37,40 @@ def test_bad_config_value_stops_before_any_work(tmp_path):
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 
-def test_missing_labels_stop_before_training(tmp_path):
-    pq.write_table(pa.table({"image": [b"x"]}), tmp_path / "nolabels.parquet")
+def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], dict[str, str], str]:
+    """(arguments, environment, the one message expected) of a bad input."""
+    if case == "no labels":
+        pq.write_table(pa.table({"image": [b"x"]}), tmp_path / "nolabels.parquet")
+        return [f"data.path={tmp_path / 'nolabels.parquet'}"], {}, "required column 'label' is missing"
+    if case == "labels beyond the classes":
+        pq.write_table(pa.table({"image": [b"x"] * 3, "label": pa.array([0, 1, 12], pa.int64())}), tmp_path / "l.parquet")
+        return [f"data.path={tmp_path / 'l.parquet'}"], {}, "1 of 3 rows have labels outside [0, 10) (found 0..12)"
+    if case == "YAML syntax":
+        (tmp_path / "bad.yaml").write_text("model:\n  family: unet2d\n train: {\n")
+        return ["--config", str(tmp_path / "bad.yaml")], {}, "not valid YAML"
+    if case == "teacher folder":
+        return [f"model.teacher={tmp_path / 'teacher'}"], {}, "is not a diffusers UNet teacher: missing unet/, scheduler/"
+    if case == "fail-at-step":
+        return [], {"DMDSCALE_FAIL_AT_STEP": "soon"}, "DMDSCALE_FAIL_AT_STEP must be a non-negative integer step"
+    if case == "storage path":  # an unreachable bucket, credentials in the URI
+        return ["scale.storage_path=s3://AKIA:secretpw@no-such-bucket.invalid/x"], {"AWS_EC2_METADATA_DISABLED": "true"}, \
+            "scale.storage_path: cannot use s3://AKIA:***@no-such-bucket.invalid/x for checkpoints"
+    assert case == "tracking server"
+    return [], {"MLFLOW_TRACKING_URI": "http://bob:pw@127.0.0.1:9"}, "the MLflow tracking server at http://bob:***@"
+
+
+@pytest.mark.parametrize("case", ["no labels", "labels beyond the classes", "YAML syntax", "teacher folder",
+                                  "fail-at-step", "tracking server", "storage path"])
+def test_bad_input_is_one_line_before_any_work(tmp_path, case):
+    """Each is found by a cheap check, before the classifier or teacher trains or Ray starts,
+    and is one line naming its cause, without a traceback (issue 17)."""
+    args, env, message = _bad_input(tmp_path, case)
     proc = subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(tmp_path / "o"),
-                           f"data.path={tmp_path / 'nolabels.parquet'}", f"cache_dir={tmp_path / 'cache'}"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "label" in proc.stderr
-    assert not (tmp_path / "o" / "ray").exists()  # no cluster work happened
+                           f"cache_dir={tmp_path / 'cache'}", *args], capture_output=True, text=True, timeout=300,
+                          env=os.environ | env, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "pw@" not in proc.stderr
+    assert not (tmp_path / "o" / "ray").exists() and not (tmp_path / "cache" / "classifiers").exists()
 
 
 @pytest.fixture(scope="module")
@@ -124,16 +153,37 @@ def test_quick_digits_run_end_to_end_through_an_injected_failure(tmp_path, mlflo
                                                            "ema.safetensors"}
 
 
+def _interrupt_when(proc: subprocess.Popen, path: Path, timeout: float = 1200) -> None:
+    """Ctrl-C `proc` as soon as `path` exists."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+
+
 @pytest.mark.slow
 def test_a_second_stage_starts_from_the_first_runs_weights(tmp_path, cache):
     """train.init: stage 2 loads stage 1's generator, critic and EMA (here: the quick run's own
-    stage written by a first quick run), with new settings, through the real command."""
+    stage written by a first quick run), with new settings, through the real command. Stage 1 is
+    interrupted in its final evaluation: the same command then only evaluates, keeping the training."""
     from safetensors.torch import load_file
 
     first = tmp_path / "stage1"
-    subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(first), f"cache_dir={cache}",
-                    "train.max_steps=2", "eval.during_training=false", "eval.num_samples=20"],
-                   check=True, timeout=1500, cwd=tmp_path)
+    command = [sys.executable, str(PIPELINE), "--quick", "--out", str(first), f"cache_dir={cache}",
+               "train.max_steps=2", "eval.during_training=false", "eval.num_samples=20"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # a file: a full pipe would stall the run
+        proc = subprocess.Popen(command, cwd=tmp_path, stderr=stderr, text=True)
+        _interrupt_when(proc, first / "trained.json")  # training is done, the evaluation under way
+        proc.wait(timeout=300)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 130 and "interrupted" in err and not (first / "metrics.json").exists(), err[-3000:]
+    trained_log = (first / "train_log.json").read_text()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "whose training finished; evaluating it" in proc.stdout and "resumed from the checkpoint" not in proc.stdout
+    assert (first / "train_log.json").read_text() == trained_log  # not trained again
+    assert json.loads((first / "metrics.json").read_text())["steps_completed"] == 2
     second = tmp_path / "stage2"
     proc = subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(second), f"cache_dir={cache}",
                            "train.max_steps=1", "train.lr=1e-12", "train.critic_lr=1e-12", f"train.init={first}",
@@ -159,6 +209,7 @@ def test_a_changed_config_does_not_resume_someone_elses_run(tmp_path, cache):
     out = tmp_path / "run"
     cfg = load_config(ROOT / "pipelines" / "configs" / "digits.yaml", [f"cache_dir={cache}"], quick=True)
     RunJournal.at(str(out / "ray"), "digits-run").begin(cfg.flat())  # an unfinished run
+    (out / "ray" / "digits-run" / "checkpoint_2026-11-30_00-00-00.000000").mkdir()  # that took steps
     proc = subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(out), f"cache_dir={cache}",
                            "train.lr=0.1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0 and "train.lr" in proc.stderr

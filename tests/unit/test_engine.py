@@ -1,11 +1,17 @@
-"""DeepSpeed engines behind the step's interface (one process, gloo on CPU), and resource planning."""
+"""DeepSpeed engines behind the step's interface (one process, gloo on CPU), the weights-only
+loader's fail-closed install, and resource planning."""
+import os
+import pickle
+import re
+import types
+
 import pytest
 import torch
 
 from dmdscale.config import build_config
 from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.core.step import Batch, DMD2Step
-from dmdscale.distributed.engine import DeepSpeedOptimizedModule, deepspeed_config
+from dmdscale.distributed.engine import DeepSpeedOptimizedModule, deepspeed_config, load_weights_only
 from dmdscale.distributed.resources import worker_resources
 from dmdscale.models.base import Critic
 from dmdscale.models.heads import MLPHead
@@ -81,3 +87,54 @@ def test_deepspeed_engine_follows_the_plain_optimizer_through_the_warm_up():
             opt.step()
         for a, b in zip(plain_model.parameters(), engine.module.parameters()):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.slow
+def test_pickled_code_is_refused_even_where_deepspeed_reads_around_the_safe_loader(tmp_path, monkeypatch):
+    """The engine is built with the weights-only loader installed and restores its own
+    checkpoint through it; with DeepSpeed's own (weights_only=False) loader put back, as a
+    later version's new read path would, the net around `load` still refuses the model-states
+    file's payload instead of running it."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    cfg = build_config({}, {"scale.zero_stage": 2})
+    a = DeepSpeedOptimizedModule(MLPDenoiser(NoiseSchedule.ddpm(), 2, 16, 2), cfg.train, cfg.scale, 8, role="generator")
+    assert a.engine.checkpoint_engine.load is load_weights_only
+    a.save(tmp_path, "generator")
+    a.load(tmp_path, "generator")
+    torch.save({"payload": _RunsCode()}, tmp_path / "generator" / "mp_rank_00_model_states.pt")
+    unsafe = TorchCheckpointEngine.load.__get__(a.engine.checkpoint_engine)
+    monkeypatch.setattr(a.engine.checkpoint_engine, "load", unsafe)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pickle.UnpicklingError):
+        a.load(tmp_path, "generator")
+    assert not (tmp_path / "pwned").exists()
+    assert torch.load is torch.serialization.load  # the net is lifted afterwards
+
+
+class _ReadOnlyLoad:
+    load = property(lambda self: lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("engine_attrs, reason", [
+    ({}, "no checkpoint_engine"),
+    ({"checkpoint_engine": _ReadOnlyLoad()}, "_ReadOnlyLoad.load could not be replaced"),
+    ({"checkpoint_engine": types.SimpleNamespace(), "load_universal_checkpoint": lambda: True}, "universal"),
+])
+def test_engine_creation_fails_closed_when_the_safe_loader_cannot_be_installed(monkeypatch, engine_attrs, reason):
+    import deepspeed
+
+    def fake_initialize(model, **_):
+        attrs = {"module": model, "load_universal_checkpoint": lambda: False, **engine_attrs}
+        return types.SimpleNamespace(**attrs), None, None, None
+
+    monkeypatch.setattr(deepspeed, "initialize", fake_initialize)
+    cfg = build_config({}, {})
+    expected = rf"^DeepSpeed {re.escape(deepspeed.__version__)}: the weights-only checkpoint loader .*{reason}"
+    with pytest.raises(RuntimeError, match=expected):
+        DeepSpeedOptimizedModule(MLPDenoiser(NoiseSchedule.ddpm(), 2, 16, 2), cfg.train, cfg.scale, 8, role="generator")
