@@ -28,6 +28,17 @@ from dmdscale.tracking import Tracker, absolute_tracking_uri, check_tracking_ser
 TRAINED_RECORD = "trained.json"  # what training handed the evaluation: a rerun evaluates from it
 
 
+def _final_point(cfg: Config, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The final FIDs named as the checkpoint evaluations name them: there `fid_student` is the
+    raw weights and `fid_student_<ema>` each average; the final evaluation calls the exported
+    weights `fid_student` and the raw ones `fid_student_raw`."""
+    final = {k: v for k, v in metrics.items() if k.startswith("fid_student")}
+    exported = metrics.get("student_weights", "raw")
+    if exported != "raw" and "fid_student_raw" in final:
+        final[f"fid_student_{exported}"], final["fid_student"] = final["fid_student"], final.pop("fid_student_raw")
+    return {"step": cfg.train.max_steps, **final}
+
+
 def _save_trained(trained: Trained, out: Path) -> None:
     record = {"student": str(trained.student), "metrics": trained.metrics, "evaluations": trained.evaluations}
     (out / TRAINED_RECORD).write_text(json.dumps(record, indent=1, default=float))
@@ -103,8 +114,8 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
             pictures.append("diagnostics.png")
         if trained.evaluations is not None:  # FID over training: the checkpoints, then the final figure
             (out / "checkpoint_evaluations.json").write_text(json.dumps(trained.evaluations, indent=1, default=float))
-            final = {"step": cfg.train.max_steps, **{k: v for k, v in metrics.items() if k.startswith("fid_student")}}
-            plot_curves(curves_from_log([*trained.evaluations, final], "fid_student"), out / "fid.png")
+            plot_curves(curves_from_log([*trained.evaluations, _final_point(cfg, metrics)], "fid_student"),
+                        out / "fid.png")
             pictures.append("fid.png")
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                             step=cfg.train.max_steps)

@@ -259,3 +259,15 @@ def test_full_head_and_augmentation_train_on_a_pixel_unet(tmp_path):
     assert m["nonfinite_generator"] == 0 and m["nonfinite_critic"] == 0
     assert all(k in m for k in ("loss_gan_generator", "loss_gan_critic", "grad_norm_gan_x"))
     assert any(not torch.equal(a, b) for a, b in zip(head_before, critic.head.parameters()))
+
+
+def test_fid_curves_end_on_the_weights_they_follow():
+    """fid.png: the checkpoint evaluations name the raw weights fid_student and the EMA
+    fid_student_ema_<d>; the final point must continue each curve with the same weights."""
+    from dmdscale.config import build_config
+    from dmdscale.driver import _final_point
+
+    cfg = build_config({}, ["train.max_steps=500"])
+    final = _final_point(cfg, {"fid_student": 13.7, "fid_student_raw": 15.8, "student_weights": "ema_0.97"})
+    assert final == {"step": 500, "fid_student": 15.8, "fid_student_ema_0.97": 13.7}
+    assert _final_point(cfg, {"fid_student": 15.0, "student_weights": "raw"}) == {"step": 500, "fid_student": 15.0}
