@@ -50,11 +50,11 @@ def _load_trained(out: Path) -> Trained:
     from dmdscale.distributed.worker import TRAIN_LOG
 
     record, log = out / TRAINED_RECORD, out / TRAIN_LOG
-    if not record.is_file() or not log.is_file() or not Path(json.loads(record.read_text())["student"]).exists():
+    data = json.loads(record.read_text()) if record.is_file() else None
+    if data is None or not log.is_file() or not Path(data["student"]).exists():
         raise ConfigError(f"{out}: the journal says this run's training finished, but {record.name}, {log.name} or "
                           f"the student is missing from the run folder; rerun with the --out it trained into, "
                           f"or delete its storage folder to train again")
-    data = json.loads(record.read_text())
     return Trained(data["student"], data["metrics"], json.loads(log.read_text()), data["evaluations"])
 
 

@@ -12,6 +12,16 @@ class TeacherNotFound(UserError, FileNotFoundError):
     """model.teacher is not a loadable teacher: a folder lacking parts, or an unreachable hub id."""
 
 
+def warn(message: str) -> None:
+    """One warning line on stderr, credentials in URIs masked. print, not warnings.warn: the
+    default filter would show a repeated warning (a later outage's) only once."""
+    import sys
+
+    from dmdscale.redact import redact
+
+    print(f"warning: {redact(message)}", file=sys.stderr, flush=True)
+
+
 def user_error_in(exc: BaseException) -> UserError | None:
     """The UserError behind `exc`, if any: itself, its cause or context chain, or (Ray wraps
     errors raised on workers and actors) the error a Ray exception carries."""

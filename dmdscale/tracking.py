@@ -17,7 +17,7 @@ from typing import Any, Callable
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 
-from dmdscale.errors import UserError
+from dmdscale.errors import UserError, warn
 from dmdscale.redact import redact
 
 # MLflow's HTTP client retries a failed request 7 times with backoff factor 2, each try with a
@@ -117,7 +117,7 @@ class MlflowSink:
         self.failures += 1
         self.last_problem = redact(f"{type(exc).__name__}: {exc}")
         if self._retry_at is None:  # the first failure of an outage: say it once
-            _warn(f"MLflow logging to {self.tracking_uri} failed ({what}): {self.last_problem}\n"
+            warn(f"MLflow logging to {self.tracking_uri} failed ({what}): {self.last_problem}\n"
                   f"  Training goes on; the figures are kept in the run folder. MLflow calls are "
                   f"skipped for {self._wait:.0f} s, then tried again.")
         else:
@@ -129,11 +129,6 @@ class MlflowSink:
               f"{self.skipped} were skipped so far; those figures are only in the run folder)",
               file=sys.stderr, flush=True)
         self._retry_at, self._wait = None, self._first_wait
-
-
-def _warn(message: str) -> None:
-    # print, not warnings.warn: the default filter would show a later outage's warning only once.
-    print(f"warning: {redact(message)}", file=sys.stderr, flush=True)  # never a credential of the URI
 
 
 class TrackingUnavailable(UserError, RuntimeError):
@@ -234,7 +229,7 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         self.sink.call(f"ending the run as {status}", lambda client: client.set_terminated(self.run_id, status))
         if self.sink.failures or self.sink.skipped:
-            _warn(f"{self.sink.failures} MLflow calls to {self.tracking_uri} failed and {self.sink.skipped} "
+            warn(f"{self.sink.failures} MLflow calls to {self.tracking_uri} failed and {self.sink.skipped} "
                   f"were skipped in this process; the run folder holds every figure")
 
     def __enter__(self) -> "Tracker":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from dmdscale.config import ConfigError
+from dmdscale.errors import warn
 
 
 def _state_file(rank: int) -> str:
@@ -215,12 +215,8 @@ def _checkpoint_folders(filesystem: Any, directory: str) -> list[str]:
 T = TypeVar("T")
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
 def load_latest_good(checkpoints: Iterable[Any], load: Callable[[Path], T],
-                     warn: Callable[[str], None] = _warn) -> T:
+                     warn: Callable[[str], None] = warn) -> T:
     """`load` of the first of `checkpoints` (newest first) that is not damaged.
 
     A checkpoint is anything with `.path` (named in messages) and `.as_directory()` (a local

@@ -69,12 +69,11 @@ class SDFamily(Family):
         """The teacher folder's parts, images and captions in the data, the latent cache target."""
         from dmdscale.data.latents import check_cache_target
         from dmdscale.data.sources import check_source, load_prompts, source_paths
-        from dmdscale.models.base import check_hub_teacher, is_local
+        from dmdscale.models.base import check_hub_teacher
         from dmdscale.models.sd import check_pipeline_folder
 
         teacher = check_pipeline_folder(cfg.model.teacher, self.name)
-        if not is_local(teacher):
-            check_hub_teacher(teacher)
+        check_hub_teacher(teacher)
         check_teacher_steps(cfg, teacher)
         train, held_out = source_paths(cfg)
         for path in {train, held_out}:

@@ -73,7 +73,7 @@ class UNet2DFamily(Family):
     def preflight(self, cfg: Config) -> Inputs:
         """(train path, held-out path), validated on the driver before any cluster work."""
         from dmdscale.data.sources import check_source, source_paths
-        from dmdscale.models.base import check_hub_teacher, is_local
+        from dmdscale.models.base import check_hub_teacher
         from dmdscale.models.unet2d import check_unet_folder
         from dmdscale.tools.teacher import TRAIN_TIMESTEPS
 
@@ -81,9 +81,7 @@ class UNet2DFamily(Family):
         for path in {train, held_out}:  # class-conditional: labels are required, each with its class
             check_source(path, require_labels=True, num_classes=cfg.data.num_classes)
         if cfg.model.teacher != "train":
-            teacher = check_unet_folder(cfg.model.teacher)
-            if not is_local(teacher):
-                check_hub_teacher(teacher)
+            check_hub_teacher(check_unet_folder(cfg.model.teacher))
         check_teacher_steps(cfg, cfg.model.teacher, TRAIN_TIMESTEPS if cfg.model.teacher == "train" else None)
         return Inputs(train, held_out, cfg.model.teacher)
 

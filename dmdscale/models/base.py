@@ -28,12 +28,15 @@ HUB_TIMEOUT_S = 10.0  # a firewall that drops packets would otherwise hang on th
 
 def check_hub_teacher(repo_id: str, timeout: float = HUB_TIMEOUT_S) -> None:
     """A hub-id teacher must be loadable before any cluster work: in the local cache (all an
-    offline machine has), else found on the Hub within `timeout` seconds."""
+    offline machine has), else found on the Hub within `timeout` seconds. A local path passes
+    (the family checks the folder's parts)."""
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     from dmdscale.errors import TeacherNotFound
 
+    if is_local(repo_id):
+        return
     try:
         snapshot_download(repo_id, local_files_only=True)
         return
