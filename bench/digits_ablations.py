@@ -10,6 +10,7 @@ evaluated at its 50-step sampler with the same seeds, so "student vs teacher" is
     python bench/digits_ablations.py                       # every variant, seeds 0 1
     python bench/digits_ablations.py --variants no_gan gan --seeds 0 1 2
     python bench/digits_ablations.py --explore loss.gan_max_step=250 train.lr=3e-4   # one ad-hoc run
+    python bench/digits_ablations.py --explore --then generator.timesteps=[999,749,499,249]  # staged
 
 Writes bench/results/digits_ablations.json (each run as it finishes, so a partial sweep keeps
 what it measured) and the table in bench/README.md. `--explore` runs go to
@@ -41,12 +42,14 @@ from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.distributed.evalpool import eval_spec
 from dmdscale.distributed.worker import build_players
 from dmdscale.eval.metrics import class_accuracy, compute_fid_kid, generate, sample_quality_of, sample_student
+from dmdscale.eval.plots import save_grid
 from dmdscale.families import family_of
 from dmdscale.models.unet2d import load_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CONFIG = ROOT / "pipelines" / "configs" / "digits.yaml"
+GRIDS = RESULTS / "grids"  # sample grids of the --explore runs
 
 # The GAN as dmdscale had it before issue 13: noise levels uniform over all of [0, T), the
 # small conv head, a fixed weight (the EMA, new in the same change, is kept in every variant;
@@ -133,30 +136,39 @@ def teacher_figures(cfg: Config, inputs: Any, workdir: Path) -> dict[str, float]
     return figures
 
 
-def student_figures(cfg: Config, inputs: Any, trained: dict[str, Any], workdir: Path) -> dict[str, dict[str, float]]:
-    """Figures of the raw generator and of each EMA."""
+def student_figures(cfg: Config, inputs: Any, trained: dict[str, Any], workdir: Path,
+                    grids: Path | None = None) -> dict[str, dict[str, float]]:
+    """Figures of the raw generator and of each EMA; with `grids`, a sample grid of each
+    (5 per class) saved as `<grids>-<weights>.png`."""
     spec = eval_spec(cfg)
     out = {}
 
-    def figures(model) -> dict[str, float]:
+    def figures(model, name: str) -> dict[str, float]:
         model.eval()
         images = sample_student(model, spec["timesteps"], spec["labels"], spec["shape"], spec["seed"], desc="student")
         model.train()
+        if grids is not None:
+            first = np.concatenate([np.flatnonzero(spec["labels"] == c)[:5] for c in np.unique(spec["labels"])])
+            save_grid(images[first], spec["labels"][first], f"{grids}-{name}.png",
+                      title=f"{grids.name} ({name}, {len(cfg.generator.timesteps)} step)")
         return evaluate(cfg, inputs, images, workdir)
 
-    out["raw"] = figures(trained["generator"])
+    out["raw"] = figures(trained["generator"], "raw")
     ema = trained["ema"]
     for decay in ema.decays if ema is not None else []:
         with ema.swapped_in(decay) as model:
-            out[ema_name(decay)] = figures(model)
+            out[ema_name(decay)] = figures(model, ema_name(decay))
     return out
 
 
 def run(overrides: dict[str, Any], seed: int, inputs_cache: dict, workdir: Path,
-        stages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One run of a variant (one or more stages, each with its own overrides) at one seed."""
+        stages: list[dict[str, Any]] | None = None, evaluate_stages: bool = False,
+        grids: Path | None = None) -> dict[str, Any]:
+    """One run of a variant (one or more stages, each with its own overrides) at one seed.
+    With `evaluate_stages`, every stage before the last is evaluated too (`stage_students`);
+    with `grids`, each evaluation saves sample grids named from it (`student_figures`)."""
     stages = stages or [{}]
-    trained, seconds, log = None, 0.0, []
+    trained, seconds, log, stage_students = None, 0.0, [], []
     for i, stage in enumerate(stages):
         cfg = load_config(CONFIG, {**overrides, **stage, "train.seed": seed})
         key = (cfg.train.seed, cfg.model.teacher)
@@ -164,9 +176,13 @@ def run(overrides: dict[str, Any], seed: int, inputs_cache: dict, workdir: Path,
         trained = train(cfg, inputs, init=trained)
         seconds += trained["seconds"]
         log += [m | {"stage": i} for m in trained["log"]]
+        if evaluate_stages and i + 1 < len(stages):
+            stage_grids = grids.with_name(f"{grids.name}-stage{i}") if grids is not None else None
+            stage_students.append(student_figures(cfg, inputs, trained, workdir, stage_grids))
     return {"seed": seed, "train_seconds": seconds, "teacher": teacher_figures(cfg, inputs, workdir),
-            "student": student_figures(cfg, inputs, trained, workdir), "nonfinite_steps": trained["nonfinite_steps"],
-            "log": log, "config": {k: v for k, v in cfg.flat().items() if k.startswith(("train.", "loss.", "generator."))}}
+            "student": student_figures(cfg, inputs, trained, workdir, grids), "stage_students": stage_students,
+            "nonfinite_steps": trained["nonfinite_steps"], "log": log,
+            "config": {k: v for k, v in cfg.flat().items() if k.startswith(("train.", "loss.", "generator."))}}
 
 
 def late_means(log: list[dict[str, float]]) -> dict[str, float]:
@@ -205,15 +221,26 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# Two-stage runs (the paper's best ImageNet result): half the iterations without the GAN at the
-# base LR, then the other half from there with the GAN on at 1/4 of it.
-STAGED = {"two_stage": "stage 1 no GAN, then GAN at 1/4 LR (same total iterations)"}
+# Staged runs, each stage from the previous one's generator, critic and EMA.
+# two_stage (the paper's best ImageNet result): half the iterations without the GAN at the base
+# LR, then the other half from there with the GAN on at 1/4 of it.
+# four_step_*_staged: the 1-step defaults, then as many iterations at 4 steps and 1/5 of the LR.
+# A 4-step student trained from the teacher at the full LR stays far behind 1 step, and a
+# 4-step stage at 1/2 of the LR wrecked a good 1-step student (EMA FID 13.0 -> 51.8): the
+# first step's output drifts off while the later steps train (toy2d, per-step figures).
+STAGED = {"two_stage": "stage 1 no GAN, then GAN at 1/4 LR (same total iterations)",
+          "four_step_backsim_staged": "1-step defaults, then 4 steps with backward simulation at 1/5 LR (2x iterations)",
+          "four_step_noised_real_staged": "1-step defaults, then 4 steps on noised real inputs at 1/5 LR (2x iterations)"}
 
 
-def staged_stages(cfg_lr: float, steps: int) -> list[dict[str, Any]]:
-    half = steps // 2
-    return [{**NO_GAN, "train.max_steps": half}, {"train.max_steps": steps - half, "train.lr": cfg_lr / 4,
-                                                  "train.warmup_steps": 0}]
+def staged_stages(name: str, cfg_lr: float, steps: int) -> list[dict[str, Any]]:
+    if name == "two_stage":
+        half = steps // 2
+        return [{**NO_GAN, "train.max_steps": half}, {"train.max_steps": steps - half, "train.lr": cfg_lr / 4,
+                                                      "train.warmup_steps": 0}]
+    backsim = name == "four_step_backsim_staged"
+    return [{"train.max_steps": steps}, {**FOUR_STEPS, "generator.backward_simulation": backsim,
+                                         "train.max_steps": steps, "train.lr": cfg_lr / 5, "train.warmup_steps": 0}]
 
 
 def main() -> None:
@@ -223,10 +250,12 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
     ap.add_argument("--steps", type=int, default=None, help="iterations per run (default: digits.yaml's)")
     ap.add_argument("--explore", nargs="*", default=None, help="one ad-hoc run: dotted key=value overrides")
+    ap.add_argument("--then", nargs="*", default=None,
+                    help="with --explore: a second stage from the first's players, with these overrides on top")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    GRIDS.mkdir(parents=True, exist_ok=True)
     base = load_config(CONFIG)
     steps = args.steps or base.train.max_steps
     inputs_cache: dict = {}
@@ -236,11 +265,16 @@ def main() -> None:
             from dmdscale.config import parse_override
 
             overrides = dict(map(parse_override, args.explore)) | {"train.max_steps": steps}
+            then = dict(map(parse_override, args.then)) if args.then is not None else None
+            stages = [{}, then] if then is not None else None
             for seed in args.seeds:
                 t0 = time.perf_counter()
-                r = run(overrides, seed, inputs_cache, workdir)
-                line = {"overrides": overrides, "seed": seed, "seconds": time.perf_counter() - t0,
-                        **{k: r[k] for k in ("teacher", "student", "train_seconds")}, "late_log": late_means(r["log"])}
+                grids = GRIDS / f"explore-{time.strftime('%Y%m%d-%H%M%S')}-s{seed}"
+                r = run(overrides, seed, inputs_cache, workdir, stages, evaluate_stages=True, grids=grids)
+                line = {"overrides": overrides, "then": then, "seed": seed, "seconds": time.perf_counter() - t0,
+                        "grids": str(grids.relative_to(ROOT)),
+                        **{k: r[k] for k in ("teacher", "student", "stage_students", "train_seconds")},
+                        "late_log": late_means(r["log"])}
                 with open(RESULTS / "digits_explore.jsonl", "a") as f:
                     f.write(json.dumps(line) + "\n")
                 print(json.dumps(line, indent=1))
@@ -255,13 +289,14 @@ def main() -> None:
         for name in args.variants:
             if name in STAGED:
                 what = STAGED[name]
-                stages = staged_stages(base.train.lr, steps)
+                stages = staged_stages(name, base.train.lr, steps)
                 overrides = {}
             else:
                 overrides, what = VARIANTS[name]
                 overrides = {**overrides, "train.max_steps": steps}
                 stages = None
-            runs = [run(overrides, seed, inputs_cache, workdir, stages) for seed in args.seeds]
+            runs = [run(overrides, seed, inputs_cache, workdir, stages, evaluate_stages=stages is not None)
+                    for seed in args.seeds]
             results["variants"][name] = {"what": what, "overrides": overrides, "stages": stages,
                                          "runs": runs, "summary": summarise(runs)}
             path.write_text(json.dumps(results, indent=1, default=str))

@@ -170,8 +170,10 @@ def test_a_second_stage_starts_from_the_first_runs_weights(tmp_path, cache):
     from safetensors.torch import load_file
 
     first = tmp_path / "stage1"
+    # The teacher's 1000-step sampler keeps the final evaluation going for seconds, so the
+    # interrupt lands in it (at the quick run's 10 steps it could end before the signal did).
     command = [sys.executable, str(PIPELINE), "--quick", "--out", str(first), f"cache_dir={cache}",
-               "train.max_steps=2", "eval.during_training=false", "eval.num_samples=20"]
+               "train.max_steps=2", "eval.during_training=false", "eval.num_samples=20", "eval.teacher_steps=1000"]
     with open(tmp_path / "stderr.txt", "w") as stderr:  # a file: a full pipe would stall the run
         proc = subprocess.Popen(command, cwd=tmp_path, stderr=stderr, text=True)
         _interrupt_when(proc, first / "trained.json")  # training is done, the evaluation under way
