@@ -80,7 +80,8 @@ def run(steps: int | None, seeds: list[int]) -> dict:
     results = {}
     for name, overrides in VARIANTS.items():
         runs = [run_one(overrides, steps, seed) for seed in seeds]
-        mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+        # Figures only: the per-step shares (a dict per run) stay in `runs`.
+        mean = {k: sum(r[k] for r in runs) / len(runs) for k, v in runs[0].items() if isinstance(v, (int, float))}
         spread = {k: (max(r[k] for r in runs) - min(r[k] for r in runs)) / 2 for k in COLUMNS}
         results[name] = {"overrides": overrides, **mean, "spread": spread, "seeds": seeds, "runs": runs}
         print(name, {k: round(results[name][k], 4) for k in COLUMNS}, flush=True)
