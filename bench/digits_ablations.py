@@ -24,7 +24,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -111,16 +110,16 @@ def train(cfg: Config, inputs: Any, init: dict[str, Any] | None = None) -> dict[
             "nonfinite_steps": result.nonfinite_steps}
 
 
-def evaluate(cfg: Config, inputs: Any, images: np.ndarray, workdir: Path) -> dict[str, float]:
+def evaluate(cfg: Config, inputs: Any, images: np.ndarray) -> dict[str, float]:
     real = inputs.held_out[0]
     spec = eval_spec(cfg)
-    fid, kid = compute_fid_kid(images, real, inputs.classifier, workdir)
+    fid, kid = compute_fid_kid(images, real, inputs.classifier)
     quality = sample_quality_of("x", real, images, None, spec["seed"])
     return {"fid": fid, "kid": kid, "class_accuracy": class_accuracy(inputs.classifier, images, spec["labels"]),
             "recall_pixels": quality["recall_pixels_x"], "swd_pixels": quality["swd_pixels_x"]}
 
 
-def teacher_figures(cfg: Config, inputs: Any, workdir: Path) -> dict[str, float]:
+def teacher_figures(cfg: Config, inputs: Any) -> dict[str, float]:
     """The teacher at eval.teacher_steps with the evaluation's seed (cached: ~2 min of sampling)."""
     spec = eval_spec(cfg)
     key = f"{Path(inputs.teacher_path).name}-{cfg.eval.num_samples}-{cfg.eval.teacher_steps}-{spec['seed']}"
@@ -130,14 +129,13 @@ def teacher_figures(cfg: Config, inputs: Any, workdir: Path) -> dict[str, float]
     teacher = load_unet(inputs.teacher_path)
     images = generate(lambda z, y: teacher_sample(teacher, z, cfg.eval.teacher_steps, y, cfg.loss.guidance_scale),
                       spec["labels"], spec["shape"], spec["seed"], desc="teacher")
-    figures = evaluate(cfg, inputs, images, workdir)
+    figures = evaluate(cfg, inputs, images)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(figures))
     return figures
 
 
-def student_figures(cfg: Config, inputs: Any, trained: dict[str, Any], workdir: Path,
-                    grids: Path | None = None) -> dict[str, dict[str, float]]:
+def student_figures(cfg: Config, inputs: Any, trained: dict[str, Any], grids: Path | None = None) -> dict[str, dict[str, float]]:
     """Figures of the raw generator and of each EMA; with `grids`, a sample grid of each
     (5 per class) saved as `<grids>-<weights>.png`."""
     spec = eval_spec(cfg)
@@ -151,7 +149,7 @@ def student_figures(cfg: Config, inputs: Any, trained: dict[str, Any], workdir: 
             first = np.concatenate([np.flatnonzero(spec["labels"] == c)[:5] for c in np.unique(spec["labels"])])
             save_grid(images[first], spec["labels"][first], f"{grids}-{name}.png",
                       title=f"{grids.name} ({name}, {len(cfg.generator.timesteps)} step)")
-        return evaluate(cfg, inputs, images, workdir)
+        return evaluate(cfg, inputs, images)
 
     out["raw"] = figures(trained["generator"], "raw")
     ema = trained["ema"]
@@ -161,8 +159,7 @@ def student_figures(cfg: Config, inputs: Any, trained: dict[str, Any], workdir: 
     return out
 
 
-def run(overrides: dict[str, Any], seed: int, inputs_cache: dict, workdir: Path,
-        stages: list[dict[str, Any]] | None = None, evaluate_stages: bool = False,
+def run(overrides: dict[str, Any], seed: int, inputs_cache: dict, stages: list[dict[str, Any]] | None = None, evaluate_stages: bool = False,
         grids: Path | None = None) -> dict[str, Any]:
     """One run of a variant (one or more stages, each with its own overrides) at one seed.
     With `evaluate_stages`, every stage before the last is evaluated too (`stage_students`);
@@ -178,9 +175,9 @@ def run(overrides: dict[str, Any], seed: int, inputs_cache: dict, workdir: Path,
         log += [m | {"stage": i} for m in trained["log"]]
         if evaluate_stages and i + 1 < len(stages):
             stage_grids = grids.with_name(f"{grids.name}-stage{i}") if grids is not None else None
-            stage_students.append(student_figures(cfg, inputs, trained, workdir, stage_grids))
-    return {"seed": seed, "train_seconds": seconds, "teacher": teacher_figures(cfg, inputs, workdir),
-            "student": student_figures(cfg, inputs, trained, workdir, grids), "stage_students": stage_students,
+            stage_students.append(student_figures(cfg, inputs, trained, stage_grids))
+    return {"seed": seed, "train_seconds": seconds, "teacher": teacher_figures(cfg, inputs),
+            "student": student_figures(cfg, inputs, trained, grids), "stage_students": stage_students,
             "nonfinite_steps": trained["nonfinite_steps"], "log": log,
             "config": {k: v for k, v in cfg.flat().items() if k.startswith(("train.", "loss.", "generator."))}}
 
@@ -259,49 +256,47 @@ def main() -> None:
     base = load_config(CONFIG)
     steps = args.steps or base.train.max_steps
     inputs_cache: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        if args.explore is not None:
-            from dmdscale.config import parse_override
+    if args.explore is not None:
+        from dmdscale.config import parse_override
 
-            overrides = dict(map(parse_override, args.explore)) | {"train.max_steps": steps}
-            then = dict(map(parse_override, args.then)) if args.then is not None else None
-            stages = [{}, then] if then is not None else None
-            for seed in args.seeds:
-                t0 = time.perf_counter()
-                grids = GRIDS / f"explore-{time.strftime('%Y%m%d-%H%M%S')}-s{seed}"
-                r = run(overrides, seed, inputs_cache, workdir, stages, evaluate_stages=True, grids=grids)
-                line = {"overrides": overrides, "then": then, "seed": seed, "seconds": time.perf_counter() - t0,
-                        "grids": str(grids.relative_to(ROOT)),
-                        **{k: r[k] for k in ("teacher", "student", "stage_students", "train_seconds")},
-                        "late_log": late_means(r["log"])}
-                with open(RESULTS / "digits_explore.jsonl", "a") as f:
-                    f.write(json.dumps(line) + "\n")
-                print(json.dumps(line, indent=1))
-            return
-        path = RESULTS / "digits_ablations.json"
-        results = json.loads(path.read_text()) if path.is_file() else {}
-        if results.get("max_steps") != steps:
-            results = {}
-        results |= {"bench": "digits_ablations", "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
-                    "torch": torch.__version__, "max_steps": steps, "config": str(CONFIG.relative_to(ROOT))}
-        results.setdefault("variants", {})
-        for name in args.variants:
-            if name in STAGED:
-                what = STAGED[name]
-                stages = staged_stages(name, base.train.lr, steps)
-                overrides = {}
-            else:
-                overrides, what = VARIANTS[name]
-                overrides = {**overrides, "train.max_steps": steps}
-                stages = None
-            runs = [run(overrides, seed, inputs_cache, workdir, stages, evaluate_stages=stages is not None)
-                    for seed in args.seeds]
-            results["variants"][name] = {"what": what, "overrides": overrides, "stages": stages,
-                                         "runs": runs, "summary": summarise(runs)}
-            path.write_text(json.dumps(results, indent=1, default=str))
-            print(f"{name}: " + json.dumps({k: v["fid"]["mean"] for k, v in results["variants"][name]["summary"].items()}))
-        update_readme_table("digits_ablations", table(results))
+        overrides = dict(map(parse_override, args.explore)) | {"train.max_steps": steps}
+        then = dict(map(parse_override, args.then)) if args.then is not None else None
+        stages = [{}, then] if then is not None else None
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            grids = GRIDS / f"explore-{time.strftime('%Y%m%d-%H%M%S')}-s{seed}"
+            r = run(overrides, seed, inputs_cache, stages, evaluate_stages=True, grids=grids)
+            line = {"overrides": overrides, "then": then, "seed": seed, "seconds": time.perf_counter() - t0,
+                    "grids": str(grids.relative_to(ROOT)),
+                    **{k: r[k] for k in ("teacher", "student", "stage_students", "train_seconds")},
+                    "late_log": late_means(r["log"])}
+            with open(RESULTS / "digits_explore.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+            print(json.dumps(line, indent=1))
+        return
+    path = RESULTS / "digits_ablations.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    if results.get("max_steps") != steps:
+        results = {}
+    results |= {"bench": "digits_ablations", "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+                "torch": torch.__version__, "max_steps": steps, "config": str(CONFIG.relative_to(ROOT))}
+    results.setdefault("variants", {})
+    for name in args.variants:
+        if name in STAGED:
+            what = STAGED[name]
+            stages = staged_stages(name, base.train.lr, steps)
+            overrides = {}
+        else:
+            overrides, what = VARIANTS[name]
+            overrides = {**overrides, "train.max_steps": steps}
+            stages = None
+        runs = [run(overrides, seed, inputs_cache, stages, evaluate_stages=stages is not None)
+                for seed in args.seeds]
+        results["variants"][name] = {"what": what, "overrides": overrides, "stages": stages,
+                                     "runs": runs, "summary": summarise(runs)}
+        path.write_text(json.dumps(results, indent=1, default=str))
+        print(f"{name}: " + json.dumps({k: v["fid"]["mean"] for k, v in results["variants"][name]["summary"].items()}))
+    update_readme_table("digits_ablations", table(results))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,8 @@ class TrainConfig(_Section):
     # Linear LR warm-up over this many iterations for both players; the generator's clock
     # counts iterations, not its own updates (the authors step its scheduler every iteration).
     warmup_steps: int = Field(500, ge=0)
+    # Then "constant" (the paper's) or "cosine": a half cosine to 0 at max_steps, for both players.
+    lr_decay: Literal["constant", "cosine"] = "constant"
     grad_clip: float = Field(10.0, gt=0)
     # bf16: autocast and DeepSpeed bf16 engines, and the frozen teacher stored in bf16.
     mixed_precision: Literal["no", "bf16"] = "no"

@@ -38,6 +38,23 @@ def warmup_factor(update: int, warmup_steps: int, iterations_per_update: int = 1
     return min(1.0, (update * iterations_per_update + 1) / warmup_steps)
 
 
+def decay_factor(iteration: int, max_steps: int, kind: str = "constant") -> float:
+    """The learning rate's decay at `iteration` of `max_steps`: none ("constant", the paper's)
+    or a half cosine from 1 to 0 over the run ("cosine"), which settles the last weights of a
+    short run where a constant rate leaves them oscillating."""
+    if kind == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(iteration, max_steps) / max_steps))
+
+
+def lr_factor(update: int, train: TrainConfig, iterations_per_update: int = 1) -> float:
+    """The learning rate of a player's update `update` relative to its base rate: the warm-up
+    times the decay, both on the iteration clock."""
+    iteration = update * iterations_per_update
+    return (warmup_factor(update, train.warmup_steps, iterations_per_update)
+            * decay_factor(iteration, train.max_steps, train.lr_decay))
+
+
 def learning_rate(train: TrainConfig, role: Role) -> float:
     return train.critic_lr if role == "critic" and train.critic_lr is not None else train.lr
 
@@ -48,12 +65,12 @@ def warmup_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, ro
     updates once every ttur_ratio iterations, the critic every iteration."""
     per_update = train.ttur_ratio if role == "generator" else 1
     return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        warmup_factor, warmup_steps=train.warmup_steps, iterations_per_update=per_update))
+        lr_factor, train=train, iterations_per_update=per_update))
 
 
 class TorchOptimizedModule:
-    """AdamW (betas, weight decay from config; the role's learning rate), linear warm-up on the
-    iteration clock, gradient-norm clipping.
+    """AdamW (betas, weight decay from config; the role's learning rate), linear warm-up and
+    the configured decay on the iteration clock, gradient-norm clipping.
     A step whose gradient norm is not finite is skipped, never applied."""
 
     def __init__(self, module: nn.Module, cfg: TrainConfig, *, role: Role):

@@ -74,7 +74,6 @@ class CheckpointEvaluator:
         self.extractor = extractor
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.sink = MlflowSink(tracking_uri, run_id)  # its calls never raise
-        self.workdir = Path(tempfile.gettempdir())  # compute_fid_kid makes and removes its own folder
 
     def evaluate(self, step: int, state_dict: dict[str, torch.Tensor],
                  averages: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
@@ -115,7 +114,7 @@ class CheckpointEvaluator:
         spec = self.spec
         images = sample_student(self.model, spec["timesteps"], spec["labels"], spec["shape"],
                                 spec["seed"], self.device, desc=f"evaluate step {step}: {who}")
-        result[f"fid_{who}"], result[f"kid_{who}"] = compute_fid_kid(images, self.real, self.extractor, self.workdir)
+        result[f"fid_{who}"], result[f"kid_{who}"] = compute_fid_kid(images, self.real, self.extractor)
         classifier = self.extractor if isinstance(self.extractor, DigitClassifier) else None
         if classifier is not None:
             result[f"class_accuracy_{who}"] = class_accuracy(classifier, images, spec["labels"])

@@ -4,12 +4,13 @@ clean-fid's standard Inception weights are fetched from the network on first use
 impossible on offline machines, and Inception features are a poor yardstick for 16x16 digits
 anyway. So dmdscale trains its own small digit classifier (seconds on CPU), caches it with
 safetensors, and hands clean-fid a wrapper around the classifier's penultimate features as
-`custom_feat_extractor`. The images still go through clean-fid's own loading and "clean"
-resizing, so the FID and KID figures are clean-fid's computation with a different feature
-network.
+`custom_feat_extractor`. The images go through clean-fid's "clean" resizing (computed in
+memory, `clean_resize`, rather than through PNG folders) and its FID and KID, so the figures
+are clean-fid's computation with a different feature network.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -44,6 +45,8 @@ __all__ = [
     "compute_fid",
     "compute_fid_kid",
     "generate",
+    "clean_resize",
+    "image_features",
     "inception_weights_path",
     "write_png_folder",
 ]
@@ -255,8 +258,9 @@ def inception_weights_path() -> Path:
 
 
 def write_png_folder(images_uint8_nhwc: np.ndarray, folder: str | os.PathLike) -> Path:
-    """Write images as zero-padded, sortable PNGs (grayscale for C=1): clean-fid reads folders
-    in sorted order, so file i is image i."""
+    """Write images as zero-padded, sortable PNGs (grayscale for C=1), for clean-fid's folder
+    functions (the reference `clean_resize` is checked against): it reads folders in sorted
+    order, so file i is image i."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images_uint8_nhwc):
@@ -286,31 +290,47 @@ def _feature_extractor(extractor: str | nn.Module) -> nn.Module | None:
 # function of the images alone, so two evaluations of the same images agree.
 KID_SEED = 0
 
+# clean-fid's "clean" mode resizes every image to this size before the feature network.
+CLEAN_SIZE = 299
 
-def _cleanfid_features(gen_images: np.ndarray, ref_images: np.ndarray,
-                       extractor: str | nn.Module, workdir: str | os.PathLike,
-                       batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(gen, ref) features (N, D) from clean-fid's own loading and "clean" resizing of PNG
-    folders, extracted once per set, on the CPU: what its `compute_fid` on two folders does."""
-    if len(gen_images) < 2 or len(ref_images) < 2:
-        raise ValueError("FID and KID need at least two images in each set")
-    from cleanfid import fid as cleanfid_fid
+
+@functools.lru_cache(maxsize=None)
+def _pil_bicubic_matrix(size_in: int, size_out: int = CLEAN_SIZE) -> Tensor:
+    """(size_out, size_in): PIL's float bicubic resize of one axis as a matrix, read off PIL
+    itself by resizing unit rows (resizing is linear; PIL's edge renormalisation included)."""
+    columns = []
+    for j in range(size_in):
+        row = np.zeros((1, size_in), np.float32)
+        row[0, j] = 1.0
+        columns.append(np.asarray(Image.fromarray(row).resize((size_out, 1), resample=Image.BICUBIC))[0])
+    return torch.from_numpy(np.stack(columns, axis=1))
+
+
+def clean_resize(images_uint8_nhwc: np.ndarray) -> Tensor:
+    """clean-fid's "clean" input pipeline in memory, for a batch: what its folder loader does
+    to a PNG of each image (convert to RGB; resize each channel to 299x299 with PIL bicubic in
+    float32; clip to [0, 255]), as two matrix products per channel, the same figures to float
+    rounding (tests/unit/test_eval_metrics.py compares it with clean-fid's own resizer), about
+    faster than writing and re-reading PNGs. Returns float32 (B, 3, 299, 299), a grayscale
+    image's three channels one tensor's view."""
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8_nhwc)).permute(0, 3, 1, 2).float()
+    rows, cols = _pil_bicubic_matrix(x.shape[2]), _pil_bicubic_matrix(x.shape[3])
+    resized = (rows @ x @ cols.T).clamp_(0, 255)
+    return resized.expand(-1, 3, -1, -1) if resized.shape[1] == 1 else resized  # grayscale PNG -> RGB
+
+
+def image_features(images_uint8_nhwc: np.ndarray, extractor: str | nn.Module, batch_size: int = 100) -> np.ndarray:
+    """(N, D) features of uint8 NHWC images as clean-fid computes them in "clean" mode, with
+    clean-fid's Inception ("inception") or a custom extractor (a DigitClassifier is wrapped in
+    CleanFIDFeatures), on the CPU."""
     from cleanfid.features import build_feature_extractor
 
     feat_model = _feature_extractor(extractor)
     if feat_model is None:  # clean-fid's Inception, built as its compute_fid builds it
         feat_model = build_feature_extractor("clean", torch.device("cpu"), use_dataparallel=False)
-
-    def features(folder: Path) -> np.ndarray:
-        return cleanfid_fid.get_folder_features(
-            str(folder), feat_model, num_workers=0, batch_size=batch_size,
-            device=torch.device("cpu"), mode="clean", verbose=False)
-
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="fid-") as tmp:
-        gen_dir = write_png_folder(gen_images, Path(tmp) / "gen")
-        ref_dir = write_png_folder(ref_images, Path(tmp) / "ref")
-        return features(gen_dir), features(ref_dir)
+    with torch.no_grad():
+        return np.concatenate([feat_model(clean_resize(images_uint8_nhwc[i:i + batch_size])).numpy()
+                               for i in range(0, len(images_uint8_nhwc), batch_size)])
 
 
 def _fid(gen_feats: np.ndarray, ref_feats: np.ndarray) -> float:
@@ -345,25 +365,27 @@ def _kid(gen_feats: np.ndarray, ref_feats: np.ndarray, rescale: bool = False) ->
         np.random.set_state(saved)
 
 
-def compute_fid_kid(gen_images: np.ndarray, ref_images: np.ndarray, extractor: str | nn.Module,
-                    workdir: str | os.PathLike, batch_size: int = 100) -> tuple[float, float]:
+def _features_of_both(gen_images: np.ndarray, ref_images: np.ndarray,
+                      extractor: str | nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    if len(gen_images) < 2 or len(ref_images) < 2:
+        raise ValueError("FID and KID need at least two images in each set")
+    return image_features(gen_images, extractor), image_features(ref_images, extractor)
+
+
+def compute_fid_kid(gen_images: np.ndarray, ref_images: np.ndarray,
+                    extractor: str | nn.Module) -> tuple[float, float]:
     """(FID, KID) between two uint8 NHWC image sets, both computed by clean-fid on the same
     features, extracted once per set. KID is unbiased: its expectation does not depend on the
     sample size, where FID's is biased upward at small sizes. Both are deterministic. On a
     custom extractor's features (the digit classifier) KID's kernel sees them rescaled (`_kid`).
-
-    The PNG folders live in a fresh temporary directory under `workdir` (removed afterwards),
-    so concurrent evaluators sharing a workdir never see each other's files.
     """
-    feats = _cleanfid_features(gen_images, ref_images, extractor, workdir, batch_size)
+    feats = _features_of_both(gen_images, ref_images, extractor)
     return _fid(*feats), _kid(*feats, rescale=not isinstance(extractor, str))
 
 
-def compute_fid(gen_images: np.ndarray, ref_images: np.ndarray, extractor: str | nn.Module,
-                workdir: str | os.PathLike, batch_size: int = 100) -> float:
-    """FID between two uint8 NHWC image sets, computed by clean-fid on PNG folders (in a
-    temporary directory under `workdir`, as `compute_fid_kid`, without the KID)."""
-    return _fid(*_cleanfid_features(gen_images, ref_images, extractor, workdir, batch_size))
+def compute_fid(gen_images: np.ndarray, ref_images: np.ndarray, extractor: str | nn.Module) -> float:
+    """FID between two uint8 NHWC image sets (as `compute_fid_kid`, without the KID)."""
+    return _fid(*_features_of_both(gen_images, ref_images, extractor))
 
 
 @torch.no_grad()

@@ -197,8 +197,7 @@ image = pipe("a photo of a cat", {", ".join(f"{k}={v}" for k, v in call.items())
                 metrics |= sample_quality_of(name, real, images[name], seed=seed)
         if inception_weights_path().is_file() and len(real) >= 2:
             for name in images:
-                metrics[f"fid_{name}"], metrics[f"kid_{name}"] = compute_fid_kid(
-                    images[name], real, "inception", workdir / f"fid_{name}")
+                metrics[f"fid_{name}"], metrics[f"kid_{name}"] = compute_fid_kid(images[name], real, "inception")
         else:
             metrics["fid_skipped"] = f"clean-fid Inception weights not at {inception_weights_path()}"
         return Evaluation(metrics, {"images": images["student"], "prompts": np.asarray(prompts)})

@@ -194,12 +194,12 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
         # classifier when it is the FID's extractor), so the curves end where these figures are.
         space = extractor if isinstance(extractor, DigitClassifier) else None
         for name, imgs in images.items():
-            metrics[f"fid_{name}"], metrics[f"kid_{name}"] = compute_fid_kid(imgs, real, extractor, workdir / f"fid_{name}")
+            metrics[f"fid_{name}"], metrics[f"kid_{name}"] = compute_fid_kid(imgs, real, extractor)
             metrics[f"class_accuracy_{name}"] = class_accuracy(classifier, imgs, labels)
             metrics |= sample_quality_of(name, real, imgs, space, spec["seed"])
         # The floor of these figures: as many real training images as samples, against the same held-out set.
         floor = inputs.train[0][:n]
-        metrics["fid_real_train"], metrics["kid_real_train"] = compute_fid_kid(floor, real, extractor, workdir / "fid_real")
+        metrics["fid_real_train"], metrics["kid_real_train"] = compute_fid_kid(floor, real, extractor)
         metrics |= sample_quality_of("real_train", real, floor, space, spec["seed"])
         # Speed: the same batch through both samplers (after a warm-up call each).
         z = torch.randn(min(n, 256), c, r, r)

@@ -120,7 +120,7 @@ def test_actor_fid_equals_the_final_evaluation_code_path(pool, world, tmp_path):
     # As UNet2DFamily.evaluate (dmdscale.families.unet2d) samples and scores the student.
     images = generate(lambda z, y: sample(student, student.schedule, z, cfg.generator.timesteps, y),
                       labels, (c, r, r), cfg.train.seed + 99)
-    fid = compute_fid(images, world["real"], world["clf"], tmp_path)
+    fid = compute_fid(images, world["real"], world["clf"])
     print(f"actor FID {result['fid_student']:.6f} in-process {fid:.6f}")
     assert result["fid_student"] == pytest.approx(fid, rel=1e-6)
     assert result["class_accuracy_student"] == class_accuracy(world["clf"], images, labels)

@@ -78,8 +78,8 @@ def test_colour_collapse_is_caught_where_classifier_fid_barely_moves(shapes, cla
     two seeds: floor 1.6 and 2.7, grey 2.3 and 2.9). Recall in classifier space 0.94 -> 0.94.
     Meanwhile colourfulness fell to 0.30 of the data's, bright saturation to 0.43, recall in
     pixels 0.88 -> 0.37, and SWD rose 34 -> 100."""
-    fid_floor = compute_fid(shapes["held_out"], shapes["real"], classifier, tmp_path)
-    fid_grey = compute_fid(shapes["grey"], shapes["real"], classifier, tmp_path)
+    fid_floor = compute_fid(shapes["held_out"], shapes["real"], classifier)
+    fid_grey = compute_fid(shapes["grey"], shapes["real"], classifier)
     assert fid_grey < 5 * fid_floor
     floor, grey = scores["held_out"], scores["grey"]
     assert grey["recall_classifier"] > floor["recall_classifier"] - 0.1

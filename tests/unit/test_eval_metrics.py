@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from cleanfid import fid as cleanfid_fid
+from cleanfid.resize import build_resizer
 from PIL import Image
 from safetensors import safe_open
 from sklearn.datasets import load_digits
@@ -114,25 +115,24 @@ def test_extractor_matches_classifier_through_cleanfid_pipeline(clf, digits, tmp
     assert cos.min() > 0.99 and agree >= 0.98
 
 
-def test_fid_real_vs_real_vs_corrupted(clf, digits, tmp_path):
+def test_fid_real_vs_real_vs_corrupted(clf, digits):
     xa = digits["xa"]
     noisy = np.clip(xa + np.random.default_rng(0).normal(0, 80, xa.shape), 0, 255).astype(np.uint8)
 
-    same = ev.compute_fid(xa, xa, clf, tmp_path)
-    real = ev.compute_fid(xa, digits["xb"], clf, tmp_path)
-    noise = ev.compute_fid(xa, noisy, clf, tmp_path)
+    same = ev.compute_fid(xa, xa, clf)
+    real = ev.compute_fid(xa, digits["xb"], clf)
+    noise = ev.compute_fid(xa, noisy, clf)
     print(f"FID same={same:.4f} A-vs-B={real:.2f} noisy={noise:.2f}")
     assert abs(same) < 1e-3
     assert real < 0.2 * noise
-    assert list(tmp_path.iterdir()) == []  # the PNG folders are temporary
 
 
-def test_fid_accepts_wrapped_extractor(clf, digits, tmp_path):
+def test_fid_accepts_wrapped_extractor(clf, digits):
     a, b = digits["xa"][:60], digits["xb"][:60]
-    wrapped = ev.compute_fid(a, b, ev.CleanFIDFeatures(clf), tmp_path)
-    assert wrapped == pytest.approx(ev.compute_fid(a, b, clf, tmp_path))
+    wrapped = ev.compute_fid(a, b, ev.CleanFIDFeatures(clf))
+    assert wrapped == pytest.approx(ev.compute_fid(a, b, clf))
     with pytest.raises(ValueError):
-        ev.compute_fid(a[:1], b, clf, tmp_path)
+        ev.compute_fid(a[:1], b, clf)
 
 
 class _PooledPixels(torch.nn.Module):
@@ -144,62 +144,79 @@ class _PooledPixels(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 8).flatten(1) / 255
 
 
-def test_kid_near_zero_on_itself_and_positive_on_shifted_set(digits, tmp_path):
+def test_kid_near_zero_on_itself_and_positive_on_shifted_set(digits):
     a, b = digits["xa"][:40], digits["xb"][:40]
     extractor = _PooledPixels()
-    _, same = ev.compute_fid_kid(a, a, extractor, tmp_path)
-    _, real = ev.compute_fid_kid(a, b, extractor, tmp_path)
-    _, shifted = ev.compute_fid_kid(a, np.roll(a, 3, axis=2), extractor, tmp_path)
+    _, same = ev.compute_fid_kid(a, a, extractor)
+    _, real = ev.compute_fid_kid(a, b, extractor)
+    _, shifted = ev.compute_fid_kid(a, np.roll(a, 3, axis=2), extractor)
     print(f"KID same={same:.5f} A-vs-B={real:.5f} shifted={shifted:.5f}")
     # A set against itself is not two independent samples: the unbiased estimate is then
     # slightly negative (-2/m times the mean kernel's diagonal excess), not exactly 0.
     assert abs(same) < 0.05 * shifted and abs(real) < 0.05 * shifted
     assert shifted > 0.1
-    assert list(tmp_path.iterdir()) == []  # the PNG folders are temporary
+
+
+def test_clean_resize_is_cleanfids_resizer():
+    """The in-memory resize is clean-fid's "clean" resizer on the RGB image its folder loader
+    makes of each PNG, to float rounding, for grayscale and RGB, square and not."""
+    rng = np.random.default_rng(0)
+    resizer = build_resizer("clean")
+    for shape in [(3, 16, 16, 1), (2, 12, 20, 3)]:
+        images = rng.integers(0, 256, shape, dtype=np.uint8)
+        ours = ev.clean_resize(images).numpy()
+        assert ours.shape == (shape[0], 3, 299, 299) and ours.dtype == np.float32
+        for image, resized in zip(images, ours):
+            rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+            reference = resizer(rgb)  # (299, 299, 3) float32 in [0, 255]
+            # noise overshoots under bicubic, so the clipping is exercised too
+            assert (reference == 0).any() and (reference == 255).any()
+            np.testing.assert_allclose(resized.transpose(1, 2, 0), reference, atol=2e-3)
 
 
 @pytest.mark.filterwarnings("ignore:.*`disp` argument:DeprecationWarning")  # clean-fid's sqrtm call
 def test_fid_of_compute_fid_kid_is_compute_fid_and_cleanfid(clf, digits, tmp_path):
-    """Extracting features once changes no FID: compute_fid_kid's FID is compute_fid's, and both
-    are clean-fid's own `compute_fid` on the same PNG folders (what compute_fid called before)."""
+    """Extracting features once and in memory changes no FID: compute_fid_kid's FID is
+    compute_fid's, and both are clean-fid's own `compute_fid` on PNG folders of the same images
+    (what compute_fid called before) to float rounding."""
     a, b = digits["xa"][:40], digits["xb"][:50]
-    fid, _ = ev.compute_fid_kid(a, b, clf, tmp_path / "work")
+    fid, _ = ev.compute_fid_kid(a, b, clf)
     reference = cleanfid_fid.compute_fid(
         str(ev.write_png_folder(a, tmp_path / "a")), str(ev.write_png_folder(b, tmp_path / "b")),
         mode="clean", custom_feat_extractor=ev.CleanFIDFeatures(clf), device=CPU, num_workers=0,
         batch_size=100, verbose=False, use_dataparallel=False)
-    assert fid == ev.compute_fid(a, b, clf, tmp_path / "work")
-    assert fid == reference  # bit for bit
+    assert fid == ev.compute_fid(a, b, clf)
+    assert fid == pytest.approx(reference, rel=1e-4)
     with pytest.raises(ValueError, match="at least two"):
-        ev.compute_fid_kid(a[:1], b, clf, tmp_path)
+        ev.compute_fid_kid(a[:1], b, clf)
 
 
-def test_kid_is_deterministic_and_leaves_numpy_rng_alone(digits, tmp_path, monkeypatch):
+def test_kid_is_deterministic_and_leaves_numpy_rng_alone(digits, monkeypatch):
     """Sets of different sizes, so clean-fid's random subsets of the larger one matter."""
     a, b = digits["xa"][:40], digits["xb"][:60]
     np.random.seed(1)
-    _, first = ev.compute_fid_kid(a, b, _PooledPixels(), tmp_path)
+    _, first = ev.compute_fid_kid(a, b, _PooledPixels())
     np.random.seed(2)  # the caller's global RNG state does not matter...
     state = np.random.get_state()
-    _, second = ev.compute_fid_kid(a, b, _PooledPixels(), tmp_path)
+    _, second = ev.compute_fid_kid(a, b, _PooledPixels())
     after = np.random.get_state()
     assert first == second
     # ... and is left as it was
     assert state[0] == after[0] and np.array_equal(state[1], after[1]) and state[2:] == after[2:]
     monkeypatch.setattr(ev, "KID_SEED", 1)  # while the subsets' seed does: the draw is pinned
-    assert ev.compute_fid_kid(a, b, _PooledPixels(), tmp_path)[1] != first
+    assert ev.compute_fid_kid(a, b, _PooledPixels())[1] != first
 
 
-def test_inception_without_weights_raises_clear_error(digits, tmp_path):
+def test_inception_without_weights_raises_clear_error(digits):
     path = ev.inception_weights_path()
     if path.exists():
         pytest.skip(f"Inception weights present at {path}")
     with pytest.raises(FileNotFoundError, match="DigitClassifier") as err:
-        ev.compute_fid(digits["xa"][:4], digits["xb"][:4], "inception", tmp_path)
+        ev.compute_fid(digits["xa"][:4], digits["xb"][:4], "inception")
     assert str(path) in str(err.value)
     assert not path.exists()  # nothing was downloaded
     with pytest.raises(ValueError):
-        ev.compute_fid(digits["xa"][:4], digits["xb"][:4], "vgg", tmp_path)
+        ev.compute_fid(digits["xa"][:4], digits["xb"][:4], "vgg")
 
 
 def test_save_grid_grows_with_images(digits, tmp_path):

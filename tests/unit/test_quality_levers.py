@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from dmdscale.config import ConfigError, build_config
 from dmdscale.core.ema import GeneratorEMA, ema_name
 from dmdscale.core.losses import dm_loss, gan_generator_loss
-from dmdscale.core.optim import TorchOptimizedModule, warmup_factor
+from dmdscale.core.optim import TorchOptimizedModule, decay_factor, warmup_factor
 from dmdscale.core.schedule import NoiseSchedule, TimestepSampler
 from dmdscale.core.step import Batch, DMD2Step, by_noise_level
 from dmdscale.distributed.checkpoint import init_source, load_stage, save_stage
@@ -135,6 +135,23 @@ def test_generator_warm_up_runs_on_the_iteration_clock():
             opt.step()
     assert gen.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # 4 updates = 20 iterations
     assert critic.optimizer.param_groups[0]["lr"] == pytest.approx(4e-3 * 5 / 20)  # its own LR, 5 of 20
+
+
+def test_cosine_decay_reaches_zero_at_max_steps_for_both_players_on_the_iteration_clock():
+    cfg = build_config({}, {"train.ttur_ratio": 5, "train.warmup_steps": 0, "train.lr": 1e-3,
+                            "train.max_steps": 40, "train.lr_decay": "cosine"})
+    assert decay_factor(20, 40, "cosine") == pytest.approx(0.5)
+    assert decay_factor(40, 40, "cosine") == pytest.approx(0.0)
+    assert decay_factor(20, 40, "constant") == 1.0
+    gen = TorchOptimizedModule(torch.nn.Linear(2, 2), cfg.train, role="generator")
+    critic = TorchOptimizedModule(torch.nn.Linear(2, 2), cfg.train, role="critic")
+    for opt, updates in ((gen, 4), (critic, 20)):  # both at iteration 20 of 40: half the rate
+        for _ in range(updates):
+            opt.module(torch.randn(3, 2)).sum().backward()
+            opt.step()
+        assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-3)
+    with pytest.raises(ValueError, match="lr_decay"):
+        build_config({}, {"train.lr_decay": "linear"})
 
 
 # -- EMA --------------------------------------------------------------------------------------
