@@ -310,8 +310,8 @@ def clean_resize(images_uint8_nhwc: np.ndarray) -> Tensor:
     """clean-fid's "clean" input pipeline in memory, for a batch: what its folder loader does
     to a PNG of each image (convert to RGB; resize each channel to 299x299 with PIL bicubic in
     float32; clip to [0, 255]), as two matrix products per channel, the same figures to float
-    rounding (tests/unit/test_eval_metrics.py compares it with clean-fid's own resizer), about
-    faster than writing and re-reading PNGs. Returns float32 (B, 3, 299, 299), a grayscale
+    rounding (tests/unit/test_eval_metrics.py compares it with clean-fid's own resizer), and
+    about 7x faster than writing and re-reading PNGs (bench/fid_features.py). Returns float32 (B, 3, 299, 299), a grayscale
     image's three channels one tensor's view."""
     x = torch.from_numpy(np.ascontiguousarray(images_uint8_nhwc)).permute(0, 3, 1, 2).float()
     rows, cols = _pil_bicubic_matrix(x.shape[2]), _pil_bicubic_matrix(x.shape[3])
