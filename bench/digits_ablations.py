@@ -41,7 +41,7 @@ from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.distributed.evalpool import eval_spec
 from dmdscale.distributed.worker import build_players
 from dmdscale.eval.metrics import class_accuracy, compute_fid_kid, generate, sample_quality_of, sample_student
-from dmdscale.eval.plots import save_grid
+from dmdscale.eval.plots import first_per_class, save_grid
 from dmdscale.families import family_of
 from dmdscale.models.unet2d import load_unet
 
@@ -146,7 +146,7 @@ def student_figures(cfg: Config, inputs: Any, trained: dict[str, Any], grids: Pa
         images = sample_student(model, spec["timesteps"], spec["labels"], spec["shape"], spec["seed"], desc="student")
         model.train()
         if grids is not None:
-            first = np.concatenate([np.flatnonzero(spec["labels"] == c)[:5] for c in np.unique(spec["labels"])])
+            first = first_per_class(spec["labels"], 5)
             save_grid(images[first], spec["labels"][first], f"{grids}-{name}.png",
                       title=f"{grids.name} ({name}, {len(cfg.generator.timesteps)} step)")
         return evaluate(cfg, inputs, images)

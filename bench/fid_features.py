@@ -19,6 +19,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ def folder_path(gen: np.ndarray, ref: np.ndarray, clf: ev.DigitClassifier, workd
             num_workers=0, batch_size=100, verbose=False, use_dataparallel=False))
 
 
-def fastest(fn, repeats: int) -> tuple[float, float]:
+def fastest(fn, repeats: int) -> tuple[float, Any]:
     times, value = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()

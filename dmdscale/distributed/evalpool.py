@@ -124,7 +124,7 @@ class CheckpointEvaluator:
     def _log(self, step: int, result: dict[str, Any], images: np.ndarray) -> list[str]:
         """Metrics at `step` and the sample grid into the MLflow run; failures are returned,
         never raised (the sink prints one warning per outage, not one per call)."""
-        from dmdscale.eval.plots import save_grid
+        from dmdscale.eval.plots import first_per_class, save_grid
 
         if not self.sink.enabled:
             return []
@@ -133,8 +133,8 @@ class CheckpointEvaluator:
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if not self.sink.log_metrics(figures, step, what=f"metrics of the evaluation at step {step}"):
             problems.append(f"metrics: {self.sink.last_problem}")
-        labels, num_classes = self.spec["labels"], self.spec["num_classes"]
-        shown = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(num_classes)])
+        labels = self.spec["labels"]
+        shown = first_per_class(labels, 10)
         with tempfile.TemporaryDirectory(prefix="dmdscale-grid-") as tmp:
             try:
                 path = save_grid(images[shown], labels[shown], Path(tmp) / f"step_{step:07d}.png",

@@ -268,8 +268,9 @@ def write_png_folder(images_uint8_nhwc: np.ndarray, folder: str | os.PathLike) -
     return folder
 
 
-def _feature_extractor(extractor: str | nn.Module) -> nn.Module | None:
-    """Resolve the `extractor` argument: None means clean-fid's own Inception (only if its
+def _feature_extractor(extractor: str | nn.Module) -> nn.Module:
+    """Resolve the `extractor` argument to the module the resized images go through:
+    "inception" is clean-fid's own Inception, built as its compute_fid builds it (only if its
     weights are already on disk: clean-fid would otherwise download them)."""
     if isinstance(extractor, DigitClassifier):
         return CleanFIDFeatures(extractor)
@@ -282,7 +283,9 @@ def _feature_extractor(extractor: str | nn.Module) -> nn.Module | None:
                 f"clean-fid's Inception weights are not at {path} and dmdscale never downloads "
                 "them; pass a DigitClassifier (see load_or_train_classifier) as the extractor, "
                 "or place inception-2015-12-05.pt at that path.")
-        return None
+        from cleanfid.features import build_feature_extractor
+
+        return build_feature_extractor("clean", torch.device("cpu"), use_dataparallel=False)
     raise ValueError(f"unknown extractor {extractor!r}: use 'inception' or a DigitClassifier")
 
 
@@ -323,11 +326,7 @@ def image_features(images_uint8_nhwc: np.ndarray, extractor: str | nn.Module, ba
     """(N, D) features of uint8 NHWC images as clean-fid computes them in "clean" mode, with
     clean-fid's Inception ("inception") or a custom extractor (a DigitClassifier is wrapped in
     CleanFIDFeatures), on the CPU."""
-    from cleanfid.features import build_feature_extractor
-
     feat_model = _feature_extractor(extractor)
-    if feat_model is None:  # clean-fid's Inception, built as its compute_fid builds it
-        feat_model = build_feature_extractor("clean", torch.device("cpu"), use_dataparallel=False)
     with torch.no_grad():
         return np.concatenate([feat_model(clean_resize(images_uint8_nhwc[i:i + batch_size])).numpy()
                                for i in range(0, len(images_uint8_nhwc), batch_size)])
@@ -369,7 +368,8 @@ def _features_of_both(gen_images: np.ndarray, ref_images: np.ndarray,
                       extractor: str | nn.Module) -> tuple[np.ndarray, np.ndarray]:
     if len(gen_images) < 2 or len(ref_images) < 2:
         raise ValueError("FID and KID need at least two images in each set")
-    return image_features(gen_images, extractor), image_features(ref_images, extractor)
+    feat_model = _feature_extractor(extractor)  # built once: Inception loads its weights from disk
+    return image_features(gen_images, feat_model), image_features(ref_images, feat_model)
 
 
 def compute_fid_kid(gen_images: np.ndarray, ref_images: np.ndarray,

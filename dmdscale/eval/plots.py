@@ -19,6 +19,12 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Indices of the first `per_class` images of each label present, class by class: the
+    images a grid shows."""
+    return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
+
+
 def save_grid(images_uint8_nhwc: np.ndarray, labels_or_None: np.ndarray | None,
               path: str | os.PathLike, ncols: int = 10, title: str | None = None,
               scale: float = 0.8) -> Path:

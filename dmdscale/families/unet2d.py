@@ -212,10 +212,10 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
 
     def draw_samples(self, cfg: Config, samples: dict[str, np.ndarray], metrics: dict[str, Any],
                      path: Path) -> None:
-        from dmdscale.eval.plots import save_grid
+        from dmdscale.eval.plots import first_per_class, save_grid
 
         images, labels = samples["images"], samples["labels"]
-        shown = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(cfg.data.num_classes)])
+        shown = first_per_class(labels, 10)
         save_grid(images[shown], labels[shown], path,
                   title=f"{len(cfg.generator.timesteps)}-step student: FID {metrics['fid_student']:.2f}, "
                         f"SWD {metrics['swd_pixels_student']:.0f} (teacher {cfg.eval.teacher_steps} steps: "
