@@ -132,7 +132,8 @@ class TrainConfig(_Section):
     # Then "constant" (the paper's) or "cosine": a half cosine to 0 at max_steps, for both players.
     lr_decay: Literal["constant", "cosine"] = "constant"
     grad_clip: float = Field(10.0, gt=0)
-    # bf16: autocast and DeepSpeed bf16 engines, and the frozen teacher stored in bf16.
+    # bf16: forwards under bf16 autocast on fp32 generator/critic weights (fp32 DeepSpeed engines),
+    # the frozen teacher stored in bf16, the DM loss's fake-score pass in fp32 (as the DMD2 authors).
     mixed_precision: Literal["no", "bf16"] = "no"
     # Recompute the generator's and fake score's activations in backward (UNet2DConditionModel).
     gradient_checkpointing: bool = False
@@ -203,6 +204,37 @@ class LossConfig(_Section):
         return self
 
 
+class RegressionConfig(_Section):
+    """A regression stage instead of DMD2 (the DMD2 authors' SDXL 1-step recipe): the teacher's
+    deterministic many-step sampler with CFG (loss.guidance_scale) turns the prompts of data.path
+    into (noise, text embedding, teacher output) pairs on a Ray actor pool, written as Parquet
+    shards; the generator then learns to map each noise to its teacher output in one step at
+    generator.timesteps[0]. The run folder's stage/ is what the DMD2 stage's train.init takes."""
+
+    enabled: bool = False
+    # Where the pair shards go (a folder every node can write); None: <run folder>/ode_pairs.
+    # A rerun writes only the shards missing there, so an interrupted generation resumes.
+    pairs_path: str | None = None
+    num_pairs: int = Field(10_000, ge=1)  # the authors' 10K
+    shard_size: int = Field(256, ge=1)  # pairs per Parquet shard: the unit of work and of resume
+    sampler_steps: int = Field(50, ge=2)  # the teacher's DDIM steps per pair
+    sample_batch_size: int = Field(8, ge=1)  # pairs per teacher forward on an actor
+    num_actors: int = Field(1, ge=1)  # each holds the teacher UNet and text encoder(s)
+    actor_cpus: float = Field(1.0, gt=0)
+    actor_gpus: float = Field(1.0, ge=0)  # per actor when scale.use_gpu
+    # pseudo_huber on latents (no weights needed), or lpips on VAE-decoded images (the authors'
+    # choice), which needs lpips_weights: a local LPIPS state dict (nothing is downloaded).
+    metric: Literal["pseudo_huber", "lpips"] = "pseudo_huber"
+    lpips_weights: str | None = None
+
+    @model_validator(mode="after")
+    def _check_lpips(self) -> "RegressionConfig":
+        if self.metric == "lpips" and self.lpips_weights is None:
+            raise ValueError("regression.metric 'lpips' needs regression.lpips_weights: a local LPIPS state dict "
+                             "(lpips.LPIPS(net='vgg').state_dict() saved with torch.save); or use 'pseudo_huber'")
+        return self
+
+
 class RolloutConfig(_Section):
     """Where backward simulation runs for multi-step students (one-step students never simulate)."""
 
@@ -258,8 +290,17 @@ class EvalConfig(_Section):
     # FID needs a covariance and the k-NN figures (k up to 5) more images than neighbours.
     num_samples: int = Field(5000, ge=8)
     teacher_steps: int = Field(100, ge=1)  # the teacher's deterministic many-step sampler
-    # FID features: a digit classifier dmdscale trains, or clean-fid's Inception (local weights only).
-    feature_extractor: Literal["classifier", "inception"] = "classifier"
+    # FID features: a digit classifier dmdscale trains (unet2d; the text families read it as
+    # "Inception where its weights are on disk, else no FID"), clean-fid's Inception (local
+    # weights only), or "clip": eval.clip_model's image embeddings (FD_CLIP, as clip-FID papers).
+    feature_extractor: Literal["classifier", "inception", "clip"] = "classifier"
+    # clean-fid's TorchScript Inception file (inception-2015-12-05.pt); None: where clean-fid
+    # itself keeps it (/tmp). Never downloaded: a missing file is an error naming the path.
+    inception_weights: str | None = None
+    # A local transformers CLIPModel folder (with its processor and tokenizer) for the text
+    # families' CLIP score and "clip" FID features; a hub id only works when already cached
+    # (nothing downloads). None: no CLIP score.
+    clip_model: str | None = None
     classifier_steps: int = Field(1500, ge=1)
     # Evaluate every checkpoint on separate Ray actors while training goes on (FID + a grid,
     # logged to MLflow at the checkpoint's step); the final evaluation is always run.
@@ -267,6 +308,17 @@ class EvalConfig(_Section):
     num_actors: int = Field(1, ge=1)
     actor_cpus: float = Field(0.25, gt=0)
     actor_gpus: float = Field(0.25, ge=0)  # fraction of a GPU per actor when scale.use_gpu
+    # Checkpoints waiting on each evaluation actor (each holds a full copy of the generator's
+    # weights in host memory: ~3.4 GB for SD1.5's UNet in fp32). A submit to a full queue drops
+    # the OLDEST waiting checkpoint (the newest weights say more; the drop is counted and
+    # logged as eval_dropped_checkpoints), so training never waits for an evaluation.
+    max_queued: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _clip_needs_a_model(self) -> "EvalConfig":
+        if self.feature_extractor == "clip" and self.clip_model is None:
+            raise ValueError("feature_extractor 'clip' needs eval.clip_model (a local CLIPModel folder)")
+        return self
 
 
 class SearchDimension(_Section):
@@ -336,6 +388,7 @@ class Config(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    regression: RegressionConfig = Field(default_factory=RegressionConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -5,8 +5,8 @@ settings, tracking server, the Ray cluster's size), the run journal (resume, ref
 config, or only redo the evaluation of a run whose training finished), what the family builds
 once (teacher, classifier), the MLflow run, training (on Ray Train, or in process), the final
 evaluation, and the run folder: metrics.json, samples.npz, samples.png, losses.png, (with
-checkpoint evaluations) checkpoint_evaluations.json and fid.png, and student/. The journal
-marks the run finished only when all of that is written.
+checkpoint evaluations) checkpoint_evaluations.json, fid.png and (text families with a CLIP
+model) clip.png, and student/. The journal marks the run finished only when all of that is written.
 """
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ from dmdscale.tracking import Tracker, absolute_tracking_uri, check_tracking_ser
 TRAINED_RECORD = "trained.json"  # what training handed the evaluation: a rerun evaluates from it
 
 
-def _final_point(cfg: Config, metrics: dict[str, Any]) -> dict[str, Any]:
-    """The final FIDs named as the checkpoint evaluations name them: there `fid_student` is the
-    raw weights and `fid_student_<ema>` each average; the final evaluation calls the exported
-    weights `fid_student` and the raw ones `fid_student_raw`."""
-    final = {k: v for k, v in metrics.items() if k.startswith("fid_student")}
+def _final_point(cfg: Config, metrics: dict[str, Any], prefix: str = "fid_student") -> dict[str, Any]:
+    """The final figures (`prefix`: FIDs, or the text families' CLIP scores) named as the checkpoint
+    evaluations name them: there `fid_student` is the raw weights and `fid_student_<ema>` each
+    average; the final evaluation calls the exported weights `fid_student` and the raw ones `fid_student_raw`."""
+    final = {k: v for k, v in metrics.items() if k.startswith(prefix)}
     exported = metrics.get("student_weights", "raw")
-    if exported != "raw" and "fid_student_raw" in final:
-        final[f"fid_student_{exported}"], final["fid_student"] = final["fid_student"], final.pop("fid_student_raw")
+    if exported != "raw" and f"{prefix}_raw" in final:
+        final[f"{prefix}_{exported}"], final[prefix] = final[prefix], final.pop(f"{prefix}_raw")
     return {"step": cfg.train.max_steps, **final}
 
 
@@ -65,6 +65,10 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
     from dmdscale.distributed.launch import run_storage
     from dmdscale.eval.plots import curves_from_log, plot_curves, plot_diagnostics
 
+    if cfg.regression.enabled:  # the regression stage: teacher ODE pairs, then regression, no DMD2
+        from dmdscale.distributed.regression import run_regression_stage
+
+        return run_regression_stage(cfg, out)
     family = family_of(cfg)
     fail_at_step = parse_fail_at_step(os.environ.get("DMDSCALE_FAIL_AT_STEP"))
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +121,10 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
             plot_curves(curves_from_log([*trained.evaluations, _final_point(cfg, metrics)], "fid_student"),
                         out / "fid.png")
             pictures.append("fid.png")
+            if any(r.get("clip_score_student") is not None for r in trained.evaluations):  # text families
+                plot_curves(curves_from_log([*trained.evaluations, _final_point(cfg, metrics, "clip_score_student")],
+                                            "clip_score_student"), out / "clip.png")
+                pictures.append("clip.png")
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                             step=cfg.train.max_steps)
         for name in pictures:

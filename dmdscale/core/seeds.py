@@ -45,6 +45,12 @@ def regression_pairs(seed: int) -> int:
     return seed + 1
 
 
+def ode_pair_noise(seed: int, shard: int) -> int:
+    """The noise of one shard of the regression stage's teacher ODE pairs: a pure function of
+    (seed, shard), so a resumed generation writes a missing shard exactly as it would have."""
+    return (seed * 4_000_037 + shard * 15_485_863 + 30_000_001) % _MOD
+
+
 def toy_teacher_fit(seed: int) -> int:
     """toy2d: fitting the MLP teacher network to the exact denoiser."""
     return seed + 17

@@ -13,6 +13,9 @@ noised to t <= loss.gan_max_step; DM and GAN noise levels are drawn by loss.dm_t
 loss.gan_timesteps. Every log step adds diagnostics: by noise level, the teacher/fake-score x0
 gap and the discriminator's mean probabilities; every generator turn with the GAN on, the
 gradient norms of both terms at the generator's output.
+Precision under train.mixed_precision bf16: every forward runs under bf16 autocast on fp32
+weights, except the frozen teacher's (bf16 weights) and the DM loss's fake-score pass (fp32);
+networks' outputs become x0 in float64 (`NoiseSchedule.to_x0`), as the DMD2 authors do.
 Non-finite losses are detected before backward (agreed across ranks by `sync_flag`), reported
 in the metrics and skipped.
 """
@@ -110,6 +113,13 @@ class DMD2Step:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _full_precision(self):
+        """The DM loss's fake-score pass in fp32 under bf16 training, as the DMD2 authors run it
+        (main/sd_guidance.py, compute_distribution_matching_loss: outside their autocast, fp32
+        weights). Late in training x0_fake - x0_real is about the size of a bf16 forward's
+        error times 1/sqrt(abar) (~13 at t = 980); tests/unit/test_precision.py measures it."""
+        return torch.autocast(self.device.type, enabled=False)
+
     def _randn(self, like: Tensor) -> Tensor:
         return self.rng.randn(tuple(like.shape), like.device, like.dtype)
 
@@ -175,6 +185,17 @@ class DMD2Step:
         t = self.gan_timesteps.draw(0, min(lc.gan_max_step, self.T - 1), n, self._randindex)
         return self.schedule.add_noise(x, self._randn(x), t), t
 
+    @torch.no_grad()
+    def dm_scores(self, x_t: Tensor, t: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
+        """(teacher's CFG x0, fake score's x0) at x_t for the DM loss, float32 from float64
+        conversions; the teacher in its stored precision under the step's autocast, the fake
+        score in fp32 (`_full_precision`)."""
+        with self._autocast():
+            x0_real = self.teacher(x_t, t, cond, self.cfg.loss.guidance_scale)
+        with self._full_precision():
+            x0_fake = self.critic.fake_score(x_t, t, cond)  # never guided
+        return x0_real, x0_fake
+
     def update_generator(self, x: Tensor, batch: Batch, diagnose: bool = False) -> dict[str, float]:
         lc, n = self.cfg.loss, len(x)
         metrics: dict[str, float] = {}
@@ -183,9 +204,7 @@ class DMD2Step:
         with requires_grad(self.critic, False), self._autocast():
             t = self.dm_timesteps.draw(lc.dm_min_step, lc.dm_max_step, n, self._randindex)
             x_t = self.schedule.add_noise(x.detach(), self._randn(x), t)
-            with torch.no_grad():
-                x0_real = self.teacher(x_t, t, batch.cond, lc.guidance_scale)
-                x0_fake = self.critic.fake_score(x_t, t, batch.cond)  # never guided
+            x0_real, x0_fake = self.dm_scores(x_t, t, batch.cond)
             # dm_loss's nan_to_num guards 0/0 only; a score network emitting NaN/inf must
             # not be masked by it, so its outputs count towards the finiteness check.
             scores_finite = bool(torch.isfinite(x0_real).all() and torch.isfinite(x0_fake).all())

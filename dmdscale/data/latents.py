@@ -6,6 +6,12 @@ there); each actor holds the teacher's VAE and text encoder(s) once and turns ba
   prompt_embeds (L, D) [, pooled_prompt_embeds (P,)]: the image's own caption, as the GAN's
   real branch needs it and the generator is conditioned on it.
 With `data.latent_cache`, the rows are written as Parquet once and read back afterwards.
+
+Prompt-only data (`dmdscale.data.sources.is_prompt_only`) is encoded by the text encoder(s)
+alone (`PromptOnlyEncoder`): its rows carry the text embeddings and, as `latent`, zeros of the
+latent shape. They are a shape placeholder, never data: a 1-step student's input is pure noise
+of that shape (a multi-step one's, its own backward simulation), and the family's preflight
+refuses every setting that would read real latents (the GAN terms, noised real inputs).
 """
 from __future__ import annotations
 
@@ -49,6 +55,35 @@ class LatentEncoder:
         return out | {k: v.float().cpu().numpy() for k, v in cond.items()}
 
 
+def latent_shape(teacher: str, resolution: int) -> tuple[int, int, int]:
+    """(channels, h, w) of the teacher's latents at `resolution`: the UNet's input channels,
+    and the resolution over the VAE's downsampling factor. Reads only config files."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    vae = AutoencoderKL.load_config(teacher, subfolder="vae")
+    size = resolution // 2 ** (len(vae["block_out_channels"]) - 1)
+    return int(UNet2DConditionModel.load_config(teacher, subfolder="unet")["in_channels"]), size, size
+
+
+class PromptOnlyEncoder:
+    """map_batches callable for prompt-only data: {"prompt": str} -> text embeddings and a zero
+    `latent` of the teacher's latent shape (a placeholder; see the module docstring)."""
+
+    def __init__(self, teacher: str, family: str, resolution: int, use_gpu: bool = False):
+        from dmdscale.models.text_encoders import PromptEncoder
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.text = PromptEncoder.load(teacher, family, self.device)
+        self.shape = latent_shape(teacher, resolution)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts = [str(p) for p in batch["prompt"]]
+        cond = self.text.encode(prompts)
+        out = {"latent": np.zeros((len(prompts), *self.shape), np.float32)}
+        return out | {k: v.float().cpu().numpy() for k, v in cond.items()}
+
+
 def cache_key(cfg: Config, train_path: str) -> dict[str, Any]:
     """What the cached latents depend on: the teacher, the data and the resolution."""
     return {"teacher": cfg.model.teacher, "family": cfg.model.family, "data": os.path.abspath(train_path),
@@ -69,9 +104,16 @@ def latent_dataset(cfg: Config, train_path: str) -> "ray.data.Dataset":  # noqa:
 
 
 def encode(cfg: Config, train_path: str) -> "ray.data.Dataset":  # noqa: F821
-    """Images + captions -> latent rows on `data.encode_actors` actors (a GPU each with scale.use_gpu)."""
-    from dmdscale.data.sources import read_dataset
+    """Images + captions -> latent rows on `data.encode_actors` actors (a GPU each with scale.use_gpu);
+    prompts alone -> text rows with a placeholder latent (`PromptOnlyEncoder`)."""
+    from dmdscale.data.sources import is_prompt_only, read_dataset, read_prompts
 
+    if is_prompt_only(train_path):
+        return read_prompts(train_path).map_batches(
+            PromptOnlyEncoder, fn_constructor_kwargs={"teacher": cfg.model.teacher, "family": cfg.model.family,
+                                                      "resolution": cfg.data.resolution, "use_gpu": cfg.scale.use_gpu},
+            batch_size=cfg.data.encode_batch_size, batch_format="numpy", concurrency=cfg.data.encode_actors,
+            num_gpus=1 if cfg.scale.use_gpu else 0, num_cpus=min(1.0, cfg.scale.data_cpus))
     pixels = read_dataset(train_path, cfg.data.resolution, 3, num_cpus=min(1.0, cfg.scale.data_cpus),
                           keep_prompts=True)
     return pixels.map_batches(

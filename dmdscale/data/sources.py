@@ -7,6 +7,11 @@ Two kinds of source satisfy the Datasets contract (see DESIGN.md):
 * an image folder holding ``metadata.jsonl`` whose lines are
   ``{"file_name": ..., "text": ..., "label": ...}`` (the Hugging Face imagefolder convention).
 
+Text-to-image stages that never look at a real image (no GAN term; the regression stage's
+teacher ODE pairs) also take prompts alone: a ``.txt`` file with one prompt per line, or
+Parquet with a ``prompt`` column and no ``image`` column (:func:`is_prompt_only`,
+:func:`read_prompts`); every reader that needs images refuses them by name.
+
 Both the Ray path (:func:`read_dataset`, used by the train workers) and the plain path
 (:func:`load_arrays`, used by teacher training, the classifier and FID references) decode
 through :func:`decode_image`, so the two can never disagree about what an image is.
@@ -40,6 +45,9 @@ __all__ = [
     "decode_image",
     "load_arrays",
     "load_prompts",
+    "is_prompt_only",
+    "read_prompts",
+    "count_prompts",
     "check_source",
     "read_dataset",
     "inspect_dataset",
@@ -47,6 +55,7 @@ __all__ = [
 ]
 
 METADATA_FILE = "metadata.jsonl"
+PROMPT_LIST_SUFFIX = ".txt"  # a prompt-only source: one prompt per line
 # Rows per map_batches call: small enough that a batch of 1024x1024 RGB float32 images stays
 # in the hundreds of megabytes, large enough that per-call overhead is negligible.
 DECODE_BATCH_SIZE = 32
@@ -77,11 +86,12 @@ class DatasetStats:
 class _Source:
     """A validated source: where its rows live and which optional columns it carries."""
 
-    kind: str  # "parquet" or "imagefolder"
+    kind: str  # "parquet", "imagefolder" or "prompts" (a .txt prompt list)
     root: Path  # the path the user gave
-    files: tuple[str, ...]  # the Parquet files, or the one metadata.jsonl
+    files: tuple[str, ...]  # the Parquet files, the one metadata.jsonl or the one prompt list
     has_label: bool
     has_prompt: bool
+    has_image: bool = True  # False: prompts only (allowed where the caller says so)
 
 
 # --------------------------------------------------------------------------- builders
@@ -207,15 +217,16 @@ def _decode_all(data: Sequence[bytes | None], resolution: int, channels: int) ->
 
 
 def check_source(path: str | os.PathLike, require_labels: bool, require_prompts: bool = False,
-                 num_classes: int | None = None) -> str:
+                 num_classes: int | None = None, allow_prompt_only: bool = False) -> str:
     """Validate a source on the driver before any cluster work; returns its kind.
 
     Reads only Parquet schemas, the label column (with `num_classes`: every label must be in
     [0, num_classes)) or the small metadata.jsonl, never the images, so a wrong path, a missing
     column or a label the model has no class for fails in a second with a message naming it,
-    instead of deep inside a Ray task after the cluster has started.
+    instead of deep inside a Ray task after the cluster has started. `allow_prompt_only`: a
+    source of prompts without images passes (see the module docstring).
     """
-    source = _describe(path, require_labels)
+    source = _describe(path, require_labels, allow_prompt_only)
     if num_classes is not None and source.has_label:
         for file in source.files:
             _check_labels(file, _labels_of(source, file), num_classes)
@@ -239,11 +250,16 @@ def _check_labels(file: str, labels: np.ndarray, num_classes: int) -> None:
                         f"{int(labels.max()) + 1} or fix the labels")
 
 
-def _describe(path: str | os.PathLike, require_labels: bool) -> _Source:
+def _describe(path: str | os.PathLike, require_labels: bool, allow_prompt_only: bool = False) -> _Source:
     """Classify and validate a source (see check_source)."""
     root = Path(path)
     if not root.exists():
         raise DataError(f"data path does not exist: {root}")
+    if root.is_file() and root.suffix == PROMPT_LIST_SUFFIX:
+        if not allow_prompt_only or require_labels:
+            raise DataError(f"{root}: a prompt list (one prompt per line) holds no images"
+                            + (" or labels" if require_labels else "") + ", which this use of it needs")
+        return _Source("prompts", root, (str(root),), False, True, has_image=False)
     if root.is_dir() and (root / METADATA_FILE).exists():
         return _describe_imagefolder(root, require_labels)
     files = _parquet_files(root)
@@ -252,7 +268,7 @@ def _describe(path: str | os.PathLike, require_labels: bool) -> _Source:
             f"{root}: not a Parquet file or folder of .parquet files, "
             f"and no {METADATA_FILE} for an image folder"
         )
-    return _describe_parquet(root, files, require_labels)
+    return _describe_parquet(root, files, require_labels, allow_prompt_only)
 
 
 def _parquet_files(root: Path) -> list[Path]:
@@ -262,19 +278,25 @@ def _parquet_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.parquet") if p.is_file())
 
 
-def _describe_parquet(root: Path, files: list[Path], require_labels: bool) -> _Source:
-    """Check every file's schema (cheap: footer only) for the required columns."""
+def _describe_parquet(root: Path, files: list[Path], require_labels: bool, allow_prompt_only: bool = False) -> _Source:
+    """Check every file's schema (cheap: footer only) for the required columns; with
+    `allow_prompt_only`, files with a prompt column and no image column are prompts only."""
     names = None
+    has_image = True
     for file in files:
         try:
             schema = pq.read_schema(file)
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"{file}: not a readable Parquet file ({exc})") from exc
-        _require_columns(file, schema.names, require_labels)
+        if allow_prompt_only and not require_labels and "image" not in schema.names and "prompt" in schema.names:
+            has_image = False
+        else:
+            _require_columns(file, schema.names, require_labels)
         if require_labels and not pa.types.is_integer(schema.field("label").type):
             raise DataError(f"{file}: column 'label' must be integer, got {schema.field('label').type}")
         names = set(schema.names) if names is None else names & set(schema.names)
-    return _Source("parquet", root, tuple(map(str, files)), "label" in names, "prompt" in names)
+    return _Source("parquet", root, tuple(map(str, files)), "label" in names and has_image, "prompt" in names,
+                   has_image)
 
 
 def _require_columns(where: Path, names: Sequence[str], require_labels: bool, image: str = "image") -> None:
@@ -332,14 +354,39 @@ def load_arrays(
 
 def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]:
     """The captions of a source, in row order (for evaluation prompts), without decoding images."""
-    source = _describe(path, require_labels=False)
+    source = _describe(path, require_labels=False, allow_prompt_only=True)
     if not source.has_prompt:
         raise DataError(f"{source.root}: no captions ('prompt' column or 'text' in {METADATA_FILE})")
+    if source.kind == "prompts":
+        return _prompt_lines(source.root)[:limit]
     if source.kind == "imagefolder":
         prompts = _read_metadata(Path(source.files[0])).column("text")
     else:
         prompts = pds.dataset(list(source.files), format="parquet").to_table(columns=["prompt"]).column("prompt")
     return [str(p) for p in prompts.to_pylist()[:limit]]
+
+
+def _prompt_lines(path: Path) -> list[str]:
+    """A prompt list's prompts: its non-empty lines, stripped."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def is_prompt_only(path: str | os.PathLike) -> bool:
+    """True when a source holds prompts and no images (a .txt prompt list, or Parquet with a
+    prompt column and no image column)."""
+    return not _describe(path, require_labels=False, allow_prompt_only=True).has_image
+
+
+def count_prompts(path: str | os.PathLike) -> int:
+    """The rows of a prompt-only source (its Parquet footers, or its prompt list's lines)."""
+    source = _describe(path, require_labels=False, allow_prompt_only=True)
+    if source.kind == "prompts":
+        count = len(_prompt_lines(source.root))
+    else:
+        count = sum(pq.ParquetFile(f).metadata.num_rows for f in source.files)
+    if count == 0:
+        raise DataError(f"{source.root}: no prompts")
+    return count
 
 
 def _read_table(source: _Source) -> pa.Table:
@@ -384,6 +431,21 @@ def read_dataset(
         num_cpus=num_cpus,
         fn_kwargs={"source": source, "resolution": resolution, "channels": channels, "keep_prompts": keep_prompts},
     )
+
+
+def read_prompts(path: str | os.PathLike) -> "ray.data.Dataset":  # noqa: F821
+    """A lazy Ray Dataset of one string column, ``prompt``, from any source with captions
+    (a prompt list, Parquet's prompt column, or metadata.jsonl's text); images are not read."""
+    import ray.data
+
+    source = _describe(path, require_labels=False, allow_prompt_only=True)
+    if not source.has_prompt:
+        raise DataError(f"{source.root}: no captions ('prompt' column or 'text' in {METADATA_FILE})")
+    if source.kind == "prompts":
+        return ray.data.from_items([{"prompt": p} for p in _prompt_lines(source.root)])
+    if source.kind == "imagefolder":
+        return ray.data.read_json(list(source.files)).select_columns(["text"]).rename_columns({"text": "prompt"})
+    return ray.data.read_parquet(list(source.files)).select_columns(["prompt"])
 
 
 def inspect_dataset(

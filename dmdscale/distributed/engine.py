@@ -22,7 +22,15 @@ from dmdscale.core.optim import Role, learning_rate, warmup_lr_scheduler
 
 def deepspeed_config(train: TrainConfig, scale: ScaleConfig, micro_batch: int, role: Role) -> dict[str, Any]:
     """The DeepSpeed JSON config for one trainable module (AdamW, clipping, ZeRO). The warm-up
-    is the plain path's (`warmup_lr_scheduler`), handed to DeepSpeed as a client scheduler."""
+    is the plain path's (`warmup_lr_scheduler`), handed to DeepSpeed as a client scheduler.
+
+    Always an fp32 engine: fp32 parameters, gradients and Adam states. Under
+    train.mixed_precision bf16 the step wraps the forwards in torch.autocast itself, as the DMD2
+    authors do (accelerate's mixed_precision "no" + their own autocast). DeepSpeed's "bf16"
+    mode would cast the module to bf16 (the step would then train bf16 weights); its
+    "torch_autocast" section acts only inside engine.forward, which the step does not call
+    (it runs engine.module), and would reduce Linear/Conv gradients in bf16.
+    """
     zero: dict[str, Any] = {"stage": scale.zero_stage}
     if scale.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": scale.use_gpu}
@@ -37,7 +45,7 @@ def deepspeed_config(train: TrainConfig, scale: ScaleConfig, micro_batch: int, r
         },
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": train.mixed_precision == "bf16"},
+        "bf16": {"enabled": False},  # fp32 weights at every train.mixed_precision (see above)
         "steps_per_print": 10**9,  # progress goes through Ray Train reports, not DeepSpeed logs
         "wall_clock_breakdown": False,
     }

@@ -9,7 +9,13 @@ against the held-out images with the final evaluation's extractor, class accurac
 extractor is the digit classifier, all logged to the driver's MLflow run at the checkpoint's
 step under the final evaluation's names (`fid_student`, `kid_student`, `class_accuracy_student`),
 so checkpoints and the final figure form one curve; plus a 10-per-class sample grid under
-`eval_grids/`.
+`eval_grids/`. The text families (sd15, sdxl) run a `TextCheckpointEvaluator` on the same actors
+instead: the student pipeline rebuilt around the checkpoint's UNet, the final evaluation's
+held-out prompts and seed, FID/KID, CLIP score and a prompt-captioned grid.
+
+Each actor queues at most `eval.max_queued` checkpoints (each is a full copy of the weights);
+a submit to a full queue drops the oldest one waiting, counted in the pool's `dropped` and
+logged as `eval_dropped_checkpoints`.
 
 Training never waits for an evaluation; after training the driver calls `pool.drain()`, which
 waits for every queued evaluation, then `pool.shutdown()`. Tracking failures are warnings, a
@@ -35,7 +41,8 @@ from dmdscale.core import seeds
 # dmdscale.eval.metrics and dmdscale.eval.plots (torchvision, clean-fid, matplotlib) are imported where
 # they are used: a train worker that unpickles the pool only submits.
 
-__all__ = ["EvaluationPool", "CheckpointEvaluator", "eval_spec", "GRID_ARTIFACT_DIR"]
+__all__ = ["EvaluationPool", "CheckpointEvaluator", "TextCheckpointEvaluator", "eval_spec", "text_eval_spec",
+           "GRID_ARTIFACT_DIR"]
 
 GRID_ARTIFACT_DIR = "eval_grids"
 _TIMEOUT = 24 * 3600.0  # "no timeout" for threading waits (None is not interruptible everywhere)
@@ -122,30 +129,126 @@ class CheckpointEvaluator:
         return images
 
     def _log(self, step: int, result: dict[str, Any], images: np.ndarray) -> list[str]:
-        """Metrics at `step` and the sample grid into the MLflow run; failures are returned,
-        never raised (the sink prints one warning per outage, not one per call)."""
         from dmdscale.eval.plots import first_per_class, save_grid
 
-        if not self.sink.enabled:
-            return []
-        problems = []
-        figures = {k: v for k, v in result.items()
-                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if not self.sink.log_metrics(figures, step, what=f"metrics of the evaluation at step {step}"):
-            problems.append(f"metrics: {self.sink.last_problem}")
         labels = self.spec["labels"]
         shown = first_per_class(labels, 10)
-        with tempfile.TemporaryDirectory(prefix="dmdscale-grid-") as tmp:
-            try:
-                path = save_grid(images[shown], labels[shown], Path(tmp) / f"step_{step:07d}.png",
-                                 title=f"step {step}: FID {result['fid_student']:.2f}")
-            except Exception as exc:
-                problems.append(f"grid: {type(exc).__name__}: {exc}")
-                _warn(f"sample grid of the evaluation at step {step} failed: {exc}")
-            else:
-                if not self.sink.log_artifact(path, GRID_ARTIFACT_DIR):
-                    problems.append(f"grid: {self.sink.last_problem}")
-        return problems
+        return log_evaluation(self.sink, step, result, lambda path: save_grid(
+            images[shown], labels[shown], path, title=f"step {step}: FID {result['fid_student']:.2f}"))
+
+
+def log_evaluation(sink: Any, step: int, result: dict[str, Any], draw_grid: Callable[[Path], Path]) -> list[str]:
+    """A checkpoint evaluation's figures at `step` and its sample grid (`draw_grid(path)`) into the
+    MLflow run; failures are returned, never raised (the sink prints one warning per outage)."""
+    if not sink.enabled:
+        return []
+    problems = []
+    figures = {k: v for k, v in result.items()
+               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not sink.log_metrics(figures, step, what=f"metrics of the evaluation at step {step}"):
+        problems.append(f"metrics: {sink.last_problem}")
+    with tempfile.TemporaryDirectory(prefix="dmdscale-grid-") as tmp:
+        try:
+            path = draw_grid(Path(tmp) / f"step_{step:07d}.png")
+        except Exception as exc:
+            problems.append(f"grid: {type(exc).__name__}: {exc}")
+            _warn(f"sample grid of the evaluation at step {step} failed: {exc}")
+        else:
+            if not sink.log_artifact(path, GRID_ARTIFACT_DIR):
+                problems.append(f"grid: {sink.last_problem}")
+    return problems
+
+
+def text_eval_spec(cfg: Any, prompts: list[str]) -> dict[str, Any]:
+    """What the text families' final evaluation (SDFamily.evaluate) samples the student with:
+    the held-out prompts, resolution, seed and trained timesteps, so a checkpoint's figures and
+    the final ones form one curve."""
+    return {"prompts": list(prompts), "resolution": cfg.data.resolution, "seed": cfg.train.seed,
+            "timesteps": list(cfg.generator.timesteps)}
+
+
+class TextCheckpointEvaluator:
+    """The text families' checkpoint evaluation: the teacher pipeline with the student's
+    scheduler and guidance-free UNet (as `dmdscale.export.export_pipeline` writes it) around
+    each checkpoint's weights, sampled as the final evaluation samples the exported student;
+    FID and KID against held-out images (`fid_kind` "inception" or "clip"; None: none), CLIP
+    score (with `clip_model`), and a prompt-captioned grid.
+
+    The submitted state_dict is the generator's (TextConditionalUNet: keys prefixed `unet.`);
+    with `lora` (the run's peft LoraConfig) the adapter is added first and merged per evaluation.
+    """
+
+    def __init__(self, teacher: str, family: str, spec: dict[str, Any], real_images: np.ndarray,
+                 fid_kind: str | None, inception: str | None, clip_model: str | None, lora: Any,
+                 tracking_uri: str | None, run_id: str | None, device: torch.device | str = "cpu"):
+        from diffusers import DiffusionPipeline, LCMScheduler
+
+        from dmdscale.eval.metrics import image_features
+        from dmdscale.eval.text import fid_features, load_clip
+        from dmdscale.export import sampling_call, student_scheduler
+        from dmdscale.tracking import MlflowSink
+
+        self.device = torch.device(device)
+        self.spec, self.fid_kind, self.lora = spec, fid_kind, lora is not None
+        scheduler = student_scheduler(LCMScheduler.load_config(teacher, subfolder="scheduler"), spec["timesteps"])
+        self.call = sampling_call(spec["timesteps"], scheduler.config.num_train_timesteps)
+        self.pipe = DiffusionPipeline.from_pretrained(teacher, scheduler=scheduler).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.unet = self.pipe.unet  # receives each checkpoint's weights
+        if lora is not None:
+            self.unet.add_adapter(lora)
+        self.clip = load_clip(clip_model, device=self.device) if clip_model else None
+        self.extractor = fid_features(fid_kind, inception=inception, clip=self.clip) if fid_kind else None
+        # The held-out images' features once, not at every checkpoint.
+        self.real_features = image_features(np.asarray(real_images), self.extractor) if self.extractor else None
+        self.sink = MlflowSink(tracking_uri, run_id)  # its calls never raise
+
+    def evaluate(self, step: int, state_dict: dict[str, torch.Tensor],
+                 averages: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+        """{step, fid_student, kid_student, clip_score_student (None where not computed),
+        seconds}, `*_student_<name>` for each of `averages`; `error` if the evaluation raised,
+        `tracking_error` if logging failed (as `CheckpointEvaluator.evaluate`)."""
+        from dmdscale.eval.text import save_prompt_grid
+
+        t0 = time.perf_counter()
+        result: dict[str, Any] = {"step": int(step), "fid_student": None, "kid_student": None,
+                                  "clip_score_student": None}
+        try:
+            images = self._figures("student", state_dict, result)
+            for name, weights in (averages or {}).items():
+                self._figures(f"student_{name}", weights, result)
+        except Exception as exc:  # reported in the result; the actor goes on with the next one
+            result["error"] = f"{type(exc).__name__}: {exc}"
+            result["seconds"] = time.perf_counter() - t0
+            _warn(f"evaluation of the checkpoint at step {step} failed: {result['error']}")
+            return result
+        shown = min(16, len(images))
+        figures = ", ".join(f"{k.split('_')[0].upper()} {result[k]:.2f}" for k in ("fid_student", "clip_score_student")
+                            if result[k] is not None)
+        title = f"step {step}" + (f": {figures}" if figures else "")
+        problems = log_evaluation(self.sink, int(step), result, lambda path: save_prompt_grid(
+            images[:shown], self.spec["prompts"][:shown], path, title=title))
+        if problems:
+            result["tracking_error"] = "; ".join(problems)
+        result["seconds"] = time.perf_counter() - t0
+        return result
+
+    def _figures(self, who: str, state_dict: dict[str, torch.Tensor], result: dict[str, Any]) -> np.ndarray:
+        from dmdscale.eval.metrics import image_features
+        from dmdscale.eval.text import clip_score, fid_kid
+        from dmdscale.export import guidance_free_unet, merged_unet
+        from dmdscale.families.sd import _generate
+
+        self.unet.load_state_dict({k.removeprefix("unet."): v for k, v in state_dict.items()})
+        self.pipe.register_modules(unet=guidance_free_unet(merged_unet(self.unet) if self.lora else self.unet))
+        spec = self.spec
+        images = _generate(self.pipe, spec["prompts"], spec["resolution"], spec["seed"], **self.call)
+        if self.extractor is not None:
+            result[f"fid_{who}"], result[f"kid_{who}"] = fid_kid(image_features(images, self.extractor),
+                                                                 self.real_features, self.fid_kind)
+        if self.clip is not None:
+            result[f"clip_score_{who}"] = clip_score(images, spec["prompts"], self.clip)
+        return images
 
 
 class _EvaluationActor:
@@ -156,17 +259,19 @@ class _EvaluationActor:
     itself) and are copied, so the queue no longer depends on the process that put them.
     """
 
-    def __init__(self, index: int, build_generator: Callable[[], nn.Module], spec: dict[str, Any],
-                 real_images: np.ndarray, extractor: str | nn.Module, tracking_uri: str | None,
-                 run_id: str | None, threads: int):
+    def __init__(self, index: int, threads: int, max_queued: int, make_evaluator: Callable[..., Any],
+                 *evaluator_args: Any):
         import ray
 
         torch.set_num_threads(threads)
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.index = index
         self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")  # Ray narrows CUDA_VISIBLE_DEVICES
-        self.evaluator = CheckpointEvaluator(build_generator, spec, real_images, extractor,
-                                             tracking_uri, run_id, self.device)
+        # Top-level arguments: Ray hands over the objects (e.g. the held-out images), not refs.
+        self.evaluator = make_evaluator(*evaluator_args, device=self.device)
+        self.max_queued = max_queued
+        self._dropped: list[int] = []  # steps dropped from a full queue
+        self._dropped_logged = 0
         self._queue: collections.deque[tuple[int, dict[str, torch.Tensor]]] = collections.deque()
         self._busy: int | None = None
         self._results: list[dict[str, Any]] = []
@@ -190,6 +295,11 @@ class _EvaluationActor:
             done = {r["step"] for r in self._results if "error" not in r}
             duplicate = step == self._busy or step in done or any(s == step for s, _ in self._queue)
             if not duplicate:
+                while len(self._queue) >= self.max_queued:  # bounded: the oldest waiting checkpoint goes
+                    dropped, _ = self._queue.popleft()
+                    self._dropped.append(dropped)
+                    _warn(f"evaluation actor {self.index}: dropped the checkpoint of step {dropped} "
+                          f"(eval.max_queued={self.max_queued} were waiting)")
                 self._queue.append((int(step), weights))
                 self._cond.notify_all()
         return {"actor": self.index, "step": int(step), "queued": not duplicate, **self._status()}
@@ -197,7 +307,7 @@ class _EvaluationActor:
     def _status(self) -> dict[str, Any]:
         with self._cond:
             return {"pending": len(self._queue) + (self._busy is not None), "busy_step": self._busy,
-                    "finished": len(self._results)}
+                    "finished": len(self._results), "dropped": list(self._dropped)}
 
     def results(self) -> list[dict[str, Any]]:
         """The finished evaluations so far (does not wait)."""
@@ -209,7 +319,8 @@ class _EvaluationActor:
         with self._cond:
             self._cond.wait_for(lambda: not self._queue and self._busy is None,
                                 _TIMEOUT if timeout is None else timeout)
-            return {"results": list(self._results), "pending": len(self._queue) + (self._busy is not None)}
+            return {"results": list(self._results), "pending": len(self._queue) + (self._busy is not None),
+                    "dropped": list(self._dropped)}
 
     def _work(self) -> None:
         while True:
@@ -217,6 +328,11 @@ class _EvaluationActor:
                 self._cond.wait_for(lambda: bool(self._queue))
                 step, weights = self._queue.popleft()
                 self._busy = step
+                dropped = list(self._dropped)
+            if len(dropped) > self._dropped_logged:  # from this thread only: one MLflow caller per actor
+                self._dropped_logged = len(dropped)
+                self.evaluator.sink.log_metrics({"eval_dropped_checkpoints": float(len(dropped))}, dropped[-1],
+                                                what="the count of dropped checkpoints")
             result: dict[str, Any] = {"step": step}
             try:
                 result = self.evaluator.evaluate(step, *weights) | {"actor": self.index}
@@ -241,6 +357,7 @@ class EvaluationPool:
         self._actors = list(actors)
         self._next = 0
         self.ack_timeout = ack_timeout
+        self.dropped: list[int] = []  # steps dropped from full queues (eval.max_queued), known after drain()
 
     @classmethod
     def start(cls, cfg: Any, build_generator: Callable[[], nn.Module], real_images: np.ndarray,
@@ -256,11 +373,19 @@ class EvaluationPool:
         NHWC images, put into the object store once for all actors. extractor: the
         DigitClassifier or "inception", as for the final evaluation.
         """
+        return cls.launch(cfg, CheckpointEvaluator, build_generator, eval_spec(cfg), np.ascontiguousarray(real_images),
+                          extractor, tracking_uri, run_id, ready_timeout=ready_timeout, ack_timeout=ack_timeout)
+
+    @classmethod
+    def launch(cls, cfg: Any, make_evaluator: Callable[..., Any], *evaluator_args: Any,
+               ready_timeout: float | None = 300.0, ack_timeout: float | None = 60.0) -> "EvaluationPool":
+        """`start` for any evaluator: each actor builds `make_evaluator(*evaluator_args, device=...)`
+        (an object with `evaluate(step, state_dict, averages)` and an MlflowSink `sink`, e.g.
+        `TextCheckpointEvaluator`); numpy arrays among the arguments go into the object store once."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        spec = eval_spec(cfg)
-        real_ref = ray.put(np.ascontiguousarray(real_images))
+        args = [ray.put(a) if isinstance(a, np.ndarray) else a for a in evaluator_args]
         actor_cls = ray.remote(_EvaluationActor).options(
             num_cpus=cfg.eval.actor_cpus,
             num_gpus=cfg.eval.actor_gpus if cfg.scale.use_gpu else 0,
@@ -271,7 +396,7 @@ class EvaluationPool:
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
         )
         threads = max(1, int(cfg.eval.actor_cpus))
-        actors = [actor_cls.remote(i, build_generator, spec, real_ref, extractor, tracking_uri, run_id, threads)
+        actors = [actor_cls.remote(i, threads, cfg.eval.max_queued, make_evaluator, *args)
                   for i in range(cfg.eval.num_actors)]
         pool = cls(actors, ack_timeout)
         if ready_timeout is not None:
@@ -334,13 +459,21 @@ class EvaluationPool:
         refs = [a.wait.remote(timeout) for a in self._actors]
         get_timeout = None if timeout is None else timeout + 30.0
 
+        dropped: list[int] = []
+
         def unpack(answer: dict[str, Any]) -> list[dict[str, Any]]:
             if answer["pending"]:
                 _warn(f"{answer['pending']} checkpoint evaluations were still queued or running "
                       f"after {timeout:g} s; left out")
+            dropped.extend(answer["dropped"])
             return answer["results"]
 
-        return self._collect(refs, get_timeout, unpack)
+        results = self._collect(refs, get_timeout, unpack)
+        self.dropped = sorted(dropped)
+        if dropped:
+            _warn(f"{len(dropped)} checkpoints were not evaluated (steps {self.dropped}): evaluations lagged behind "
+                  f"training with eval.max_queued waiting; add eval.num_actors or evaluate less often")
+        return results
 
     @staticmethod
     def _collect(refs: list[Any], timeout: float | None,

@@ -25,7 +25,7 @@ def uses_rollout_actors(cfg: Config) -> bool:
 
 def uses_eval_actors(cfg: Config) -> bool:
     """Checkpoints are evaluated on actors during training, for families that have such an
-    evaluation (the class-conditional one: its FID and class accuracy need labels)."""
+    evaluation (unet2d: FID and class accuracy; sd15/sdxl: FID and CLIP score on held-out prompts)."""
     return cfg.eval.during_training and family_of(cfg).has_eval_actors
 
 

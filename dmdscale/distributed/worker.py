@@ -15,7 +15,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -55,12 +55,17 @@ def build_players(cfg: Config, teacher_path: str, device: torch.device) -> tuple
     """(frozen teacher, generator, critic) with generator and fake score copied from the teacher.
 
     The family may narrow what of the generator trains (e.g. a LoRA adapter); the critic is
-    always trained in full.
+    always trained in full. Generator and fake score start from the teacher's fp32 weights and
+    keep them (bf16 training runs them under autocast); under train.mixed_precision bf16 the
+    frozen teacher is then stored in bf16, as in the DMD2 authors' code (main/sd_guidance.py:
+    `real_unet.to(torch.bfloat16)` with fp32 fake and generator UNets).
     """
     family = family_of(cfg)
     teacher = family.load_teacher(cfg, teacher_path).to(device)
     generator = copy.deepcopy(teacher).train().requires_grad_(True)
     fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
+    if cfg.train.mixed_precision == "bf16":  # after the copies: they must not start from bf16-rounded weights
+        teacher.cast_network(torch.bfloat16)
     family.adapt_generator(cfg, generator)
     if cfg.train.gradient_checkpointing:
         for model in (generator, fake_score):
@@ -102,8 +107,9 @@ def to_batch(columns: dict[str, torch.Tensor]) -> Batch:
 
 
 def shard_batches(shard: Any, batch_size: int, device: torch.device, shuffle_buffer: int, seed: int,
-                  position: DataPosition) -> Iterator[Batch]:
-    """Endless batches from this worker's Ray Data shard, epoch after epoch, from `position`.
+                  position: DataPosition, convert: Callable[[dict[str, torch.Tensor]], Any] = to_batch) -> Iterator[Any]:
+    """Endless batches from this worker's Ray Data shard, epoch after epoch, from `position`,
+    each a dict of tensors made into the step's input by `convert` (default: a DMD2 `Batch`).
 
     The local shuffle is seeded by epoch, so a resumed run skips into the same epoch order it
     left (as far as Ray Data's block order within a shard repeats). The reader records the
@@ -117,7 +123,7 @@ def shard_batches(shard: Any, batch_size: int, device: torch.device, shuffle_buf
                                           local_shuffle_seed=seeds.data_shuffle(seed, epoch) if shuffle_buffer else None):
             count += 1
             if count > skip:
-                yield to_batch(b)
+                yield convert(b)
         if count == 0:
             raise ValueError(f"this worker's data shard holds fewer rows than its batch ({batch_size}): "
                              "lower train.batch_size or scale.num_workers")

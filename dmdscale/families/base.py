@@ -158,6 +158,7 @@ class Family:
         metrics |= {"skipped_rows": stats.skipped, "usable_rows": stats.usable}
         if evaluations is not None:
             metrics["checkpoint_evaluations"] = len(evaluations)
+            metrics["eval_dropped_checkpoints"] = len(eval_pool.dropped)  # eval.max_queued was full
         return Trained(self.finish_student(cfg, out), metrics, json.loads((out / TRAIN_LOG).read_text()),
                        evaluations)
 

@@ -48,12 +48,60 @@ def _generate(pipe: Any, prompts: list[str], resolution: int, seed: int, batch: 
     return (np.concatenate(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 
+def check_prompt_only(cfg: Config, train_path: str) -> None:
+    """Prompt-only data (no images) trains only where nothing reads a real image: the GAN terms
+    and the noised-real-data input of the multi-step ablation are refused by name."""
+    from dmdscale.config import ConfigError
+
+    lc = cfg.loss
+    if lc.gan_generator_weight > 0 or lc.gan_critic_weight > 0 or lc.gan_grad_ratio is not None:
+        raise ConfigError(f"data.path: {train_path} holds prompts only, but the GAN term needs real images "
+                          f"(loss.gan_generator_weight={lc.gan_generator_weight}, loss.gan_critic_weight="
+                          f"{lc.gan_critic_weight}, loss.gan_grad_ratio={lc.gan_grad_ratio}); give images with "
+                          f"captions, or set loss.gan_generator_weight=0 loss.gan_critic_weight=0 "
+                          f"loss.gan_grad_ratio=null")
+    if len(cfg.generator.timesteps) > 1 and not cfg.generator.backward_simulation:
+        raise ConfigError(f"generator.backward_simulation: false trains on noised real latents, but data.path "
+                          f"{train_path} holds prompts only; set generator.backward_simulation=true or give images")
+
+
+def fid_kind(cfg: Config) -> str | None:
+    """The text families' FID features: "inception" or "clip" as eval.feature_extractor says; its
+    default ("classifier", the digits setting) means Inception where its weights are on disk,
+    else no FID (the weights cannot be downloaded offline)."""
+    from dmdscale.eval.text import inception_file
+
+    if cfg.eval.feature_extractor != "classifier":
+        return cfg.eval.feature_extractor
+    return "inception" if inception_file(cfg.eval.inception_weights, must_exist=False).is_file() else None
+
+
+def check_eval_models(cfg: Config) -> None:
+    """The evaluation's weight files are there (nothing downloads): each error names the path."""
+    from dmdscale.eval.text import check_clip_model, inception_file
+
+    if cfg.eval.feature_extractor == "inception":
+        inception_file(cfg.eval.inception_weights)
+    if cfg.eval.clip_model is not None:
+        check_clip_model(cfg.eval.clip_model)
+
+
+def held_out_images(inputs: Inputs, resolution: int) -> np.ndarray:
+    """The held-out images paired with the evaluation prompts (none for prompt-only data)."""
+    from dmdscale.data.sources import is_prompt_only, load_arrays
+
+    if is_prompt_only(inputs.held_out_path):
+        return np.zeros((0, resolution, resolution, 3), np.uint8)
+    return load_arrays(inputs.held_out_path, resolution, 3)[0][:len(inputs.prompts)]
+
+
 class SDFamily(Family):
     """One Stable Diffusion variant (`dmdscale.models.sd.SD_VARIANTS`) as a family."""
 
     student_parts = (STUDENT_UNET_DIR, STUDENT_LORA)
     pipeline_tag = "text-to-image"
     supports_lora = True
+    has_eval_actors = True  # eval.during_training: FID, CLIP score and a grid per checkpoint
 
     def __init__(self, variant: str):
         self.name = self.run_label = variant
@@ -64,11 +112,15 @@ class SDFamily(Family):
                              f"got {cfg.model.teacher!r}")
         if cfg.data.channels != 3:
             raise ValueError(f"data.channels: {self.name} VAEs take RGB images, set 3 (got {cfg.data.channels})")
+        if cfg.regression.enabled and len(cfg.generator.timesteps) != 1:
+            raise ValueError(f"regression.enabled: the regression stage trains a 1-step generator at "
+                             f"generator.timesteps[0]; give one timestep (got {cfg.generator.timesteps})")
 
     def preflight(self, cfg: Config) -> Inputs:
-        """The teacher folder's parts, images and captions in the data, the latent cache target."""
+        """The teacher folder's parts, images (or prompts alone, where the stage allows them) and
+        captions in the data, the latent cache target."""
         from dmdscale.data.latents import check_cache_target
-        from dmdscale.data.sources import check_source, load_prompts, source_paths
+        from dmdscale.data.sources import check_source, is_prompt_only, load_prompts, source_paths
         from dmdscale.models.base import check_hub_teacher
         from dmdscale.models.sd import check_pipeline_folder
 
@@ -77,8 +129,11 @@ class SDFamily(Family):
         check_teacher_steps(cfg, teacher)
         train, held_out = source_paths(cfg)
         for path in {train, held_out}:
-            check_source(path, require_labels=False, require_prompts=True)
+            check_source(path, require_labels=False, require_prompts=True, allow_prompt_only=True)
+        if is_prompt_only(train) and not cfg.regression.enabled:  # the regression stage reads prompts only
+            check_prompt_only(cfg, train)
         check_cache_target(cfg, train)
+        check_eval_models(cfg)
         return Inputs(train, held_out, cfg.model.teacher, load_prompts(held_out, cfg.eval.num_samples))
 
     def data_demands(self, cfg: Config) -> list[Any]:
@@ -96,11 +151,12 @@ class SDFamily(Family):
                        "data.encode_actors, scale.use_gpu, scale.data_cpus")]
 
     def load_teacher(self, cfg: Config, teacher_path: str):
-        """bf16 weights under bf16 mixed precision: a frozen network needs no fp32 copy."""
+        """fp32 weights whatever train.mixed_precision says: generator and fake score are copied
+        from them and train in fp32 under bf16 autocast (`build_players` stores the frozen
+        teacher in bf16 after copying, as the DMD2 authors do)."""
         from dmdscale.models.sd import load_sd_teacher
 
-        dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32
-        return load_sd_teacher(teacher_path, self.name, dtype)
+        return load_sd_teacher(teacher_path, self.name, torch.float32)
 
     def adapt_generator(self, cfg: Config, generator) -> None:
         """With `lora.enabled` the generator's base weights stay frozen and only a peft LoRA
@@ -126,10 +182,19 @@ class SDFamily(Family):
 
     def train_data(self, cfg: Config, inputs: Inputs) -> tuple[Any, Any]:
         from dmdscale.data.latents import latent_dataset
-        from dmdscale.data.sources import inspect_dataset, materialize_if_small
+        from dmdscale.data.sources import (
+            DatasetStats,
+            count_prompts,
+            inspect_dataset,
+            is_prompt_only,
+            materialize_if_small,
+        )
 
         res = cfg.data.resolution
-        stats = inspect_dataset(inputs.train_path, res, 3)
+        if is_prompt_only(inputs.train_path):  # no images to decode: every prompt is a row
+            stats = DatasetStats(usable=count_prompts(inputs.train_path), skipped=0, kind="prompts")
+        else:
+            stats = inspect_dataset(inputs.train_path, res, 3)
         data = latent_dataset(cfg, inputs.train_path)
         if cfg.data.latent_cache is None:  # else it streams from the cache: encoding happened once
             # On GPUs the encoders must be done before the trainers take the GPUs they hold.
@@ -162,19 +227,35 @@ pipe = DiffusionPipeline.from_pretrained("STUDENT")  # variant="fp16", dtype=tor
 image = pipe("a photo of a cat", {", ".join(f"{k}={v}" for k, v in call.items())}).images[0]  # no CFG: built in
 {lora}"""
 
+    def start_eval_pool(self, cfg: Config, inputs: Inputs, tracker: Any) -> Any:
+        """Checkpoint evaluation actors: each rebuilds the student pipeline around a checkpoint's
+        UNet and measures it as `evaluate` measures the exported student (same prompts, seed,
+        FID features and CLIP model), so the checkpoints and the final figures form one curve."""
+        from dmdscale.distributed.evalpool import EvaluationPool, TextCheckpointEvaluator, text_eval_spec
+
+        real = held_out_images(inputs, cfg.data.resolution)
+        kind = fid_kind(cfg) if len(real) >= 2 else None
+        return EvaluationPool.launch(cfg, TextCheckpointEvaluator, str(inputs.teacher_path), self.name,
+                                     text_eval_spec(cfg, inputs.prompts), real, kind, cfg.eval.inception_weights,
+                                     cfg.eval.clip_model, lora_config(cfg) if cfg.lora.enabled else None,
+                                     tracker.tracking_uri, tracker.run_id)
+
     def evaluate(self, cfg: Config, inputs: Inputs, trained: Trained, workdir: Path) -> Evaluation:
         """Student samples from the exported folder exactly as a user loads it (stock diffusers,
         the call its model card gives), the teacher's at its many-step CFG sampler, the measured
-        speedup, the label-free sample quality figures, and FID and KID where clean-fid's Inception
-        weights are on disk (they cannot be downloaded offline)."""
+        speedup, the label-free sample quality figures, FID and KID on `fid_kind`'s features
+        (Inception only where its weights are on disk: they cannot be downloaded offline), and the
+        CLIP score with eval.clip_model."""
         from diffusers import DiffusionPipeline
 
-        from dmdscale.data.sources import load_arrays
-        from dmdscale.eval.metrics import compute_fid_kid, inception_weights_path, sample_quality_of
+        from dmdscale.data.sources import is_prompt_only
+        from dmdscale.eval.metrics import image_features, sample_quality_of
+        from dmdscale.eval.text import clip_score, fid_features, fid_kid, inception_file, load_clip
         from dmdscale.export import STUDENT_INFO
 
         res, seed, prompts = cfg.data.resolution, cfg.train.seed, inputs.prompts
-        real = load_arrays(inputs.held_out_path, res, 3)[0][:len(prompts)]
+        prompt_only = is_prompt_only(inputs.held_out_path)  # no held-out images: no real-image metrics
+        real = held_out_images(inputs, res)
         # The driver's own GPU when it has one (`ray job submit --entrypoint-num-gpus 1`); at 1024 px
         # a CPU driver takes minutes per teacher image.
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -195,11 +276,26 @@ image = pipe("a photo of a cat", {", ".join(f"{k}={v}" for k, v in call.items())
         if len(real) >= QUALITY_MIN_IMAGES:  # label-free, in pixels: SWD, precision/recall, colour statistics
             for name in images:
                 metrics |= sample_quality_of(name, real, images[name], seed=seed)
-        if inception_weights_path().is_file() and len(real) >= 2:
+        clip = load_clip(cfg.eval.clip_model, device=device) if cfg.eval.clip_model else None
+        kind = fid_kind(cfg)
+        if kind is not None and len(real) >= 2:  # the checkpoint evaluations' features and KID scaling
+            extractor = fid_features(kind, inception=cfg.eval.inception_weights, clip=clip)
+            real_features = image_features(real, extractor)
             for name in images:
-                metrics[f"fid_{name}"], metrics[f"kid_{name}"] = compute_fid_kid(images[name], real, "inception")
+                metrics[f"fid_{name}"], metrics[f"kid_{name}"] = fid_kid(image_features(images[name], extractor),
+                                                                         real_features, kind)
+            metrics["fid_feature_space"] = kind
         else:
-            metrics["fid_skipped"] = f"clean-fid Inception weights not at {inception_weights_path()}"
+            missing = inception_file(cfg.eval.inception_weights, must_exist=False)
+            metrics["fid_skipped"] = (f"clean-fid Inception weights not at {missing} (set eval.inception_weights, "
+                                      f"or eval.feature_extractor=clip with eval.clip_model)")
+        if clip is not None:
+            for name in images:
+                metrics[f"clip_score_{name}"] = clip_score(images[name], prompts, clip)
+        if prompt_only:
+            metrics["fid_skipped"] = metrics["real_metrics_skipped"] = (
+                f"{inputs.held_out_path} holds prompts only: FID, KID and the real-image quality figures "
+                f"need held-out images with captions (data.eval_path)")
         return Evaluation(metrics, {"images": images["student"], "prompts": np.asarray(prompts)})
 
     def draw_samples(self, cfg: Config, samples: dict[str, np.ndarray], metrics: dict[str, Any],

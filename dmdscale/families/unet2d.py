@@ -70,6 +70,11 @@ class UNet2DFamily(Family):
 
         return (STUDENT_DIR,)
 
+    def check_config(self, cfg: Config) -> None:
+        if cfg.eval.feature_extractor == "clip":
+            raise ValueError("eval.feature_extractor: 'clip' is for the text-to-image families; "
+                             "unet2d takes 'classifier' or 'inception'")
+
     def preflight(self, cfg: Config) -> Inputs:
         """(train path, held-out path), validated on the driver before any cluster work."""
         from dmdscale.data.sources import check_source, source_paths

@@ -89,6 +89,19 @@ class Denoiser(nn.Module):
         """The unconditional input matching `cond`; None where the family has none."""
         return None
 
+    def cast_network(self, dtype: torch.dtype) -> "Denoiser":
+        """The network's floating parameters and buffers in `dtype`, in place; the noise
+        schedule keeps its float64 alphas (a plain `.to(dtype)` would round them too)."""
+        for child in self.children():
+            if child is not self.schedule:
+                child.to(dtype)
+        for param in self.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+        for name, buffer in self.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                self._buffers[name] = buffer.to(dtype)
+        return self
+
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond = None, guidance_scale: float = 1.0) -> Tensor:
         uncond = self.null_cond(cond) if guidance_scale != 1.0 else None
         if uncond is None:

@@ -2,15 +2,18 @@
 
 DMD2 holds three UNets: the frozen teacher, the generator and the critic (fake score UNet +
 discriminator head); the generator and the critic are each a DeepSpeed engine (ZeRO 2 or 3,
-bf16, AdamW, optionally with the optimizer offloaded to CPU). Per GPU this module counts:
+AdamW, optionally with the optimizer offloaded to CPU). Precision is train.mixed_precision
+bf16 as the DMD2 authors train: fp32 weights under bf16 autocast. Per GPU this module counts:
 
 - teacher: frozen bf16 weights (2 bytes/param), replicated on every GPU (it is no engine).
-- generator and critic: the engines' model states from DeepSpeed's own estimators
-  (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`: 16-bit
-  params and grads, fp32 master weights and Adam moments, partitioned as the stage does). With
-  LoRA only the generator's adapters are trained; its frozen base weights are counted like the
-  teacher's (bf16, replicated: an upper bound under ZeRO-3, which partitions them too). The
-  critic is always fully trained, as in the DMD2 authors' SDXL LoRA run.
+- generator and critic: fp32 engines (`dmdscale.distributed.engine.deepspeed_config`): fp32
+  params, grads and Adam moments, and the fp32 partition DeepSpeed's ZeRO-1/2 optimizer clones
+  even from fp32 params (ZeRO-3 reuses them). Per trained param: ZeRO-2 4 bytes replicated +
+  16 / GPUs partitioned; ZeRO-3 16 / GPUs + the largest layer gathered in fp32 with its grads.
+  Offload moves grads, the fp32 partition and Adam to host memory (DeepSpeed's own host
+  estimate). With LoRA only the generator's adapters are trained; its frozen base is the
+  teacher's fp32 copy (4 bytes/param, replicated: an upper bound under ZeRO-3, which
+  partitions it too). The critic is always fully trained, as in the DMD2 authors' SDXL LoRA run.
 - activations: an *estimate*, not a measurement (see `ACTIVATION_GIB_PER_IMAGE`).
 - overhead: a fixed `overhead_gib` per GPU (default 2) for the CUDA context, NCCL buffers,
   allocator fragmentation and the short-lived no-grad forwards (teacher, DM-loss fake score).
@@ -41,7 +44,13 @@ from dmdscale.config import LoraConfig
 
 GIB = 1024**3
 _LORA = LoraConfig()  # the training config's LoRA defaults: the DMD2 authors' rank and targets
-FROZEN_BYTES_PER_PARAM = 2  # bf16 teacher and LoRA base weights
+TEACHER_BYTES_PER_PARAM = 2  # bf16: the frozen teacher is cast after generator and critic are copied
+LORA_BASE_BYTES_PER_PARAM = 4  # fp32: the generator's frozen base is its copy of the fp32 teacher
+# The fp32 engines' model states, bytes per trained parameter.
+PARAM_BYTES = GRAD_BYTES = MASTER_BYTES = 4  # MASTER: ZeRO-1/2's fp32 clone of its partition
+ADAM_BYTES = 8  # exp_avg and exp_avg_sq, fp32
+PRECISION = ("precision (train.mixed_precision bf16): fp32 generator and critic weights, grads and "
+             "AdamW states, forwards under bf16 autocast; bf16 frozen teacher; fp32 LoRA base")
 
 # Published diffusers configs (unet/config.json) of stable-diffusion-v1-5/stable-diffusion-v1-5
 # and stabilityai/stable-diffusion-xl-base-1.0; keys left out take diffusers' defaults, which
@@ -198,27 +207,34 @@ def _topology(num_gpus: int, gpus_per_node: int) -> tuple[int, int]:
 
 def engine_states(sizes: ModuleSizes, zero_stage: int, num_gpus: int, offload_optimizer: bool,
                   gpus_per_node: int = 8) -> tuple[int, int]:
-    """(GPU bytes per GPU, CPU bytes per node) of one engine's model states, from DeepSpeed.
+    """(GPU bytes per GPU, CPU bytes per node) of one fp32 engine's model states.
 
-    The engines are built without `deepspeed.zero.Init` (zero_init=False) and offload only
-    the optimizer (cpu_offload_params=False). DeepSpeed's CPU figure without offload is
-    host memory for loading the model, transient, so it is reported as 0.
+    DeepSpeed's own estimators count 16-bit params and grads (its "bf16" mode), which the
+    engines no longer use, so the GPU side is counted here (see the module docstring); the
+    host side of an offloaded optimizer (fp32 either way) is DeepSpeed's estimate. The engines
+    are built without `deepspeed.zero.Init` and offload only the optimizer.
     """
     nodes, per_node = _topology(num_gpus, gpus_per_node)
+    params, partitioned = sizes.params, sizes.params / num_gpus
     if zero_stage == 2:
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-        cpu, gpu = estimate_zero2_model_states_mem_needs(
-            sizes.params, per_node, nodes, cpu_offload=offload_optimizer)
+        gpu = PARAM_BYTES * params  # replicated
+        if not offload_optimizer:
+            gpu += (MASTER_BYTES + GRAD_BYTES + ADAM_BYTES) * partitioned
+        cpu, _ = estimate_zero2_model_states_mem_needs(params, per_node, nodes, cpu_offload=True)
     elif zero_stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            sizes.params, sizes.largest_layer, per_node, nodes, cpu_offload=offload_optimizer,
-            cpu_offload_params=False, zero_init=False)
+        gpu = (PARAM_BYTES + GRAD_BYTES) * sizes.largest_layer + PARAM_BYTES * partitioned
+        if not offload_optimizer:
+            gpu += (GRAD_BYTES + ADAM_BYTES) * partitioned
+        cpu, _, _ = estimate_zero3_model_states_mem_needs(
+            params, sizes.largest_layer, per_node, nodes, cpu_offload=True, cpu_offload_params=False,
+            zero_init=False)
     else:
         raise ValueError(f"zero_stage={zero_stage}: the planner covers ZeRO stages 2 and 3")
-    return gpu, cpu if offload_optimizer else 0
+    return int(gpu), int(cpu) if offload_optimizer else 0
 
 
 def activations_gib(family: str, micro_batch: int, gradient_checkpointing: bool) -> float:
@@ -234,13 +250,13 @@ def plan(family: str, num_gpus: int, zero_stage: int, offload_optimizer: bool, l
     if micro_batch < 1:
         raise ValueError(f"micro_batch={micro_batch}: at least 1 image per GPU")
     unet = unet_sizes(family)
-    frozen_base = unet.params * FROZEN_BYTES_PER_PARAM if lora else 0
+    frozen_base = unet.params * LORA_BASE_BYTES_PER_PARAM if lora else 0
     trained = lora_sizes(family, lora_rank, lora_targets) if lora else unet
     gen_gpu, gen_cpu = engine_states(trained, zero_stage, num_gpus, offload_optimizer, gpus_per_node)
     critic_gpu, critic_cpu = engine_states(critic_sizes(family), zero_stage, num_gpus,
                                            offload_optimizer, gpus_per_node)
     parts = {
-        "teacher_gib": unet.params * FROZEN_BYTES_PER_PARAM / GIB,
+        "teacher_gib": unet.params * TEACHER_BYTES_PER_PARAM / GIB,
         "generator_gib": (gen_gpu + frozen_base) / GIB,
         "critic_gib": critic_gpu / GIB,
         "activations_gib": activations_gib(family, micro_batch, gradient_checkpointing),
@@ -288,7 +304,9 @@ def _print_table(rows: list[Plan]) -> None:
                       *(f"{v:.1f}" for v in (p.teacher_gib, p.generator_gib, p.critic_gib,
                                              p.activations_gib, p.total_gib, p.cpu_gib)),
                       yes[p.fits])
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(PRECISION, soft_wrap=False)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

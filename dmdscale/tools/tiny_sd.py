@@ -100,6 +100,36 @@ def build_tiny_pipeline(family: str, out: str | Path, resolution: int = 32, seed
     return Path(out)
 
 
+def build_tiny_clip(out: str | Path, image_size: int = 32, seed: int = 0) -> Path:
+    """Write a random-weight transformers CLIPModel folder (with its CLIPImageProcessor and the
+    character tokenizer of `tiny_tokenizer`) for CLIP score and CLIP-feature FID in tests. The
+    text projection's sign is chosen so that image and text embeddings agree on average: random
+    towers otherwise often disagree everywhere, and every CLIP score would clamp to 0."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = tiny_tokenizer(Path(tmp) / "tok")
+        text = dict(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        vision = dict(hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=image_size, patch_size=8)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=POOLED_DIM)).eval()
+        with torch.no_grad():
+            tokens = tokenizer(["a photo", "digit 3", "two cats"], padding=True, return_tensors="pt")
+            text_emb = model.get_text_features(**tokens)
+            image_emb = model.get_image_features(pixel_values=torch.randn(3, 3, image_size, image_size))
+            text_emb, image_emb = (e if isinstance(e, torch.Tensor) else e.pooler_output for e in (text_emb, image_emb))
+            if torch.nn.functional.cosine_similarity(text_emb, image_emb).mean() < 0:
+                model.text_projection.weight.neg_()
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(out)
+    return out
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="write a tiny random-weight SD1.5/SDXL pipeline folder")
     parser.add_argument("--family", choices=list(SD_VARIANTS), required=True)

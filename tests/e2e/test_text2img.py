@@ -28,23 +28,38 @@ def generate_latents(pipe, **call) -> torch.Tensor:
 
 
 def test_sd15_one_step_end_to_end(ray_local, tiny, captioned_parquet, tmp_path, monkeypatch):
-    """The SD1.5 quick pipeline: contract outputs, MLflow run, and a student folder that diffusers
-    loads with stock diffusers and samples in one UNet call with the call its model card gives."""
+    """The SD1.5 quick pipeline with checkpoint evaluation on: contract outputs, the MLflow run,
+    checkpoints 3 and 6 evaluated on an actor while training goes on (FID on CLIP features and
+    CLIP score at those steps in MLflow, with prompt grids; fid.png and clip.png), and a student
+    folder that stock diffusers loads and samples in one UNet call with the call its card gives."""
     import mlflow
     import yaml
     from diffusers import DiffusionPipeline
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    out = tmp_path / "sd15"
-    metrics = run(quick("sd15", tiny["sd15"], tmp_path, f"data.path={captioned_parquet}"), out)
+    from dmdscale.distributed.evalpool import GRID_ARTIFACT_DIR
+    from dmdscale.tools.tiny_sd import build_tiny_clip
 
-    assert metrics["steps_completed"] == 6 and metrics["nonfinite_steps"] == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    clip = build_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "sd15"
+    metrics = run(quick("sd15", tiny["sd15"], tmp_path, f"data.path={captioned_parquet}", "train.max_steps=7",
+                        "eval.during_training=true", f"eval.clip_model={clip}", "eval.feature_extractor=clip"), out)
+
+    assert metrics["steps_completed"] == 7 and metrics["nonfinite_steps"] == 0
     assert metrics["student_steps"] == 1 and metrics["usable_rows"] == 96
     assert json.loads((out / "metrics.json").read_text()) == metrics
     samples = np.load(out / "samples.npz")
     assert samples["images"].shape == (8, 32, 32, 3) and samples["images"].dtype == np.uint8
     assert len(samples["prompts"]) == 8
     assert samples["images"].std() > 0
+
+    evaluations = json.loads((out / "checkpoint_evaluations.json").read_text())
+    assert [e["step"] for e in evaluations] == [3, 6] and metrics["checkpoint_evaluations"] == 2
+    assert all("error" not in e and np.isfinite(e["fid_student"]) and 0 <= e["clip_score_student"] <= 100
+               for e in evaluations)
+    assert np.isfinite(metrics["fid_student"]) and {"clip_score_student", "clip_score_teacher"} <= set(metrics)
+    assert metrics["fid_feature_space"] == "clip" and metrics["eval_dropped_checkpoints"] == 0
+    assert (out / "clip.png").stat().st_size > 0 and (out / "fid.png").stat().st_size > 0
 
     pipe = DiffusionPipeline.from_pretrained(str(out / "student"))
     calls = []
@@ -62,9 +77,15 @@ def test_sd15_one_step_end_to_end(ray_local, tiny, captioned_parquet, tmp_path, 
     (logged,) = client.search_runs([client.get_experiment_by_name("sd15").experiment_id])
     assert logged.data.params["model.family"] == "sd15"
     assert "loss_dm" in logged.data.metrics and "sampling_speedup" in logged.data.metrics
+    for name in ("fid_student", "clip_score_student"):  # the checkpoints' figures at their steps
+        history = {m.step: m.value for m in client.get_metric_history(logged.info.run_id, name)}
+        assert {3, 6} <= set(history), (name, history)
+        assert history[3] == pytest.approx(evaluations[0][name])
+    grids = {a.path for a in client.list_artifacts(logged.info.run_id, GRID_ARTIFACT_DIR)}
+    assert {f"{GRID_ARTIFACT_DIR}/step_0000003.png", f"{GRID_ARTIFACT_DIR}/step_0000006.png"} <= grids
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
-    assert {"metrics.json", "samples.png", "losses.png"} <= artifacts
-    assert [r["step"] for r in json.loads((out / "train_log.json").read_text())][-1] == 5  # losses.png's data
+    assert {"metrics.json", "samples.png", "losses.png", "clip.png", "fid.png"} <= artifacts
+    assert [r["step"] for r in json.loads((out / "train_log.json").read_text())][-1] == 6  # losses.png's data
 
 
 # The SDXL LoRA variant (ZeRO-3, LoRA weights reproduced with load_lora_weights) runs end to

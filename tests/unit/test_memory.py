@@ -48,16 +48,32 @@ def test_checkpointing_cuts_activations():
 
 
 def test_sdxl_on_80_gib_gpus():
-    # Full fine-tuning keeps two 2.57B-parameter engines at ~18-20 bytes/param on one GPU
+    # Full fine-tuning keeps two 2.57B-parameter fp32 engines at 20 bytes/param on one GPU
     # (~48 GiB each): far over 80 GiB, as the DMD2 authors found; ZeRO-2 over two GPUs halves
-    # the partitioned states and fits.
+    # the partitioned states (4 + 16 / 2 bytes/param) and fits.
     assert not plan("sdxl", 1, 2, False, False).fits
     assert plan("sdxl", 2, 2, False, False).fits
-    # One GPU fits once the optimizer states go to host memory (ZeRO-3 + offload: ~5 GiB per
+    # One GPU fits once the optimizer states go to host memory (ZeRO-3 + offload: ~10 GiB per
     # engine on the GPU, >100 GiB of host RAM), or with LoRA (the generator's states shrink to
-    # its adapters; the fully trained critic's ~48 GiB still leaves room under 80).
+    # its adapters beside its ~10 GiB fp32 base; the fully trained critic's ~48 GiB still
+    # leaves room under 80).
     assert plan("sdxl", 1, 3, True, False).fits
     assert plan("sdxl", 1, 2, False, True).fits
+
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_precision_of_each_part(gpus):
+    """bf16 teacher; fp32 engines (ZeRO-2: fp32 params replicated, fp32 clone + grads + Adam
+    partitioned); the LoRA generator's frozen base is the fp32 copy of the teacher."""
+    from dmdscale.tools.memory import GIB, critic_sizes
+
+    params = unet_sizes("sdxl").params
+    full = plan("sdxl", gpus, 2, False, False)
+    assert full.teacher_gib == pytest.approx(2 * params / GIB)
+    assert full.critic_gib == pytest.approx((4 + 16 / gpus) * critic_sizes("sdxl").params / GIB, rel=1e-6)
+    lora = plan("sdxl", gpus, 2, False, True)
+    adapters = lora_sizes("sdxl").params
+    assert lora.generator_gib == pytest.approx((4 * params + (4 + 16 / gpus) * adapters) / GIB, rel=1e-6)
 
 
 def test_cli_json_rows_match_the_planner():
@@ -70,6 +86,14 @@ def test_cli_json_rows_match_the_planner():
     assert len(rows) == len(expected) == 16
     assert [(r["num_gpus"], r["zero_stage"], r["offload_optimizer"], r["lora"], r["fits"]) for r in rows] == \
         [(p.num_gpus, p.zero_stage, p.offload_optimizer, p.lora, p.fits) for p in expected]
+
+
+def test_cli_table_states_its_precision_assumptions(capsys):
+    from dmdscale.tools.memory import main
+
+    main(["--family", "sd15", "--gpus", "1"])  # in-process: the LoRA sizes are cached by now
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "bf16 frozen teacher" in text and "fp32 generator and critic weights, grads and AdamW states" in text
 
 
 def test_cli_unknown_family_names_the_allowed_ones():
