@@ -69,10 +69,7 @@ def read_prompts(path: str | os.PathLike, limit: int | None) -> list[str]:
     file = Path(path).expanduser()
     if not file.exists():
         raise FileNotFoundError(f"--prompts: no prompt file at {file}")
-    if file.suffix == ".txt":
-        prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()][:limit]
-    else:
-        prompts = load_prompts(file, limit)
+    prompts = load_prompts(file, limit)  # .txt: its non-empty lines, stripped
     if limit is not None and len(prompts) < limit:
         raise EvaluationError(f"--prompts: {file} holds {len(prompts)} prompts, the evaluation needs {limit} "
                               f"(--num-samples or the protocol's)")
