@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from iteration_bench import device_name, print_row, run_isolated, time_iterations
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUPS = {"zero3_offload": {"lora.enabled": False}, "lora": {"lora.enabled": True}}
@@ -77,20 +76,11 @@ def one_setup(setup: str, size: str, steps: int) -> dict:
     batch = Batch(torch.randn(1, 4, latent, latent, device=device, dtype=torch.bfloat16),
                   {"prompt_embeds": torch.randn(1, 77, text, device=device, dtype=torch.bfloat16),
                    "pooled_prompt_embeds": torch.randn(1, pooled, device=device, dtype=torch.bfloat16)})
-    seconds = []
-    for i in range(steps + 1):  # the first iteration warms up (allocations, offload buffers)
-        t0 = time.perf_counter()
-        metrics = step(batch, i)
-        if gpu:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - t0)
-        if not all(torch.isfinite(torch.tensor(v)) for v in metrics.values()):
-            raise FloatingPointError(f"{setup}: non-finite metrics {metrics}")
+    seconds_per_iteration, first_seconds, metrics = time_iterations(step, batch, steps)
     trainable = sum(p.numel() for p in generator.parameters() if p.requires_grad)
     return {"setup": setup, "size": size, "parameters_per_unet": sum(p.numel() for p in unet.parameters()),
             "generator_trainable_parameters": trainable, "latent_size": latent,
-            "seconds_per_iteration": sorted(seconds[1:])[len(seconds[1:]) // 2],
-            "first_iteration_seconds": seconds[0],
+            "seconds_per_iteration": seconds_per_iteration, "first_iteration_seconds": first_seconds,
             "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
             "loss_dm": metrics.get("loss_dm")}
 
@@ -104,17 +94,10 @@ def main() -> None:
     parser.add_argument("--one", choices=sorted(SETUPS), help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one_setup(args.one, args.size, args.steps)), flush=True)
+        print_row(one_setup(args.one, args.size, args.steps))
         return
-    rows = []
-    for setup in args.setups:
-        proc = subprocess.run([sys.executable, __file__, "--one", setup, "--size", args.size,
-                               "--steps", str(args.steps)], capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        row = json.loads(lines[-1][7:]) if lines else {"setup": setup, "error": proc.stderr[-2000:]}
-        print(row)
-        rows.append(row)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no GPU)"
+    rows = [run_isolated(__file__, setup, ["--size", args.size, "--steps", str(args.steps)]) for setup in args.setups]
+    device = device_name()
     result = {"device": device, "steps": args.steps, "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if args.size == "sdxl" and torch.cuda.is_available():

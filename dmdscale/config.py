@@ -191,6 +191,10 @@ class LossConfig(_Section):
     # The discriminator head on the fake score's bottleneck: "conv" (one strided conv + 1x1) or
     # "full" (the authors': two full-width 4x4 stride-2 convs, then a 1x1 to one logit).
     gan_head: Literal["conv", "full"] = "conv"
+    # Transformer teachers (sd3, flux): the blocks (1-based) whose image tokens the discriminator
+    # reads, one head per depth (`TokenHead`); empty: the middle block. Several depths: NVIDIA
+    # FastGen's tip for transformer teachers. UNet families read their mid block and refuse it.
+    gan_feature_depths: list[int] = Field(default_factory=list)
     # Differentiable augmentation of real and generated discriminator inputs alike (DiffAugment:
     # flip, shift, cutout) against discriminator overfitting on small data sets.
     gan_augment: list[Literal["flip", "shift", "cutout"]] = Field(default_factory=list)
@@ -256,6 +260,11 @@ class ScaleConfig(_Section):
     use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
+    # Partition the frozen teacher over the ranks as ZeRO-3 partitions generator and critic
+    # (gathered block by block in its forwards), instead of a whole copy on every rank: a
+    # teacher larger than one GPU (8-12B flow transformers) then fits. Costs an all-gather of
+    # the teacher's weights per forward. Needs zero_stage 3.
+    shard_teacher: bool = False
     # CPUs left to Ray Data on each node; train workers share the rest (no deadlock on 2 CPUs).
     data_cpus: float = Field(1.0, gt=0)
     # Torch threads per CPU train worker; None: the node's cores / workers on the node. Ray sets
@@ -274,6 +283,15 @@ class ScaleConfig(_Section):
     # once; one joined by address may autoscale, so the request is asked of the autoscaler and
     # waited for this long (announced, with what is pending) before the run fails.
     resource_wait_s: float = Field(600.0, ge=0)
+
+    @field_validator("shard_teacher")
+    @classmethod
+    def _shard_teacher_needs_zero3(cls, shard: bool, info: Any) -> bool:
+        stage = info.data.get("zero_stage")  # absent when zero_stage itself failed (reported already)
+        if shard and stage not in (None, 3):
+            raise ValueError(f"sharding the teacher needs scale.zero_stage 3 (got {stage}): only ZeRO-3 partitions "
+                             "parameters; set scale.zero_stage=3 or scale.shard_teacher=false")
+        return shard
 
 
 class ExportConfig(_Section):

@@ -99,8 +99,10 @@ class _Generator:
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.pipe = DiffusionPipeline.from_pretrained(student).to("cuda" if gpu else "cpu")
         self.pipe.set_progress_bar_config(disable=True)
-        self.call = json.loads((Path(student) / STUDENT_INFO).read_text())["call"]
-        self.resolution = int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+        info = json.loads((Path(student) / STUDENT_INFO).read_text())
+        self.call = info["call"]
+        # The trained resolution where the export recorded it (sd3/flux), else the UNet's native one.
+        self.resolution = int(info.get("resolution") or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
 
     def generate(self, prompts: list[str], seed: int) -> np.ndarray:
         from dmdscale.families.sd import _generate

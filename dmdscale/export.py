@@ -19,6 +19,11 @@ sdxl): `export_pipeline` writes a whole pipeline folder. Both hold:
 
 LoRA runs also write the adapter for the teacher pipeline's `load_lora_weights`, in peft's key
 layout (`lora/`) and in kohya's, which ComfyUI and A1111-style tools read (`lora_kohya/`).
+
+Flow-matching transformers (sd3, flux): `export_flow_pipeline` writes a `StableDiffusion3Pipeline`
+or `FluxPipeline` folder with a stock FlowMatchEulerDiscreteScheduler stepping as the student's
+sampler (`flow_student_scheduler`: stochastic sampling, the trained sigmas from
+`num_inference_steps` or `sigmas`), dmdscale.json, the model card and, for LoRA runs, `lora/`.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from diffusers import LCMScheduler, UNet2DConditionModel
 from dmdscale.core.schedule import config_for
 from dmdscale.models.sd import check_pipeline_folder
 
-__all__ = ["STUDENT_DIR", "export_pipeline", "export_unet_student", "guidance_free_unet", "lora_state_dict",
+__all__ = ["STUDENT_DIR", "export_flow_pipeline", "export_pipeline", "flow_student_scheduler", "export_unet_student", "guidance_free_unet", "lora_state_dict",
            "merged_unet", "sampling_call", "student_scheduler", "write_model_card"]
 
 logger = logging.getLogger(__name__)
@@ -152,10 +157,13 @@ def _lora_metadata(config: Any) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}
 
 
-def _write_info(out: Path, timesteps: list[int], call: dict[str, Any], family: str) -> None:
-    (out / STUDENT_INFO).write_text(json.dumps(
-        {"timesteps": [int(t) for t in timesteps], "call": call, "guidance_scale": 1.0, "family": family},
-        indent=2) + "\n")
+def _write_info(out: Path, timesteps: list[int], call: dict[str, Any], family: str,
+                guidance_scale: float = 1.0, resolution: int | None = None) -> None:
+    """`guidance_scale`: what the student runs at (1.0: no CFG; flux: its embedded guidance);
+    `resolution`: the trained one, where sampling depends on it (flux's timestep shift)."""
+    info = {"timesteps": [int(t) for t in timesteps], "call": call, "guidance_scale": guidance_scale, "family": family}
+    (out / STUDENT_INFO).write_text(json.dumps(info | ({"resolution": resolution} if resolution else {}),
+                                               indent=2) + "\n")
 
 
 def export_pipeline(teacher: str | os.PathLike, family: str, student_unet: UNet2DConditionModel | str | os.PathLike,
@@ -193,31 +201,123 @@ def export_pipeline(teacher: str | os.PathLike, family: str, student_unet: UNet2
     return out
 
 
-def _save_lora(pipeline_class: type, out: Path, state_dict: dict[str, torch.Tensor], config: Any) -> None:
+def _save_lora(pipeline_class: type, out: Path, state_dict: dict[str, torch.Tensor], config: Any,
+               component: str = "unet") -> None:
     """out/lora: peft's key format (lora_A / lora_B), which load_lora_weights reads as is (not
     convert_state_dict_to_diffusers: it rewrites attention keys only, and the loader then drops
-    those from a dict that also holds conv / ff keys in peft format). out/lora_kohya: the same
-    adapter in kohya's keys (lora_unet_..., lora_down / lora_up / alpha), converted by diffusers'
-    own convert_state_dict_to_kohya, for ComfyUI and A1111-style tools."""
+    those from a dict that also holds conv / ff keys in peft format). For UNets also
+    out/lora_kohya: the same adapter in kohya's keys (lora_unet_..., lora_down / lora_up /
+    alpha), converted by diffusers' own convert_state_dict_to_kohya, for ComfyUI and A1111-style
+    tools. `component`: the pipeline's denoiser ("unet", or "transformer" for sd3/flux)."""
     import inspect
 
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
     meta = _lora_metadata(config)
-    kwargs: dict[str, Any] = {"unet_lora_layers": state_dict}
-    if "unet_lora_adapter_metadata" in inspect.signature(pipeline_class.save_lora_weights).parameters:
-        kwargs["unet_lora_adapter_metadata"] = meta
+    kwargs: dict[str, Any] = {f"{component}_lora_layers": state_dict}
+    if f"{component}_lora_adapter_metadata" in inspect.signature(pipeline_class.save_lora_weights).parameters:
+        kwargs[f"{component}_lora_adapter_metadata"] = meta
     elif meta.get("lora_alpha", meta.get("r")) != meta.get("r"):  # older diffusers read no alpha back
         logger.warning("this diffusers cannot save lora_alpha: load_lora_weights will scale the LoRA by 1, "
                        "not lora_alpha / r")
     pipeline_class.save_lora_weights(out / "lora", safe_serialization=True, **kwargs)
+    if component != "unet":  # kohya's converter knows UNet keys only
+        return
     kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state_dict.items()})
     # The converter writes alpha = rank (scale 1); the adapter was trained at lora_alpha / r.
     alpha = float(meta.get("lora_alpha", meta.get("r")))
     kohya |= {k: torch.tensor(alpha) for k in kohya if k.endswith(".alpha")}
     (out / "lora_kohya").mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in kohya.items()}, str(out / "lora_kohya" / KOHYA_LORA_FILE))
+
+
+def flow_student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[int], family: str,
+                           image_seq_len: int) -> tuple[Any, dict[str, Any]]:
+    """(a stock FlowMatchEulerDiscreteScheduler stepping like the student's sampler, the pipeline
+    call that runs exactly the trained timesteps).
+
+    The scheduler is the teacher's (shift, dynamic shifting) with `stochastic_sampling`: each step
+    re-noises the model's x0 to the next sigma with fresh noise, which is the student's sampler
+    (`dmdscale.core.sampling.sample`); its last step returns x0. The call is
+    `num_inference_steps=N` where the pipeline's own spacing gives the trained sigmas (e.g. one step
+    at t = 999, sigma 1; FLUX's 4 steps [999, 749, 499, 249]), else `sigmas=[...]`, the unshifted
+    values the pipeline shifts onto them; checked here, not at sampling time. sd3 adds
+    guidance_scale=1.0: its pipeline would otherwise run CFG at 7.0 around the guidance-distilled
+    student; flux keeps the pipeline's default embedded guidance, which the student was trained at."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dmdscale.core.schedule import FlowMatchSchedule
+    from dmdscale.models.flow import flow_variant
+
+    variant = flow_variant(family)
+    config = config_for(FlowMatchEulerDiscreteScheduler, dict(teacher_scheduler_config)) | {"stochastic_sampling": True}
+    schedule = FlowMatchSchedule(config, image_seq_len)
+    trained = schedule.flow_sigmas[torch.tensor(timesteps)].float()
+    mu = {"mu": schedule.mu} if schedule.mu is not None else {}
+    n = len(timesteps)
+
+    def sigmas_for(**call: Any) -> torch.Tensor:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        if "sigmas" in call:
+            scheduler.set_timesteps(sigmas=call["sigmas"], **mu)
+        elif variant.pipeline_spaces_sigmas:  # FluxPipeline: its own linear sigmas for a step count
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), **mu)
+        else:
+            scheduler.set_timesteps(n, **mu)
+        return scheduler.sigmas[:-1]
+
+    call: dict[str, Any] = {"num_inference_steps": n}
+    if not torch.allclose(sigmas_for(**call), trained, atol=1e-5):
+        call = {"sigmas": [(int(t) + 1) / schedule.num_train_timesteps for t in timesteps]}
+        if not torch.allclose(sigmas_for(**call), trained, atol=1e-5):
+            raise ValueError(f"FlowMatchEulerDiscreteScheduler gives {sigmas_for(**call).tolist()} for {call}, "
+                             f"not the trained sigmas {trained.tolist()}")
+    if not variant.embedded_guidance:  # CFG pipelines: guidance off
+        call["guidance_scale"] = 1.0
+    return FlowMatchEulerDiscreteScheduler.from_config(config), call
+
+
+def export_flow_pipeline(teacher: str | os.PathLike, family: str, student_transformer: Any, timesteps: list[int],
+                         out_dir: str | os.PathLike, resolution: int, lora_state_dict: dict[str, torch.Tensor] | None = None,
+                         lora_config: Any = None, fp16_variant: bool = False) -> Path:
+    """Write an sd3/flux student as a pipeline folder (`StableDiffusion3Pipeline` / `FluxPipeline`):
+    the teacher's components, the trained transformer, the student's scheduler
+    (`flow_student_scheduler`, for `resolution` px) and dmdscale.json. Loads with stock diffusers:
+    `DiffusionPipeline.from_pretrained(out_dir)(prompt, **call)`, call as dmdscale.json records it.
+    `student_transformer`: the trained transformer (LoRA merged) or a folder its save_pretrained
+    wrote. With `lora_state_dict` and `lora_config`, also out_dir/lora/ for the teacher pipeline's
+    `load_lora_weights` (peft keys, transformer prefix)."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    from dmdscale.models.flow import (
+        FLUX_DEFAULT_GUIDANCE,
+        check_flow_folder,
+        flow_variant,
+        image_seq_len,
+        transformer_class,
+    )
+    from dmdscale.models.flow import vae_scale_factor as scale_of
+
+    if (lora_state_dict is None) != (lora_config is None):
+        raise ValueError("pass lora_state_dict and lora_config together (the config carries lora_alpha and r)")
+    source = check_flow_folder(teacher, family)
+    if isinstance(student_transformer, (str, os.PathLike)):
+        student_transformer = transformer_class(family).from_pretrained(student_transformer)
+    seq_len = image_seq_len(resolution, scale_of(AutoencoderKL.load_config(source, subfolder="vae")))
+    scheduler, call = flow_student_scheduler(FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler"),
+                                             timesteps, family, seq_len)
+    pipe = DiffusionPipeline.from_pretrained(source, transformer=student_transformer, scheduler=scheduler)
+    out = Path(out_dir)
+    pipe.save_pretrained(out, safe_serialization=True)
+    if fp16_variant:
+        pipe.to(torch.float16).save_pretrained(out, safe_serialization=True, variant="fp16")
+    _write_info(out, timesteps, call, family, FLUX_DEFAULT_GUIDANCE if flow_variant(family).embedded_guidance else 1.0,
+                resolution)
+    if lora_state_dict is not None:
+        _save_lora(type(pipe), out, lora_state_dict, lora_config, component="transformer")
+    return out
 
 
 def export_unet_student(generator: Any, timesteps: list[int], out_dir: str | os.PathLike,

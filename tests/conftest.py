@@ -48,6 +48,15 @@ def tiny(tmp_path_factory):
     return {f: str(build_tiny_pipeline(f, root / f)) for f in ("sd15", "sdxl")}
 
 
+@pytest.fixture(scope="session")
+def tiny_flow(tmp_path_factory):
+    """Tiny random-weight sd3 and flux pipeline folders (dmdscale.tools.tiny_flow), by family."""
+    from dmdscale.tools.tiny_flow import build_tiny_flow_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_flow")
+    return {f: str(build_tiny_flow_pipeline(f, root / f)) for f in ("sd3", "flux")}
+
+
 def text_cfg(family: str, teacher: str, **overrides):
     """A text-to-image family's config on a tiny teacher (RGB data)."""
     from dmdscale.config import build_config

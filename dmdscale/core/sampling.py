@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from dmdscale.core import seeds
-from dmdscale.core.schedule import NoiseSchedule
+from dmdscale.core.schedule import Schedule
 from dmdscale.models.base import Cond, Denoiser
 
 # x0 = G(x_t, t, cond): the generator as the step sees it.
@@ -62,7 +62,7 @@ def _randn_like(x: Tensor, rng: Rng) -> Tensor:
 
 
 @torch.no_grad()
-def sample(generator: GeneratorFn, schedule: NoiseSchedule, noise: Tensor, timesteps: list[int],
+def sample(generator: GeneratorFn, schedule: Schedule, noise: Tensor, timesteps: list[int],
            cond: Cond = None, rng: Rng = None) -> Tensor:
     """Few-step sampling: for each t, x0 = G(x, t); x = add_noise(x0, fresh noise, next t).
     Starts from pure noise at timesteps[0] and returns the last x0."""
@@ -91,7 +91,7 @@ def simulation_seed(seed: int, step: int) -> int:
 
 
 @torch.no_grad()
-def backward_simulate(generator: GeneratorFn, schedule: NoiseSchedule, timesteps: list[int], k: int,
+def backward_simulate(generator: GeneratorFn, schedule: Schedule, timesteps: list[int], k: int,
                       shape: tuple[int, ...], cond: Cond = None, rng: Rng = None,
                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
                       ) -> tuple[Tensor, Tensor]:
@@ -117,8 +117,8 @@ def backward_simulate(generator: GeneratorFn, schedule: NoiseSchedule, timesteps
 @torch.no_grad()
 def teacher_sample(teacher: Denoiser, noise: Tensor, num_steps: int, cond: Cond = None,
                    guidance_scale: float = 1.0) -> Tensor:
-    """The teacher's deterministic many-step sampler: DDIM (eta 0) from diffusers, fed x0."""
-    sampler = teacher.schedule.ddim(num_steps)
+    """The teacher's deterministic many-step sampler (`schedule.sampler`: DDIM for VP, Euler for flow), fed x0."""
+    sampler = teacher.schedule.sampler(num_steps)
     x = noise
     for t in sampler.timesteps:
         tt = _full(int(t), len(x), x.device)

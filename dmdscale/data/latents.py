@@ -1,8 +1,10 @@
-"""Latent data for the SD1.5/SDXL families: VAE latents and text embeddings on a Ray Data actor pool.
+"""Latent data for the text-to-image families (SD1.5, SDXL, SD3, FLUX): VAE latents and text
+embeddings on a Ray Data actor pool.
 
 Images and captions stream from the source (decoded by `data.read_dataset`, corrupt rows skipped
 there); each actor holds the teacher's VAE and text encoder(s) once and turns batches into rows
-  latent (4, h, w) float32, scaled by the VAE's scaling factor;
+  latent (C, h, w) float32: the VAE posterior's mean, (mean - shift_factor) * scaling_factor
+    (C = the VAE's latent_channels: 4 for SD1.5/SDXL, 16 for SD3/FLUX, unpacked);
   prompt_embeds (L, D) [, pooled_prompt_embeds (P,)]: the image's own caption, as the GAN's
   real branch needs it and the generator is conditioned on it.
 With `data.latent_cache`, the rows are written as Parquet once and read back afterwards.
@@ -56,13 +58,14 @@ class LatentEncoder:
 
 
 def latent_shape(teacher: str, resolution: int) -> tuple[int, int, int]:
-    """(channels, h, w) of the teacher's latents at `resolution`: the UNet's input channels,
-    and the resolution over the VAE's downsampling factor. Reads only config files."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """(channels, h, w) of the teacher's latents at `resolution`: the VAE's latent channels (not
+    the denoiser's input channels: FLUX's transformer takes 2x2-packed latents, 64 channels), and
+    the resolution over the VAE's downsampling factor. Reads only the VAE's config file."""
+    from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.load_config(teacher, subfolder="vae")
     size = resolution // 2 ** (len(vae["block_out_channels"]) - 1)
-    return int(UNet2DConditionModel.load_config(teacher, subfolder="unet")["in_channels"]), size, size
+    return int(vae["latent_channels"]), size, size
 
 
 class PromptOnlyEncoder:

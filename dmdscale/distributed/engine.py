@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO engines behind the interface the DMD2 step uses (`dmdscale.core.optim`).
 
 The generator and the critic each get their own engine (own optimizer, own ZeRO partitioning);
-the frozen teacher stays a plain module. gloo on CPU, NCCL on GPU: DeepSpeed uses the process
-group Ray Train already created.
+the frozen teacher stays a plain module, or with scale.shard_teacher is partitioned by an
+optimizer-less ZeRO-3 engine (`shard_frozen`). gloo on CPU, NCCL on GPU: DeepSpeed uses the
+process group Ray Train already created.
 """
 from __future__ import annotations
 
@@ -121,6 +122,50 @@ def install_weights_only_loader(engine: Any) -> None:
         raise RuntimeError(f"DeepSpeed {deepspeed.__version__}: the weights-only checkpoint loader could not be "
                            f"installed ({problem}); install the DeepSpeed version pyproject.toml allows "
                            f"or update dmdscale/distributed/engine.py for this one")
+
+
+# Every teacher parameter is partitioned, however small (DeepSpeed's default keeps those under
+# 1e5 elements whole on every rank). A frozen module stores nothing but its parameters, and a
+# module's parameters are fetched in one coalesced all-gather, so a bias travels with its weight.
+FROZEN_PERSISTENCE_THRESHOLD = 0
+ZERO3_ENGINE = "zero3_engine"  # where shard_frozen keeps the engine on the module
+
+
+def shard_frozen(module: nn.Module) -> nn.Module:
+    """`module` (frozen, on the host or its device) partitioned over the ranks by a ZeRO-3
+    engine without optimizer (ZeRO-Inference): each rank keeps 1/world of every parameter
+    (`param.ds_tensor`; `param.data` is empty) on this rank's device, and DeepSpeed's module
+    hooks gather a submodule's parameters for its forward and free them after. The hooks fire
+    for any call of a submodule, so `module(...)`, `module.features(...)` and the like all
+    work; parameters used outside a submodule call (`module.some_layer.weight`) are empty.
+
+    The parameters keep their dtype (cast first, e.g. `Denoiser.cast_network`). A collective
+    call: every rank must shard the same module.
+    """
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        ensure_single_process_env()
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # required by DeepSpeed's config check; nothing trains
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": FROZEN_PERSISTENCE_THRESHOLD},
+        "bf16": {"enabled": False},  # keep the module's own dtype (DeepSpeed's bf16 mode would cast it)
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=module, config=config,
+                                           dist_init_required=not torch.distributed.is_initialized())
+    # The engine owns the gather hooks and removes them when collected (DeepSpeedEngine.__del__),
+    # so it lives as long as the module: kept in its __dict__, outside nn.Module's registries
+    # (a registered submodule would put the engine into modules(), state_dict() and .to()).
+    engine.module.__dict__[ZERO3_ENGINE] = engine
+    return engine.module
+
+
+def stored_numel(module: nn.Module) -> int:
+    """Parameter elements this rank stores for `module`: each ZeRO-3 partition (padding
+    included), else the whole parameter."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
 
 
 class DeepSpeedOptimizedModule:

@@ -1,8 +1,9 @@
 """DMD2 on a Ray Train worker: the per-worker side of a run (the driver side is `launch`).
 
 Each worker loads the frozen teacher through its family, copies it into the generator and the
-fake score (DMD2 starts both from the teacher), wraps generator and critic in DeepSpeed ZeRO
-engines, and runs the plain `train_loop` over its Ray Data shard. Rank 0 logs to MLflow; every
+fake score (DMD2 starts both from the teacher), wrapping each in its DeepSpeed ZeRO engine as
+soon as it is made, places the teacher (whole, or partitioned with scale.shard_teacher), and
+runs the plain `train_loop` over its Ray Data shard. Rank 0 logs to MLflow; every
 rank reports to Ray Train at the same steps (reports are collective).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dmdscale.config import Config
 from dmdscale.core import seeds
 from dmdscale.core.ema import GeneratorEMA, ema_name
 from dmdscale.core.loop import LoopResult, prefetched, train_loop
+from dmdscale.core.optim import Role
 from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.data.latents import TEXT_COLUMNS
 from dmdscale.distributed.checkpoint import (
@@ -51,7 +53,8 @@ TRAIN_METRICS = "train_metrics.json"  # the workers' final figures, in the final
 ALTERNATES_DIR = "alternates"
 
 
-def build_players(cfg: Config, teacher_path: str, device: torch.device) -> tuple[Denoiser, Denoiser, Critic]:
+def build_players(cfg: Config, teacher_path: str, device: torch.device,
+                  wrap: Callable[[torch.nn.Module, Role], Any] | None = None) -> tuple[Denoiser, Any, Any]:
     """(frozen teacher, generator, critic) with generator and fake score copied from the teacher.
 
     The family may narrow what of the generator trains (e.g. a LoRA adapter); the critic is
@@ -59,32 +62,73 @@ def build_players(cfg: Config, teacher_path: str, device: torch.device) -> tuple
     keep them (bf16 training runs them under autocast); under train.mixed_precision bf16 the
     frozen teacher is then stored in bf16, as in the DMD2 authors' code (main/sd_guidance.py:
     `real_unet.to(torch.bfloat16)` with fp32 fake and generator UNets).
+
+    `wrap(module, role)`, when given, takes the generator and then the critic as soon as each is
+    complete, and what it returns is handed out in their place: the train worker wraps them in
+    their DeepSpeed engines there, so under ZeRO-3 each full copy is partitioned (and freed)
+    before the next is made; no rank holds three full copies. The teacher waits on the host
+    until the fake score is copied from it, and is then placed (`_place_teacher`): whole on
+    `device`, or partitioned with scale.shard_teacher before the critic's engine adds its
+    optimizer states.
     """
     family = family_of(cfg)
-    teacher = family.load_teacher(cfg, teacher_path).to(device)
-    generator = copy.deepcopy(teacher).train().requires_grad_(True)
-    fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
-    if cfg.train.mixed_precision == "bf16":  # after the copies: they must not start from bf16-rounded weights
-        teacher.cast_network(torch.bfloat16)
+    wrap = wrap or (lambda module, role: module)
+    teacher = family.load_teacher(cfg, teacher_path)  # host: each copy moves to device on its own
+    generator = copy.deepcopy(teacher).to(device).train().requires_grad_(True)
     family.adapt_generator(cfg, generator)
     if cfg.train.gradient_checkpointing:
-        for model in (generator, fake_score):
-            model.unet.enable_gradient_checkpointing()
+        generator.enable_gradient_checkpointing()
+    # A new stage starts from another run's weights with fresh optimizers (the EMAs: init_ema),
+    # each part read just before it is wrapped.
+    _load_part(generator, cfg, "generator")
+    generator = wrap(generator, "generator")
+    fake_score = copy.deepcopy(teacher)
+    # The last copy is made: the teacher is cast and placed (or partitioned) before the fake score
+    # joins the generator's engine on the device.
+    teacher = _place_teacher(cfg, teacher, device)
+    fake_score = fake_score.to(device).train().requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        fake_score.enable_gradient_checkpointing()
     critic = Critic(fake_score, family.critic_head(cfg, fake_score)).to(device)
-    if cfg.train.init is not None:  # a new stage: another run's weights, fresh optimizers
-        start = load_stage(cfg.train.init, ("generator", "critic"))  # the EMAs: init_ema
-        _load_part(generator, start["generator"], "generator", cfg.train.init)
-        if "critic" in start:
-            _load_part(critic, start["critic"], "critic", cfg.train.init)
-    return teacher, generator, critic
+    _load_part(critic, cfg, "critic")
+    return teacher, generator, wrap(critic, "critic")
 
 
-def _load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], part: str, source: str) -> None:
+def _place_teacher(cfg: Config, teacher: Denoiser, device: torch.device) -> Denoiser:
+    """The frozen teacher as it trains: bf16 under train.mixed_precision bf16, then whole on
+    `device` or partitioned over the ranks (scale.shard_teacher)."""
+    if cfg.train.mixed_precision == "bf16":  # after the copies: they must not start from bf16-rounded weights
+        teacher.cast_network(torch.bfloat16)
+    if cfg.scale.shard_teacher:
+        from dmdscale.distributed.engine import shard_frozen
+
+        return shard_frozen(teacher)
+    return teacher.to(device)
+
+
+def build_engines(cfg: Config, teacher_path: str, device: torch.device, micro_batch: int) -> tuple[Denoiser, Any, Any]:
+    """The train worker's players: (frozen teacher, generator engine, critic engine), each
+    trainable player in its DeepSpeed engine (`DeepSpeedOptimizedModule`) as `build_players` makes it."""
+    from dmdscale.distributed.engine import DeepSpeedOptimizedModule
+
+    def engine(module: torch.nn.Module, role: Role) -> DeepSpeedOptimizedModule:
+        return DeepSpeedOptimizedModule(module, cfg.train, cfg.scale, micro_batch, role=role)
+
+    return build_players(cfg, teacher_path, device, wrap=engine)
+
+
+def _load_part(module: torch.nn.Module, cfg: Config, part: str) -> None:
+    """train.init's weights of `part` into `module`, when it has them."""
+    if cfg.train.init is None:
+        return
+    state = load_stage(cfg.train.init, (part,)).get(part)
+    if state is None:
+        return
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
-        raise ValueError(f"train.init: the {part} weights in {source} do not fit this run's {part} (another "
-                         f"teacher, head or LoRA setting?): {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"train.init: the {part} weights in {cfg.train.init} do not fit this run's {part} "
+                         f"(another teacher, head or LoRA setting?): {str(exc).splitlines()[0]}") from None
 
 
 def init_ema(cfg: Config, generator: torch.nn.Module) -> GeneratorEMA | None:
@@ -163,7 +207,6 @@ class TrainWorker:
         import ray.train
         import ray.train.torch
 
-        from dmdscale.distributed.engine import DeepSpeedOptimizedModule
         from dmdscale.tracking import MlflowSink
 
         self.cfg = cfg = Config.model_validate(config["cfg"])
@@ -175,14 +218,14 @@ class TrainWorker:
         torch.manual_seed(cfg.train.seed)
         self.micro = cfg.train.batch_size // self.world
         self.teacher_path = config["teacher_path"]
-        _, self.generator, critic = players = build_players(cfg, self.teacher_path, self.device)
-        self.generator_engine = DeepSpeedOptimizedModule(self.generator, cfg.train, cfg.scale, self.micro, role="generator")
-        self.critic_engine = DeepSpeedOptimizedModule(critic, cfg.train, cfg.scale, self.micro, role="critic")
+        teacher, self.generator_engine, self.critic_engine = build_engines(cfg, self.teacher_path, self.device,
+                                                                           self.micro)
+        self.generator, self.teacher = self.generator_engine.module, teacher
         self.ema = init_ema(cfg, self.generator)
         self.engines = {"generator": self.generator_engine, "critic": self.critic_engine}
         if self.ema is not None:
             self.engines["ema"] = EMACheckpoint(self.ema, self.rank)
-        self.step_fn = DMD2Step(cfg, players[0], self.generator_engine, self.critic_engine, ema=self.ema,
+        self.step_fn = DMD2Step(cfg, self.teacher, self.generator_engine, self.critic_engine, ema=self.ema,
                                 sync_flag=all_ranks_agree, sync_sum=all_ranks_sum, rank=self.rank,
                                 world_size=self.world, device=self.device)
         self.eval_pool = config.get("eval_pool")
@@ -289,6 +332,8 @@ class TrainWorker:
         """The final report, with the student (as its family saves it), the figures and the log."""
         import ray.train
 
+        from dmdscale.distributed.engine import stored_numel
+
         micro, world = self.micro, self.world
         steady_images = (len(result.history) - 1) * micro * world  # after the first batch
         final = {"steps_completed": self.start_step + len(result.history), "resumed_from_step": self.start_step,
@@ -297,6 +342,8 @@ class TrainWorker:
                  "data_first_batch_seconds": result.first_batch_seconds,
                  "train_images_per_s": steady_images / result.seconds if result.seconds else 0.0,
                  "nonfinite_steps": result.nonfinite_steps,
+                 # what rank 0 stores of the teacher: all of it, or its part with scale.shard_teacher
+                 "teacher_parameters_per_rank": stored_numel(self.teacher),
                  **{f"rollout_{k}": v for k, v in rollout_stats.items()}}
         critic = self.critic_engine.full_state_dict()  # collective under ZeRO-3
         with tempfile.TemporaryDirectory() as tmp:

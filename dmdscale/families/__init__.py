@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dmdscale.families.base import Evaluation, Family, RunInputs, Trained
+from dmdscale.families.flow import FlowFamily
 from dmdscale.families.sd import SDFamily
 from dmdscale.families.toy2d import Toy2dFamily
 from dmdscale.families.unet2d import UNet2DFamily
@@ -22,6 +23,8 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     UNet2DFamily(),
     SDFamily("sd15"),
     SDFamily("sdxl"),
+    FlowFamily("sd3"),
+    FlowFamily("flux"),
 )}
 
 

@@ -99,6 +99,8 @@ class SDFamily(Family):
     """One Stable Diffusion variant (`dmdscale.models.sd.SD_VARIANTS`) as a family."""
 
     student_parts = (STUDENT_UNET_DIR, STUDENT_LORA)
+    network = "unet"  # the generator's network: what LoRA adapts and the student exports
+    network_dir = STUDENT_UNET_DIR  # where the final checkpoint holds it
     pipeline_tag = "text-to-image"
     supports_lora = True
     has_eval_actors = True  # eval.during_training: FID, CLIP score and a grid per checkpoint
@@ -115,6 +117,19 @@ class SDFamily(Family):
         if cfg.regression.enabled and len(cfg.generator.timesteps) != 1:
             raise ValueError(f"regression.enabled: the regression stage trains a 1-step generator at "
                              f"generator.timesteps[0]; give one timestep (got {cfg.generator.timesteps})")
+        self.check_head(cfg)
+
+    def check_head(self, cfg: Config) -> None:
+        """The discriminator options that fit this family's network."""
+        if cfg.loss.gan_feature_depths:
+            raise ValueError(f"loss.gan_feature_depths: transformer teachers only; {self.name}'s discriminator reads "
+                             f"the UNet's mid block (leave it empty, choose the head with loss.gan_head)")
+
+    def check_teacher_folder(self, teacher: str) -> str:
+        """A local teacher folder holds this family's parts (a hub id passes through)."""
+        from dmdscale.models.sd import check_pipeline_folder
+
+        return check_pipeline_folder(teacher, self.name)
 
     def preflight(self, cfg: Config) -> Inputs:
         """The teacher folder's parts, images (or prompts alone, where the stage allows them) and
@@ -122,9 +137,8 @@ class SDFamily(Family):
         from dmdscale.data.latents import check_cache_target
         from dmdscale.data.sources import check_source, is_prompt_only, load_prompts, source_paths
         from dmdscale.models.base import check_hub_teacher
-        from dmdscale.models.sd import check_pipeline_folder
 
-        teacher = check_pipeline_folder(cfg.model.teacher, self.name)
+        teacher = self.check_teacher_folder(cfg.model.teacher)
         check_hub_teacher(teacher)
         check_teacher_steps(cfg, teacher)
         train, held_out = source_paths(cfg)
@@ -160,25 +174,26 @@ class SDFamily(Family):
 
     def adapt_generator(self, cfg: Config, generator) -> None:
         """With `lora.enabled` the generator's base weights stay frozen and only a peft LoRA
-        adapter on its UNet trains."""
+        adapter on its network (UNet or transformer) trains."""
         if cfg.lora.enabled:
             generator.requires_grad_(False)
-            generator.unet.add_adapter(lora_config(cfg))
+            getattr(generator, self.network).add_adapter(lora_config(cfg))
 
     def save_student(self, cfg: Config, generator, folder: Path) -> None:
-        """Only the UNet (LoRA merged) and the LoRA weights: `finish_student` assembles the
+        """Only the network (LoRA merged) and the LoRA weights: `finish_student` assembles the
         pipeline around them from the teacher's own VAE and text encoders, which need not travel
         through checkpoint storage."""
         from safetensors.torch import save_file
 
         from dmdscale.export import lora_state_dict, merged_unet
 
+        network = getattr(generator, self.network)
         if cfg.lora.enabled:
-            lora = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(generator.unet).items()}
+            lora = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(network).items()}
             save_file(lora, str(folder / STUDENT_LORA))
-            merged_unet(generator.unet).save_pretrained(folder / STUDENT_UNET_DIR)
+            merged_unet(network).save_pretrained(folder / self.network_dir)
         else:
-            generator.unet.save_pretrained(folder / STUDENT_UNET_DIR)
+            network.save_pretrained(folder / self.network_dir)
 
     def train_data(self, cfg: Config, inputs: Inputs) -> tuple[Any, Any]:
         from dmdscale.data.latents import latent_dataset
@@ -203,19 +218,24 @@ class SDFamily(Family):
         return data, stats
 
     def finish_student(self, cfg: Config, out: Path) -> Path:
-        """The pipeline folder around the trained UNet (and LoRA weights), from the teacher's parts."""
+        """The pipeline folder around the trained network (and LoRA weights), from the teacher's parts."""
         from safetensors.torch import load_file
 
-        from dmdscale.export import STUDENT_DIR, export_pipeline
+        from dmdscale.export import STUDENT_DIR
 
         lora = load_file(str(out / STUDENT_LORA)) if cfg.lora.enabled else None
-        folder = export_pipeline(cfg.model.teacher, self.name, out / STUDENT_UNET_DIR,
-                                 cfg.generator.timesteps, out / STUDENT_DIR, lora_state_dict=lora,
-                                 lora_config=lora_config(cfg) if cfg.lora.enabled else None,
-                                 fp16_variant=cfg.export.fp16_variant)
-        shutil.rmtree(out / STUDENT_UNET_DIR)
+        folder = self.export_student(cfg, out / self.network_dir, out / STUDENT_DIR, lora)
+        shutil.rmtree(out / self.network_dir)
         (out / STUDENT_LORA).unlink(missing_ok=True)
         return folder
+
+    def export_student(self, cfg: Config, network_dir: Path, student_dir: Path, lora: dict[str, Any] | None) -> Path:
+        """The exported pipeline folder (`export_pipeline`: stock LCMScheduler, guidance off)."""
+        from dmdscale.export import export_pipeline
+
+        return export_pipeline(cfg.model.teacher, self.name, network_dir, cfg.generator.timesteps, student_dir,
+                               lora_state_dict=lora, lora_config=lora_config(cfg) if cfg.lora.enabled else None,
+                               fp16_variant=cfg.export.fp16_variant)
 
     def usage(self, cfg: Config, call: dict[str, Any]) -> str:
         lora = ("\n# Or the teacher with the LoRA adapter (peft keys; STUDENT/lora_kohya holds kohya's):\n"

@@ -7,7 +7,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from dmdscale.core.schedule import NoiseSchedule
+from dmdscale.core.schedule import Schedule
 
 # Conditioning: None (unconditional), a tensor (class labels) or a dict of tensors (text).
 Cond = Union[None, Tensor, dict[str, Tensor]]
@@ -75,7 +75,7 @@ class Denoiser(nn.Module):
 
     prediction_type: str = "epsilon"
 
-    def __init__(self, schedule: NoiseSchedule):
+    def __init__(self, schedule: Schedule):
         super().__init__()
         self.schedule = schedule
 
@@ -88,6 +88,16 @@ class Denoiser(nn.Module):
     def null_cond(self, cond: Cond) -> Cond:
         """The unconditional input matching `cond`; None where the family has none."""
         return None
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the network's activations in backward (train.gradient_checkpointing), through
+        the diffusers model's own switch."""
+        networks = [m for m in self.children() if hasattr(m, "enable_gradient_checkpointing")]
+        if not networks:
+            raise ValueError(f"train.gradient_checkpointing: {type(self).__name__} has no network that "
+                             f"recomputes activations; set it false")
+        for network in networks:
+            network.enable_gradient_checkpointing()
 
     def cast_network(self, dtype: torch.dtype) -> "Denoiser":
         """The network's floating parameters and buffers in `dtype`, in place; the noise

@@ -1,6 +1,7 @@
 """Discriminator heads on the fake score's bottleneck features."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -96,3 +97,31 @@ class FullHead(nn.Module):
 
 # Config names of the discriminator heads on a UNet bottleneck.
 HEADS = {"conv": ConvHead, "full": FullHead}
+
+
+class TokenHead(nn.Module):
+    """Discriminator head on a transformer's hidden states at one or more depths (flow families).
+
+    Input (B, depths, tokens, width): the image tokens after each chosen block. Each depth has its
+    own LayerNorm -> Linear -> SiLU -> Linear to one logit per token (features at several depths:
+    NVIDIA FastGen's tip for transformer teachers); Critic averages every token's logit. Per-token
+    rather than a conv on the patch grid: no spatial layout to assume, and its width stays
+    independent of how many depths are read.
+    """
+
+    def __init__(self, width: int, num_depths: int = 1, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or width
+        self.per_depth = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+            for _ in range(num_depths))
+
+    @classmethod
+    def for_model(cls, model: Denoiser) -> TokenHead:
+        """A head for the model's `feature_width` and `feature_depths`."""
+        return cls(model.feature_width, len(model.feature_depths))
+
+    def forward(self, features: Tensor) -> Tensor:
+        if features.shape[1] != len(self.per_depth):
+            raise ValueError(f"TokenHead has {len(self.per_depth)} depths, features hold {features.shape[1]}")
+        return torch.stack([head(features[:, i]) for i, head in enumerate(self.per_depth)], dim=1)

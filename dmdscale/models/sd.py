@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -56,14 +56,15 @@ def sd_variant(name: str) -> SDVariant:
     return SD_VARIANTS[name]
 
 
-def check_pipeline_folder(path: str | os.PathLike, family: str) -> str:
-    """A teacher given as a local folder must hold the components `family` needs; a hub id
-    passes through (from_pretrained resolves it). Raises FileNotFoundError naming what is missing."""
+def check_pipeline_folder(path: str | os.PathLike, family: str, components: Sequence[str] | None = None) -> str:
+    """A teacher given as a local folder must hold the components `family` needs (default: its
+    SD variant's); a hub id passes through (from_pretrained resolves it). Raises
+    FileNotFoundError naming what is missing."""
     p = os.fspath(path)
     if not is_local(p):
         return p
     root = Path(p).expanduser()
-    needed = sd_variant(family).components
+    needed = sd_variant(family).components if components is None else components
     missing = [n for n in needed if not (root / n).exists()]
     if missing:
         from dmdscale.errors import TeacherNotFound

@@ -1,29 +1,34 @@
-"""Per-GPU memory planner for DMD2 on the SD1.5 and SDXL UNets: will a set-up fit?
+"""Per-GPU memory planner for DMD2: will a set-up fit? SD1.5/SDXL UNets, SD3.5-Large/FLUX.1-dev transformers.
 
-DMD2 holds three UNets: the frozen teacher, the generator and the critic (fake score UNet +
+DMD2 holds three denoisers: the frozen teacher, the generator and the critic (fake score +
 discriminator head); the generator and the critic are each a DeepSpeed engine (ZeRO 2 or 3,
 AdamW, optionally with the optimizer offloaded to CPU). Precision is train.mixed_precision
 bf16 as the DMD2 authors train: fp32 weights under bf16 autocast. Per GPU this module counts:
 
-- teacher: frozen bf16 weights (2 bytes/param), replicated on every GPU (it is no engine).
+- teacher: frozen bf16 weights (2 bytes/param), replicated on every GPU (it is no engine); with
+  `shard_teacher` (scale.shard_teacher, ZeRO-3 only) partitioned across all GPUs (DeepSpeed
+  ZeRO-3 inference): 2 bytes/param / GPUs + what ZeRO-3 gathers at once (`frozen_weights`).
 - generator and critic: fp32 engines (`dmdscale.distributed.engine.deepspeed_config`): fp32
   params, grads and Adam moments, and the fp32 partition DeepSpeed's ZeRO-1/2 optimizer clones
   even from fp32 params (ZeRO-3 reuses them). Per trained param: ZeRO-2 4 bytes replicated +
   16 / GPUs partitioned; ZeRO-3 16 / GPUs + the largest layer gathered in fp32 with its grads.
   Offload moves grads, the fp32 partition and Adam to host memory (DeepSpeed's own host
   estimate). With LoRA only the generator's adapters are trained; its frozen base is the
-  teacher's fp32 copy (4 bytes/param, replicated: an upper bound under ZeRO-3, which
-  partitions it too). The critic is always fully trained, as in the DMD2 authors' SDXL LoRA run.
+  teacher's fp32 copy (4 bytes/param): replicated under ZeRO-2, partitioned like every other
+  engine parameter under ZeRO-3 (`frozen_weights`). The critic is always fully trained, as in
+  the DMD2 authors' SDXL LoRA run.
 - activations: an *estimate*, not a measurement (see `ACTIVATION_GIB_PER_IMAGE`).
 - overhead: a fixed `overhead_gib` per GPU (default 2) for the CUDA context, NCCL buffers,
   allocator fragmentation and the short-lived no-grad forwards (teacher, DM-loss fake score).
 
-Not counted: text encoders and VAE (assumed precomputed, or add them to the overhead), data
-loader buffers, and anything DeepSpeed's estimators leave out (communication buckets).
-Parameter counts come from the real architectures, built on the meta device (nothing is
-allocated): SD1.5's UNet has 859.5M parameters and SDXL's 2.567B.
+Not counted: text encoders and VAE (assumed precomputed, or add them to the overhead; FLUX's and
+SD3's T5-XXL alone is 4.7B parameters), data loader buffers, and anything DeepSpeed's estimators
+leave out (communication buckets). Parameter counts come from the real architectures, built on
+the meta device (nothing is allocated): SD1.5's UNet has 859.5M parameters, SDXL's 2.567B,
+SD3.5-Large's transformer 8.057B and FLUX.1-dev's 11.901B.
 
     python -m dmdscale.tools.memory --family sdxl --gpus 1 2 4 8 --gpu-memory 80 --micro-batch 1 [--json]
+    python -m dmdscale.tools.memory --family sd3 flux --min-gpus   # fewest 80 GiB GPUs per set-up
 """
 from __future__ import annotations
 
@@ -83,27 +88,79 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         "use_linear_projection": True,
     },
 }
-FAMILIES = tuple(UNET_CONFIGS)
+# Published diffusers configs (transformer/config.json) of stabilityai/stable-diffusion-3.5-large
+# (SD3Transformer2DModel, 8.1B parameters) and black-forest-labs/FLUX.1-dev
+# (FluxTransformer2DModel, ~12B), as reproduced verbatim in public code that builds these models
+# without the gated download (e.g. tenstorrent's and Comfy-Org loaders); "_"-prefixed keys and
+# diffusers' defaults left out.
+TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd3": {
+        "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16,
+        "num_layers": 38, "num_attention_heads": 38, "attention_head_dim": 64,
+        "joint_attention_dim": 4096, "caption_projection_dim": 2432, "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 192, "qk_norm": "rms_norm", "dual_attention_layers": [],
+    },
+    "flux": {
+        "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+        "num_attention_heads": 24, "attention_head_dim": 128, "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56],
+    },
+}
+MODEL_CLASSES = {"sd15": "UNet2DConditionModel", "sdxl": "UNet2DConditionModel",
+                 "sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+FAMILIES = tuple(UNET_CONFIGS) + tuple(TRANSFORMER_CONFIGS)
+# LoRA targets on the transformers' attention and feed-forward linears (issue 16), filtered to
+# the modules a family has (`lora_targets`): SD3 has no `proj_mlp` (FLUX's single blocks do).
+# "proj_out" also matches the final output projection of both.
+TRANSFORMER_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                            "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                            "ff_context.net.2", "proj_mlp", "proj_out")
 
-# GiB of activations one UNet forward keeps for its backward, per image at the family's native
-# resolution (SD1.5: 512 px, 64x64 latents; SDXL: 1024 px, 128x128 latents), bf16, keyed by
-# gradient checkpointing. ESTIMATES, not measured by this project: rough public figures from
-# fine-tuning these UNets (SDXL about 20-25 GB per image without checkpointing, 3-4 GB with;
-# SD1.5 about 6 GB without, 1 GB with). Replace them with a measurement
-# (torch.cuda.max_memory_allocated around one step) when a GPU is at hand.
+# GiB of activations one denoiser forward keeps for its backward, per image at the family's
+# native resolution, bf16, keyed by gradient checkpointing. ESTIMATES, not measured by this
+# project; replace them with a measurement (torch.cuda.max_memory_allocated around one step)
+# when a GPU is at hand.
+# - UNets (SD1.5: 512 px, 64x64 latents; SDXL: 1024 px, 128x128 latents): rough public figures
+#   from fine-tuning them (SDXL about 20-25 GB per image without checkpointing, 3-4 GB with;
+#   SD1.5 about 6 GB without, 1 GB with).
+# - FLUX.1-dev at 1024 px: 4096 image tokens (128x128 latents, 2x2 patches) + 512 T5 tokens,
+#   width 3072, 19 double + 38 single blocks. With checkpointing: SimpleTuner's FLUX quickstart
+#   reports "a bit more than 30G" for a rank-16 LoRA on every block over the bf16 base (~24 GB),
+#   so ~6 GB for activations, adapters and CUDA context: 4 GiB assumed for activations. Without:
+#   no public figure; counted here as ~20 (tokens x width) bf16 tensors kept per block x 57
+#   blocks ~ 32 GiB, rounded up to 40 for the fp32 norm outputs autocast keeps.
+# - SD3.5-Large at 1024 px: 4096 image + 333 text tokens (77 CLIP + 256 T5), width 2432, 38 joint
+#   blocks: tokens x width x blocks is half FLUX's, so half FLUX's figures (no public figure).
 ACTIVATION_GIB_PER_IMAGE: dict[str, dict[bool, float]] = {
     "sd15": {False: 6.0, True: 1.0},
     "sdxl": {False: 22.0, True: 3.5},
+    "sd3": {False: 20.0, True: 2.0},
+    "flux": {False: 40.0, True: 4.0},
 }
-# The discriminator reads the fake score's mid-block output, so its forwards run the encoder
-# and mid block only: a bit under half the UNet (the decoder has 3 ResNets per level, the
-# encoder 2); 0.5 rounds up.
-ENCODER_SHARE = 0.5
-# Forwards holding activations at an iteration's peak, in full UNet forwards. Generator turn:
-# its forward + the GAN term through the critic's encoder (1 + 0.5); the teacher and DM-loss
-# fake-score forwards run without gradients. Critic turn, the peak: the fake score's denoising
-# forward + the discriminator on fake and on real images (1 + 2 x 0.5).
-PEAK_FORWARDS = max(1 + ENCODER_SHARE, 1 + 2 * ENCODER_SHARE)
+# Share of a full forward the discriminator runs, in activations. UNets: it reads the fake
+# score's mid-block output, so it runs the encoder and mid block only: a bit under half the UNet
+# (the decoder has 3 ResNets per level, the encoder 2); 0.5 rounds up. Transformers: the
+# TokenHead reads the hidden states at one depth, by default the middle block, so it runs half
+# the blocks.
+DISCRIMINATOR_SHARE = {"sd15": 0.5, "sdxl": 0.5, "sd3": 0.5, "flux": 0.5}
+# ZeRO-3 gathers a partitioned module's parameters just before its forward and prefetches the
+# next ones, up to stage3_prefetch_bucket_size parameters (DeepSpeed's default: the engines and
+# the sharded teacher, `dmdscale.distributed.engine.shard_frozen`, leave it unset). The sharded
+# teacher partitions every parameter; the engines keep those under DeepSpeed's
+# stage3_param_persistence_threshold (1e5) whole on every GPU: ~3M in SD3.5-Large and FLUX.1-dev
+# (norms, biases), not counted.
+PREFETCH_BUCKET_PARAMS = 50_000_000
+
+
+def peak_forwards(family: str) -> float:
+    """Forwards holding activations at an iteration's peak, in full forwards.
+
+    Generator turn: its forward + the GAN term through the critic's discriminator share
+    (1 + share); the teacher and DM-loss fake-score forwards run without gradients. Critic turn,
+    the peak: the fake score's denoising forward + the discriminator on fake and real (1 + 2 share).
+    """
+    share = DISCRIMINATOR_SHARE[family]
+    return max(1 + share, 1 + 2 * share)
 
 
 class ModuleSizes(NamedTuple):
@@ -122,9 +179,10 @@ class Plan:
     zero_stage: int
     offload_optimizer: bool
     lora: bool
+    shard_teacher: bool
     micro_batch: int
     gradient_checkpointing: bool
-    teacher_gib: float
+    teacher_gib: float  # bf16 weights: replicated, or partitioned + gathered with shard_teacher
     generator_gib: float  # engine states (+ frozen base weights with LoRA)
     critic_gib: float
     activations_gib: float
@@ -138,8 +196,21 @@ class Plan:
 def unet_config(family: str) -> dict[str, Any]:
     """The family's published UNet config (a copy: callers may edit it, e.g. for a benchmark)."""
     if family not in UNET_CONFIGS:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+        raise ValueError(f"{family!r} is no UNet family; choose from {', '.join(UNET_CONFIGS)}")
     return copy.deepcopy(UNET_CONFIGS[family])
+
+
+def model_config(family: str) -> dict[str, Any]:
+    """The family's published denoiser config, UNet or transformer (a copy)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    return copy.deepcopy((UNET_CONFIGS | TRANSFORMER_CONFIGS)[family])
+
+
+def transformer_width(family: str) -> int:
+    """A transformer's inner dim (heads x head dim): the width of the hidden states TokenHead reads."""
+    config = TRANSFORMER_CONFIGS[family]
+    return config["num_attention_heads"] * config["attention_head_dim"]
 
 
 def meta_unet(config: dict[str, Any]) -> nn.Module:
@@ -148,6 +219,14 @@ def meta_unet(config: dict[str, Any]) -> nn.Module:
 
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config)
+
+
+def meta_model(family: str) -> nn.Module:
+    """The family's real diffusers denoiser (UNet or transformer) on the meta device."""
+    import diffusers
+
+    with torch.device("meta"):
+        return getattr(diffusers, MODEL_CLASSES[family]).from_config(model_config(family))
 
 
 def module_sizes(model: nn.Module, trainable_only: bool = False) -> ModuleSizes:
@@ -163,26 +242,43 @@ def count_parameters(config: dict[str, Any]) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def unet_sizes(family: str) -> ModuleSizes:
-    """The family's UNet (teacher, generator, fake score): cached, a plan table asks often."""
-    return module_sizes(meta_unet(unet_config(family)))
+def model_sizes(family: str) -> ModuleSizes:
+    """The family's denoiser (teacher, generator, fake score): cached, a plan table asks often."""
+    return module_sizes(meta_model(family))
+
+
+def discriminator_head(family: str) -> nn.Module:
+    """The critic's head as training builds it: ConvHead on a UNet's bottleneck, TokenHead on a
+    transformer's hidden states at one depth."""
+    from dmdscale.models.heads import ConvHead, TokenHead
+
+    if family in UNET_CONFIGS:
+        return ConvHead(unet_config(family)["block_out_channels"][-1])
+    return TokenHead(transformer_width(family))
 
 
 @functools.lru_cache(maxsize=None)
 def critic_sizes(family: str) -> ModuleSizes:
-    """Fake score UNet + the ConvHead discriminator on its bottleneck, trained together."""
-    from dmdscale.models.heads import ConvHead
-
+    """Fake score denoiser + its discriminator head, trained together."""
     with torch.device("meta"):
-        head = module_sizes(ConvHead(unet_config(family)["block_out_channels"][-1]))
-    unet = unet_sizes(family)
-    return ModuleSizes(unet.params + head.params, max(unet.largest_layer, head.largest_layer))
+        head = module_sizes(discriminator_head(family))
+    denoiser = model_sizes(family)
+    return ModuleSizes(denoiser.params + head.params, max(denoiser.largest_layer, head.largest_layer))
 
 
-def lora_sizes(family: str, rank: int = _LORA.rank,
-               targets: Sequence[str] = tuple(_LORA.targets)) -> ModuleSizes:
-    """The generator's trainable LoRA adapter parameters (peft on the meta UNet)."""
-    return _lora_sizes(family, rank, tuple(targets))
+@functools.lru_cache(maxsize=None)
+def lora_targets(family: str) -> tuple[str, ...]:
+    """The generator's LoRA targets: the training config's for UNets (the DMD2 authors' list),
+    TRANSFORMER_LORA_TARGETS that the transformer has for SD3 and FLUX."""
+    if family in UNET_CONFIGS:
+        return tuple(_LORA.targets)
+    names = [name for name, _ in meta_model(family).named_modules()]
+    return tuple(t for t in TRANSFORMER_LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names))
+
+
+def lora_sizes(family: str, rank: int = _LORA.rank, targets: Sequence[str] | None = None) -> ModuleSizes:
+    """The generator's trainable LoRA adapter parameters (peft on the meta denoiser)."""
+    return _lora_sizes(family, rank, tuple(targets) if targets is not None else lora_targets(family))
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,10 +286,10 @@ def _lora_sizes(family: str, rank: int, targets: tuple[str, ...]) -> ModuleSizes
     """Cached with every argument explicit, so default and spelled-out calls share an entry."""
     from peft import LoraConfig as PeftLoraConfig
 
-    unet = meta_unet(unet_config(family)).requires_grad_(False)
-    unet.add_adapter(PeftLoraConfig(r=rank, lora_alpha=_LORA.alpha, target_modules=list(targets),
-                                    init_lora_weights="gaussian"))
-    return module_sizes(unet, trainable_only=True)
+    model = meta_model(family).requires_grad_(False)
+    model.add_adapter(PeftLoraConfig(r=rank, lora_alpha=_LORA.alpha, target_modules=list(targets),
+                                     init_lora_weights="gaussian"))
+    return module_sizes(model, trainable_only=True)
 
 
 def _topology(num_gpus: int, gpus_per_node: int) -> tuple[int, int]:
@@ -237,52 +333,96 @@ def engine_states(sizes: ModuleSizes, zero_stage: int, num_gpus: int, offload_op
     return int(gpu), int(cpu) if offload_optimizer else 0
 
 
+def frozen_weights(sizes: ModuleSizes, bytes_per_param: int, num_gpus: int, partitioned: bool) -> float:
+    """Bytes per GPU of frozen weights (no grads, no optimizer): replicated, or partitioned by
+    ZeRO-3 across num_gpus plus what it holds gathered at once: the largest layer and the
+    prefetched next ones (PREFETCH_BUCKET_PARAMS)."""
+    if not partitioned:
+        return bytes_per_param * sizes.params
+    gathered = min(sizes.largest_layer + PREFETCH_BUCKET_PARAMS, sizes.params)
+    return bytes_per_param * (sizes.params / num_gpus + gathered)
+
+
 def activations_gib(family: str, micro_batch: int, gradient_checkpointing: bool) -> float:
     """Estimated activation memory at an iteration's peak (see ACTIVATION_GIB_PER_IMAGE)."""
-    return PEAK_FORWARDS * micro_batch * ACTIVATION_GIB_PER_IMAGE[family][gradient_checkpointing]
+    return peak_forwards(family) * micro_batch * ACTIVATION_GIB_PER_IMAGE[family][gradient_checkpointing]
 
 
 def plan(family: str, num_gpus: int, zero_stage: int, offload_optimizer: bool, lora: bool,
          micro_batch: int = 1, gradient_checkpointing: bool = True, gpu_memory_gib: float = 80.0,
-         *, overhead_gib: float = 2.0, gpus_per_node: int = 8, lora_rank: int = _LORA.rank,
-         lora_targets: Sequence[str] = tuple(_LORA.targets)) -> Plan:
+         *, shard_teacher: bool = False, overhead_gib: float = 2.0, gpus_per_node: int = 8,
+         lora_rank: int = _LORA.rank, lora_targets: Sequence[str] | None = None) -> Plan:
     """Memory per GPU of one DMD2 set-up (micro_batch images per GPU) and whether it fits."""
     if micro_batch < 1:
         raise ValueError(f"micro_batch={micro_batch}: at least 1 image per GPU")
-    unet = unet_sizes(family)
-    frozen_base = unet.params * LORA_BASE_BYTES_PER_PARAM if lora else 0
-    trained = lora_sizes(family, lora_rank, lora_targets) if lora else unet
+    if shard_teacher and zero_stage != 3:
+        raise ValueError(f"shard_teacher partitions the teacher with ZeRO-3; zero_stage={zero_stage} cannot")
+    denoiser = model_sizes(family)
+    # Under ZeRO-3 the generator engine partitions its frozen LoRA base like its other params.
+    frozen_base = frozen_weights(denoiser, LORA_BASE_BYTES_PER_PARAM, num_gpus, zero_stage == 3) if lora else 0
+    trained = lora_sizes(family, lora_rank, lora_targets) if lora else denoiser
     gen_gpu, gen_cpu = engine_states(trained, zero_stage, num_gpus, offload_optimizer, gpus_per_node)
     critic_gpu, critic_cpu = engine_states(critic_sizes(family), zero_stage, num_gpus,
                                            offload_optimizer, gpus_per_node)
     parts = {
-        "teacher_gib": unet.params * TEACHER_BYTES_PER_PARAM / GIB,
+        "teacher_gib": frozen_weights(denoiser, TEACHER_BYTES_PER_PARAM, num_gpus, shard_teacher) / GIB,
         "generator_gib": (gen_gpu + frozen_base) / GIB,
         "critic_gib": critic_gpu / GIB,
         "activations_gib": activations_gib(family, micro_batch, gradient_checkpointing),
         "overhead_gib": overhead_gib,
     }
     total = sum(parts.values())
-    return Plan(family, num_gpus, zero_stage, offload_optimizer, lora, micro_batch,
+    return Plan(family, num_gpus, zero_stage, offload_optimizer, lora, shard_teacher, micro_batch,
                 gradient_checkpointing, **parts, total_gib=total,
                 cpu_gib=(gen_cpu + critic_cpu) / GIB, gpu_memory_gib=gpu_memory_gib,
                 fits=total <= gpu_memory_gib)
 
 
 def plan_table(family: str, num_gpus_options: Sequence[int] = (1, 2, 4, 8), gpu_memory_gib: float = 80.0,
-               micro_batch: int = 1, overhead_gib: float = 2.0) -> list[Plan]:
-    """Every {ZeRO-2, ZeRO-3} x {offload off, on} x {full, LoRA} set-up, with checkpointing."""
+               micro_batch: int = 1, overhead_gib: float = 2.0, shard_teacher: bool = False) -> list[Plan]:
+    """Every {ZeRO-2, ZeRO-3} x {offload off, on} x {full, LoRA} set-up, with checkpointing
+    (ZeRO-3 only with shard_teacher: the only stage that can shard the teacher)."""
     return [plan(family, gpus, stage, offload, lora, micro_batch, True, gpu_memory_gib,
-                 overhead_gib=overhead_gib)
-            for gpus in num_gpus_options for stage in (2, 3)
+                 shard_teacher=shard_teacher, overhead_gib=overhead_gib)
+            for gpus in num_gpus_options for stage in ((3,) if shard_teacher else (2, 3))
             for offload in (False, True) for lora in (False, True)]
+
+
+def gpu_counts(max_gpus: int = 128, gpus_per_node: int = 8) -> list[int]:
+    """The GPU counts a job can have: 1..gpus_per_node on one node, then full nodes."""
+    return list(range(1, gpus_per_node + 1)) + list(range(2 * gpus_per_node, max_gpus + 1, gpus_per_node))
+
+
+def min_gpus(family: str, zero_stage: int, offload_optimizer: bool, lora: bool, *, shard_teacher: bool = False,
+             gpu_memory_gib: float = 80.0, micro_batch: int = 1, overhead_gib: float = 2.0,
+             max_gpus: int = 128) -> Plan | None:
+    """The plan at the fewest GPUs (of `gpu_counts`) on which the set-up fits, with
+    checkpointing; None if it fits on none up to max_gpus."""
+    for gpus in gpu_counts(max_gpus):
+        p = plan(family, gpus, zero_stage, offload_optimizer, lora, micro_batch, True, gpu_memory_gib,
+                 shard_teacher=shard_teacher, overhead_gib=overhead_gib)
+        if p.fits:
+            return p
+    return None
+
+
+def min_gpus_table(family: str, gpu_memory_gib: float = 80.0, micro_batch: int = 1, overhead_gib: float = 2.0,
+                   max_gpus: int = 128) -> list[Plan]:
+    """min_gpus for every {ZeRO-2, ZeRO-3 (+ teacher sharded)} x {offload off, on} x {full, LoRA}
+    set-up; a set-up that fits nowhere shows its plan at max_gpus (fits: no)."""
+    setups = [(stage, offload, lora, shard) for stage, shard in ((2, False), (3, False), (3, True))
+              for offload in (False, True) for lora in (False, True)]
+    kwargs = {"gpu_memory_gib": gpu_memory_gib, "micro_batch": micro_batch, "overhead_gib": overhead_gib}
+    return [min_gpus(family, stage, offload, lora, shard_teacher=shard, max_gpus=max_gpus, **kwargs)
+            or plan(family, max_gpus, stage, offload, lora, shard_teacher=shard, **kwargs)
+            for stage, offload, lora, shard in setups]
 
 
 def _json_row(p: Plan) -> dict[str, Any]:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(p).items()}
 
 
-def _print_table(rows: list[Plan]) -> None:
+def _print_table(rows: list[Plan], what: str = "") -> None:
     """Short headers, units in the title: the table fits an 80-column terminal."""
     from rich import box
     from rich.console import Console
@@ -290,20 +430,21 @@ def _print_table(rows: list[Plan]) -> None:
 
     first = rows[0]
     table = Table(title=f"DMD2 memory, GiB per GPU ({first.gpu_memory_gib:g} GiB GPUs, micro-batch "
-                        f"{first.micro_batch}, gradient checkpointing)",
+                        f"{first.micro_batch}, gradient checkpointing){what}",
                   caption=f"total: teacher + generator + critic + activations (estimated) + "
-                          f"{first.overhead_gib:g} GiB overhead; CPU: host GiB per node for the "
-                          "offloaded optimizer",
+                          f"{first.overhead_gib:g} GiB overhead; shard: teacher partitioned (ZeRO-3); "
+                          "CPU: host GiB per node for the offloaded optimizer",
                   box=box.SIMPLE_HEAD, padding=(0, 0))
-    for h in ("family", "gpus", "zero", "offload", "lora", "teacher", "generator", "critic",
+    for h in ("family", "gpus", "zero", "offl.", "lora", "shard", "teach.", "gen.", "critic",
               "activ.", "total", "CPU", "fits"):
         table.add_column(h, justify="left" if h == "family" else "right", no_wrap=True)
     yes = {True: "yes", False: "no"}
     for p in rows:
         table.add_row(p.family, str(p.num_gpus), str(p.zero_stage), yes[p.offload_optimizer], yes[p.lora],
+                      yes[p.shard_teacher],
                       *(f"{v:.1f}" for v in (p.teacher_gib, p.generator_gib, p.critic_gib,
-                                             p.activations_gib, p.total_gib, p.cpu_gib)),
-                      yes[p.fits])
+                                             p.activations_gib, p.total_gib)),
+                      f"{p.cpu_gib:.0f}", yes[p.fits])
     console = Console()
     console.print(table)
     console.print(PRECISION, soft_wrap=False)
@@ -311,24 +452,35 @@ def _print_table(rows: list[Plan]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmdscale.tools.memory", description=__doc__.split("\n")[0])
-    parser.add_argument("--family", choices=FAMILIES, default="sdxl")
+    parser.add_argument("--family", choices=FAMILIES, nargs="+", default=["sdxl"])
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8], help="GPU counts to plan for")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
     parser.add_argument("--micro-batch", type=int, default=1, help="images per GPU per step")
     parser.add_argument("--overhead", type=float, default=2.0, help="GiB per GPU for CUDA context etc.")
+    parser.add_argument("--shard-teacher", action="store_true",
+                        help="partition the frozen teacher with ZeRO-3 (scale.shard_teacher): ZeRO-3 rows only")
+    parser.add_argument("--min-gpus", action="store_true",
+                        help="instead of --gpus: the fewest GPUs each set-up fits on (with and without "
+                             "--shard-teacher), up to --max-gpus")
+    parser.add_argument("--max-gpus", type=int, default=128, help="largest GPU count --min-gpus tries")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     # The planner only does arithmetic: naming DeepSpeed's CPU accelerator skips its device
     # auto-detection, whose warning would otherwise land on stdout, in the JSON.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        rows = plan_table(args.family, args.gpus, args.gpu_memory, args.micro_batch, args.overhead)
+        if args.min_gpus:
+            rows = [p for family in args.family for p in min_gpus_table(
+                family, args.gpu_memory, args.micro_batch, args.overhead, args.max_gpus)]
+        else:
+            rows = [p for family in args.family for p in plan_table(
+                family, args.gpus, args.gpu_memory, args.micro_batch, args.overhead, args.shard_teacher)]
     except ValueError as e:
         parser.error(str(e))
     if args.json:
         print(json.dumps([_json_row(p) for p in rows], indent=1))
     else:
-        _print_table(rows)
+        _print_table(rows, ": the fewest GPUs each set-up fits on" if args.min_gpus else "")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def tiny_tokenizer(folder: Path):
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32)
 
 
-def _text_encoder(with_projection: bool, vocab: int):
+def text_encoder(with_projection: bool, vocab: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(vocab_size=vocab, hidden_size=TEXT_DIM, intermediate_size=64,
@@ -87,13 +87,13 @@ def build_tiny_pipeline(family: str, out: str | Path, resolution: int = 32, seed
         tokenizer = tiny_tokenizer(Path(tmp) / "tok")
         vocab = len(tokenizer)
         if not variant.dual_text_encoder:
-            pipe = StableDiffusionPipeline(vae=vae, text_encoder=_text_encoder(False, vocab), tokenizer=tokenizer,
+            pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder(False, vocab), tokenizer=tokenizer,
                                            unet=unet, scheduler=PNDMScheduler(**schedule, skip_prk_steps=True),
                                            safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
         else:
-            pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=_text_encoder(False, vocab),
-                                             text_encoder_2=_text_encoder(True, vocab), tokenizer=tokenizer,
+            pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder(False, vocab),
+                                             text_encoder_2=text_encoder(True, vocab), tokenizer=tokenizer,
                                              tokenizer_2=tiny_tokenizer(Path(tmp) / "tok2"), unet=unet,
                                              scheduler=EulerDiscreteScheduler(**schedule))
         pipe.save_pretrained(out)

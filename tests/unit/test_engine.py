@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from dmdscale.config import build_config
+from dmdscale.config import ConfigError, build_config
 from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.distributed.engine import DeepSpeedOptimizedModule, deepspeed_config, load_weights_only
@@ -27,6 +27,15 @@ def test_deepspeed_config_carries_the_paper_optimizer_settings():
     assert not ds["bf16"]["enabled"]  # fp32 engines: bf16 is the step's autocast (tests/unit/test_precision.py)
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "scheduler" not in ds  # the warm-up is the client scheduler, shared with the plain path
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_shard_teacher_is_refused_below_zero3_before_any_work(stage):
+    """Only ZeRO-3 partitions parameters: scale.shard_teacher with another stage is a config error."""
+    with pytest.raises(ConfigError, match=r"scale\.shard_teacher.*needs scale\.zero_stage 3 \(got %d\)" % stage):
+        build_config({}, {"scale.shard_teacher": True, "scale.zero_stage": stage})
+    assert build_config({}, {"scale.shard_teacher": True, "scale.zero_stage": 3}).scale.shard_teacher
+    assert not build_config({}).scale.shard_teacher  # off by default: the teacher whole on every rank
 
 
 @pytest.mark.parametrize("workers, data_cpus, cpus, expected", [

@@ -38,7 +38,7 @@ def test_target_is_the_inverse_of_to_x0(prediction_type):
 
 
 def test_ddim_sampler_starts_from_pure_noise_and_is_deterministic():
-    sampler = NoiseSchedule.ddpm("linear").ddim(10)
+    sampler = NoiseSchedule.ddpm("linear").sampler(10)
     assert int(sampler.timesteps[0]) == 999
     assert sampler.config.prediction_type == "sample" and not sampler.config.clip_sample
 
