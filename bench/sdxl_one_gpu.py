@@ -59,23 +59,25 @@ def one_setup(setup: str, size: str, steps: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     schedule = NoiseSchedule.ddpm("scaled_linear", beta_start=0.00085, beta_end=0.012)
     with torch.device(device):
-        unet = UNet2DConditionModel.from_config(config).to(torch.bfloat16)
-    teacher = TextConditionalUNet(unet, schedule, "sdxl").to(device).eval().requires_grad_(False)
+        unet = UNet2DConditionModel.from_config(config)
+    # fp32 players under bf16 autocast, the teacher cast to bf16 after the copies (as build_players).
+    teacher = TextConditionalUNet(unet, schedule, "sdxl").to(device)
     generator = copy.deepcopy(teacher).train().requires_grad_(not cfg.lora.enabled)
     if cfg.lora.enabled:
         generator.unet.add_adapter(lora_config(cfg))
     fake = copy.deepcopy(teacher).train().requires_grad_(True)
+    teacher.cast_network(torch.bfloat16).eval().requires_grad_(False)
     for model in (generator, fake):
         model.unet.enable_gradient_checkpointing()
-    critic = Critic(fake, ConvHead.for_model(fake)).to(device, torch.bfloat16)
+    critic = Critic(fake, ConvHead.for_model(fake)).to(device)
     gen_engine = DeepSpeedOptimizedModule(generator, cfg.train, cfg.scale, 1, role="generator")
     critic_engine = DeepSpeedOptimizedModule(critic, cfg.train, cfg.scale, 1, role="critic")
     step = DMD2Step(cfg, teacher, gen_engine, critic_engine, device=device)
     text = config["cross_attention_dim"]
     pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-    batch = Batch(torch.randn(1, 4, latent, latent, device=device, dtype=torch.bfloat16),
-                  {"prompt_embeds": torch.randn(1, 77, text, device=device, dtype=torch.bfloat16),
-                   "pooled_prompt_embeds": torch.randn(1, pooled, device=device, dtype=torch.bfloat16)})
+    batch = Batch(torch.randn(1, 4, latent, latent, device=device),
+                  {"prompt_embeds": torch.randn(1, 77, text, device=device),
+                   "pooled_prompt_embeds": torch.randn(1, pooled, device=device)})
     seconds_per_iteration, first_seconds, metrics = time_iterations(step, batch, steps)
     trainable = sum(p.numel() for p in generator.parameters() if p.requires_grad)
     return {"setup": setup, "size": size, "parameters_per_unet": sum(p.numel() for p in unet.parameters()),
