@@ -219,5 +219,3 @@ def load_flow_teacher(path_or_hub_id: str | os.PathLike, family: str, resolution
     schedule = FlowMatchSchedule(scheduler_config, image_seq_len(resolution, scale))
     model = FlowTransformer(transformer, schedule, family, null, feature_depths, scale)
     return model.eval().requires_grad_(False)
-
-
