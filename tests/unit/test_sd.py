@@ -62,7 +62,10 @@ def test_adapter_matches_the_unet_call_the_pipeline_makes(tiny, family):
         assert all(torch.count_nonzero(v) == 0 for v in uncond.values())
     guided = teacher(x, t, cond, guidance_scale=8.0)
     x0_c, x0_u = teacher(x, t, cond), teacher(x, t, uncond)
-    torch.testing.assert_close(guided, x0_u + 8.0 * (x0_c - x0_u), rtol=1e-4, atol=1e-4)
+    # Guided runs cond and uncond in one batched forward; the scale 8 multiplies the fp32
+    # difference from two separate forwards (1.7e-4 measured on one CPU): a wrong
+    # unconditional input or scale is off by O(1).
+    torch.testing.assert_close(guided, x0_u + 8.0 * (x0_c - x0_u), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
