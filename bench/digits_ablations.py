@@ -91,6 +91,24 @@ def batches(inputs: Any, batch_size: int, seed: int):
             yield Batch(x[idx], y[idx])
 
 
+class WithPowerEMAs:
+    """Exploration (`--power-ema`): the run's EMAs plus one power-function average per gamma
+    (`GeneratorEMA` with that train.ema_power and no cap reached), all updated after each
+    generator update, so one run's weights are averaged both ways."""
+
+    def __init__(self, ema: GeneratorEMA | None, generator: torch.nn.Module, gammas: list[float]):
+        self.ema = ema
+        self.power = {g: GeneratorEMA(generator, [0.9999], power=g) for g in gammas}
+
+    def update(self) -> None:
+        for ema in [self.ema, *self.power.values()]:
+            if ema is not None:
+                ema.update()
+
+
+POWER_GAMMAS: list[float] = []  # --power-ema
+
+
 def train(cfg: Config, inputs: Any, init: dict[str, Any] | None = None) -> dict[str, Any]:
     """One plain-process DMD2 run; returns the players (for a next stage) and the loop's log."""
     torch.manual_seed(cfg.train.seed)
@@ -98,15 +116,17 @@ def train(cfg: Config, inputs: Any, init: dict[str, Any] | None = None) -> dict[
     if init is not None:  # a second stage starts from the first's generator, critic and EMA
         generator.load_state_dict(init["generator"].state_dict())
         critic.load_state_dict(init["critic"].state_dict())
-    ema = GeneratorEMA(generator, cfg.train.ema_decays) if cfg.train.ema_decays else None
+    ema = GeneratorEMA(generator, cfg.train.ema_decays, cfg.train.ema_power) if cfg.train.ema_decays else None
     if ema is not None and init is not None and init.get("ema") is not None:
         ema.load_state_dict(init["ema"].state_dict(), strict=False)
     step = DMD2Step(cfg, teacher, TorchOptimizedModule(generator, cfg.train, role="generator"),
-                    TorchOptimizedModule(critic, cfg.train, role="critic"), ema=ema)
+                    TorchOptimizedModule(critic, cfg.train, role="critic"), ema=WithPowerEMAs(ema, generator, POWER_GAMMAS),
+                    regression_pairs=family_of(cfg).regression_pairs(cfg, teacher, "cpu"))
     result = train_loop(step, batches(inputs, cfg.train.batch_size, cfg.train.seed), cfg.train.max_steps,
                         log_every=cfg.train.log_every, progress=sys.stderr.isatty())
     logged = [m | {"step": i} for i, m in enumerate(result.history) if i % cfg.train.log_every == 0]
-    return {"generator": generator, "critic": critic, "ema": ema, "seconds": result.seconds, "log": logged,
+    return {"generator": generator, "critic": critic, "ema": ema, "power_emas": step.ema.power,
+            "seconds": result.seconds, "log": logged,
             "nonfinite_steps": result.nonfinite_steps}
 
 
@@ -156,6 +176,9 @@ def student_figures(cfg: Config, inputs: Any, trained: dict[str, Any], grids: Pa
     for decay in ema.decays if ema is not None else []:
         with ema.swapped_in(decay) as model:
             out[ema_name(decay)] = figures(model, ema_name(decay))
+    for gamma, power_ema in trained["power_emas"].items():
+        with power_ema.swapped_in(0.9999) as model:
+            out[f"power_{gamma:g}"] = figures(model, f"power_{gamma:g}")
     return out
 
 
@@ -246,11 +269,14 @@ def main() -> None:
                     help=f"from {sorted(VARIANTS) + sorted(STAGED)}")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
     ap.add_argument("--steps", type=int, default=None, help="iterations per run (default: digits.yaml's)")
+    ap.add_argument("--power-ema", nargs="*", type=float, default=[],
+                    help="also evaluate EDM2 power-function EMAs with these gammas (exploration)")
     ap.add_argument("--explore", nargs="*", default=None, help="one ad-hoc run: dotted key=value overrides")
     ap.add_argument("--then", nargs="*", default=None,
                     help="with --explore: a second stage from the first's players, with these overrides on top")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
+    POWER_GAMMAS.extend(args.power_ema)
     torch.set_num_threads(args.threads)
     GRIDS.mkdir(parents=True, exist_ok=True)
     base = load_config(CONFIG)

@@ -142,6 +142,9 @@ class TrainConfig(_Section):
     # update, warmed up as min(decay, (1 + k) / (10 + k))): kept in checkpoints, evaluated next
     # to the raw weights; export.ema picks the one exported as the student.
     ema_decays: list[float] = Field(default_factory=list)
+    # The EMAs' warm-up: None for (1 + k) / (10 + k); a power p for EDM2's power-function
+    # profile (1 - 1 / (k + 1))^(p + 1), which weighs update j as about j^p (both capped at each decay).
+    ema_power: float | None = Field(None, ge=0)
     # Start from another run: its folder (final student or latest checkpoint) or an exported
     # student folder. Generator, critic and EMA weights are loaded where present; optimizer,
     # LR warm-up and data position start afresh (a new stage with new settings).
@@ -421,6 +424,11 @@ class Config(_Section):
 
         family = FAMILIES[self.model.family]  # the name was checked by ModelConfig
         family.check_config(self)
+        if self.loss.regression_weight > 0 and not family.supports_regression_loss:
+            names = ", ".join(name for name, f in FAMILIES.items() if f.supports_regression_loss)
+            raise ValueError(f"loss.regression_weight: the regression term in DMD2 is for the {names} families, not "
+                             f"{self.model.family!r}; SD1.5/SDXL teachers pretrain on ODE pairs in a regression "
+                             f"stage instead (regression.enabled)")
         if self.lora.enabled and not family.supports_lora:
             lora = ", ".join(name for name, f in FAMILIES.items() if f.supports_lora)
             raise ValueError(f"lora.enabled: LoRA applies to the {lora} families, not {self.model.family!r}")
@@ -430,6 +438,9 @@ class Config(_Section):
                              f"(each worker takes batch_size / num_workers); use a multiple of {workers}")
         if self.export.ema is not None and self.export.ema not in self.train.ema_decays:
             raise ValueError(f"export.ema: {self.export.ema} is not one of train.ema_decays {self.train.ema_decays}")
+        if self.train.ema_power is not None and not self.train.ema_decays:
+            raise ValueError("train.ema_power: it shapes the averages of train.ema_decays, which is empty; "
+                             "give a decay (e.g. [0.999]) or leave ema_power unset")
         if self.train.ema_decays and self.scale.zero_stage == 3:
             raise ValueError("train.ema_decays: generator EMA needs whole weights on every rank; "
                              "use scale.zero_stage 0-2 or leave train.ema_decays empty")

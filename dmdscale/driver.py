@@ -11,6 +11,7 @@ model) clip.png, and student/. The journal marks the run finished only when all 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -37,6 +38,26 @@ def _final_point(cfg: Config, metrics: dict[str, Any], prefix: str = "fid_studen
     if exported != "raw" and f"{prefix}_raw" in final:
         final[f"{prefix}_{exported}"], final[prefix] = final[prefix], final.pop(f"{prefix}_raw")
     return {"step": cfg.train.max_steps, **final}
+
+
+def _note_unreached_decays(cfg: Config) -> None:
+    """Say when an EMA decay is never reached (a short run, or a long decay): its average is the
+    warm-up's, the same as any other such decay's. A train.init stage continues an earlier
+    stage's update count, so it is not judged from this stage's length."""
+    from dmdscale.core.ema import unreached_decays, updates_to_reach, warmup_decay
+
+    updates = math.ceil(cfg.train.max_steps / cfg.train.ttur_ratio)
+    power = cfg.train.ema_power
+    unreached = unreached_decays(cfg.train.ema_decays, updates, power) if cfg.train.init is None else []
+    # Under train.ema_power the profile is the choice and an unreached cap is expected; two
+    # such caps still give one average under two names.
+    if unreached and (power is None or len(unreached) > 1):
+        reach = ", ".join(f"{d:g} after {updates_to_reach(d, power)}" for d in unreached)
+        warmup = "(1 + k) / (10 + k)" if power is None else f"(1 - 1 / (k + 1))^{power + 1:g} (train.ema_power)"
+        print(f"dmdscale: train.ema_decays: this run makes {updates} generator updates and the EMA warm-up "
+              f"{warmup} reaches {reach} updates; until then every update uses the warm-up's decay "
+              f"({warmup_decay(updates - 1, power):.3f} at the last update): each such average is the "
+              f"warm-up's own, the same weights whichever of these decays is named")
 
 
 def _save_trained(trained: Trained, out: Path) -> None:
@@ -75,6 +96,7 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
     if cfg.train.init is not None:
         init_source(cfg.train.init)  # a missing or wrong start folder fails here, before any work
     inputs = family.preflight(cfg)  # data, labels, teacher, evaluation settings
+    _note_unreached_decays(cfg)
     check_tracking_server(absolute_tracking_uri())
     # Runs on Ray keep a journal beside their checkpoints: a rerun resumes an unfinished run of
     # the same config (or only evaluates one whose training finished), and a changed config is

@@ -3,6 +3,7 @@ paper's authors did not). Plain torch: the distributed layer saves and gathers t
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -14,18 +15,45 @@ def ema_name(decay: float) -> str:
     return f"ema_{decay:g}"
 
 
+def warmup_decay(updates: int, power: float | None = None) -> float:
+    """The decay of update k = `updates` (from 0) before any cap: (1 + k) / (10 + k), or with
+    `power` EDM2's power-function profile (1 - 1 / (k + 1))^(power + 1) (Karras et al. 2024,
+    "Analyzing and Improving the Training Dynamics of Diffusion Models"), whose average weighs
+    update j's weights as about j^power: a length that grows with the run."""
+    if power is None:
+        return (1 + updates) / (10 + updates)
+    return (1 - 1 / (updates + 1)) ** (power + 1)
+
+
+def updates_to_reach(decay: float, power: float | None = None) -> int:
+    """Generator updates before the warm-up reaches `decay` (0.97: 290; with power 3, 131):
+    until then every update uses the warm-up's decay, whatever was configured."""
+    if power is None:
+        return math.ceil((10 * decay - 1) / (1 - decay) - 1e-9)
+    return max(math.ceil(1 / (1 - decay ** (1 / (power + 1))) - 1 - 1e-9), 0)
+
+
+def unreached_decays(decays: list[float], generator_updates: int, power: float | None = None) -> list[float]:
+    """The decays a run of `generator_updates` never reaches: their averages all equal the
+    warm-up's (two such decays give the same weights)."""
+    return [d for d in decays if updates_to_reach(d, power) >= generator_updates]
+
+
 class GeneratorEMA:
     """One float32 copy of the generator's trainable parameters per decay.
 
-    Update k (counted in generator updates, from 0) uses min(decay, (1 + k) / (10 + k)): the
-    usual warm-up, so a short run's average is not dominated by the weights it started from
-    (a plain 0.999 would keep 90% of the teacher's weights after 100 updates).
+    Update k (counted in generator updates, from 0) uses min(decay, warmup_decay(k, power)): the
+    usual warm-up (1 + k) / (10 + k), so a short run's average is not dominated by the weights
+    it started from (a plain 0.999 would keep 90% of the teacher's weights after 100 updates),
+    or with `power` (train.ema_power) the power-function profile, which averages a share of
+    the run rather than its last ~9 + k/10 updates.
     """
 
-    def __init__(self, module: nn.Module, decays: list[float]):
+    def __init__(self, module: nn.Module, decays: list[float], power: float | None = None):
         self.module = module
         self.names = [name for name, p in module.named_parameters() if p.requires_grad]
         self.decays = list(decays)
+        self.power = power
         self.averages = {d: [p.detach().float().clone() for p in self._params()] for d in self.decays}
         self.updates = 0
 
@@ -37,8 +65,9 @@ class GeneratorEMA:
     def update(self) -> None:
         """Fold the generator's current weights in (after each applied generator update)."""
         current = [p.detach().float() for p in self._params()]
+        warmup = warmup_decay(self.updates, self.power)
         for decay, average in self.averages.items():
-            d = min(decay, (1 + self.updates) / (10 + self.updates))
+            d = min(decay, warmup)
             torch._foreach_lerp_(average, current, 1 - d)
         self.updates += 1
 

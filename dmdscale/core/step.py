@@ -62,6 +62,20 @@ class RegressionPairs:
               guidance_scale: float = 1.0) -> "RegressionPairs":
         return cls(noise, teacher_sample(teacher, noise, num_steps, cond, guidance_scale), cond)
 
+    @classmethod
+    def for_config(cls, cfg: Config, teacher: Denoiser, shape: tuple[int, ...], num_classes: int | None = None,
+                   device: torch.device | str = "cpu") -> "RegressionPairs | None":
+        """loss.regression_pairs pairs of `shape` when loss.regression_weight > 0 (else None): the
+        noise seeded by train.seed alone, so every rank and every resume builds the same pairs;
+        with `num_classes`, labels cycle through the classes."""
+        lc = cfg.loss
+        if lc.regression_weight == 0:
+            return None
+        g = torch.Generator().manual_seed(seeds.regression_pairs(cfg.train.seed))
+        noise = torch.randn((lc.regression_pairs, *shape), generator=g).to(device)
+        labels = (torch.arange(lc.regression_pairs) % num_classes).to(device) if num_classes else None
+        return cls.build(teacher, noise, lc.regression_sampler_steps, labels, lc.guidance_scale)
+
 
 class NonFiniteLossError(FloatingPointError):
     """Raised by the training loop after too many consecutive non-finite iterations."""

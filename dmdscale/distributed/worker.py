@@ -135,7 +135,7 @@ def init_ema(cfg: Config, generator: torch.nn.Module) -> GeneratorEMA | None:
     """The generator's EMAs (train.ema_decays), continuing train.init's averages where it has them."""
     if not cfg.train.ema_decays:
         return None
-    ema = GeneratorEMA(generator, cfg.train.ema_decays)
+    ema = GeneratorEMA(generator, cfg.train.ema_decays, cfg.train.ema_power)
     if cfg.train.init is not None:
         start = load_stage(cfg.train.init, ("ema",))
         if "ema" in start:
@@ -225,7 +225,9 @@ class TrainWorker:
         self.engines = {"generator": self.generator_engine, "critic": self.critic_engine}
         if self.ema is not None:
             self.engines["ema"] = EMACheckpoint(self.ema, self.rank)
+        pairs = family_of(cfg).regression_pairs(cfg, self.teacher, self.device)
         self.step_fn = DMD2Step(cfg, self.teacher, self.generator_engine, self.critic_engine, ema=self.ema,
+                                regression_pairs=pairs,
                                 sync_flag=all_ranks_agree, sync_sum=all_ranks_sum, rank=self.rank,
                                 world_size=self.world, device=self.device)
         self.eval_pool = config.get("eval_pool")

@@ -74,6 +74,8 @@ class Family:
     trains_on_ray: bool = True  # Ray Train + DeepSpeed; else one plain process (`fit`)
     has_eval_actors: bool = False  # checkpoints can be evaluated on actors while training
     supports_lora: bool = False  # lora.enabled trains a LoRA adapter on the generator
+    # loss.regression_weight > 0: DMD1's regression term on fixed teacher ODE pairs in DMD2Step
+    supports_regression_loss: bool = False
     student_parts: Sequence[str] = ()  # what `save_student` writes into the final checkpoint
     pipeline_tag: str = ""  # the Hub's task of the exported student (model card)
 
@@ -106,6 +108,11 @@ class Family:
     def save_student(self, cfg: Config, generator: Denoiser, folder: Path) -> None:
         """Write what the final checkpoint carries of the student (`student_parts`)."""
         raise NotImplementedError
+
+    def regression_pairs(self, cfg: Config, teacher: Denoiser, device: Any) -> Any:
+        """The (noise, teacher ODE output) pairs of loss.regression_weight (a RegressionPairs),
+        or None; only families with `supports_regression_loss` are given a weight."""
+        return None
 
     # -- driver side -----------------------------------------------------------------------
     def train_data(self, cfg: Config, inputs: Any) -> tuple[Any, Any]:

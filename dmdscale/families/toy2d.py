@@ -95,10 +95,7 @@ class Toy2D:
 
     def step_fn(self) -> DMD2Step:
         cfg = self.cfg
-        pairs = None
-        if cfg.loss.regression_weight > 0:
-            noise = torch.randn(cfg.loss.regression_pairs, 2, generator=torch.Generator().manual_seed(seeds.regression_pairs(cfg.train.seed)))
-            pairs = RegressionPairs.build(self.teacher, noise.to(self.device), cfg.loss.regression_sampler_steps)
+        pairs = RegressionPairs.for_config(cfg, self.teacher, (2,), device=self.device)
         return DMD2Step(cfg, self.teacher, TorchOptimizedModule(self.generator, cfg.train, role="generator"),
                         TorchOptimizedModule(self.critic, cfg.train, role="critic"), regression_pairs=pairs,
                         device=self.device)
@@ -165,6 +162,7 @@ class Toy2dFamily(Family):
 
     name = run_label = "toy2d"
     trains_on_ray = False
+    supports_regression_loss = True
 
     def check_config(self, cfg: Config) -> None:
         if cfg.model.teacher != "analytic":

@@ -62,6 +62,7 @@ class UNet2DFamily(Family):
     name = "unet2d"
     run_label = "digits"
     has_eval_actors = True
+    supports_regression_loss = True
     pipeline_tag = "unconditional-image-generation"  # class-conditional: the Hub has no closer task
 
     @property
@@ -109,6 +110,12 @@ class UNet2DFamily(Family):
         from dmdscale.models.unet2d import load_unet
 
         return load_unet(teacher_path)
+
+    def regression_pairs(self, cfg: Config, teacher, device):
+        from dmdscale.core.step import RegressionPairs
+
+        c, r = cfg.data.channels, cfg.data.resolution
+        return RegressionPairs.for_config(cfg, teacher, (c, r, r), cfg.data.num_classes, device)
 
     def save_student(self, cfg: Config, generator, folder: Path) -> None:
         from dmdscale.export import STUDENT_DIR, export_unet_student

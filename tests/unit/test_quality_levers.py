@@ -8,7 +8,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from dmdscale.config import ConfigError, build_config
-from dmdscale.core.ema import GeneratorEMA, ema_name
+from dmdscale.core.ema import GeneratorEMA, ema_name, unreached_decays, updates_to_reach
 from dmdscale.core.losses import dm_loss, gan_generator_loss
 from dmdscale.core.optim import TorchOptimizedModule, decay_factor, warmup_factor
 from dmdscale.core.schedule import NoiseSchedule, TimestepSampler
@@ -177,12 +177,59 @@ def test_ema_warms_up_swaps_in_and_round_trips():
     assert GeneratorEMA(net, [0.5, 0.9]).load_state_dict(state, strict=False) == [0.9]
 
 
+def test_decays_the_warm_up_never_reaches_give_the_same_average():
+    # 0.97 needs 290 updates and 0.985 needs 590: in a 100-update run (the demo's 500
+    # iterations at TTUR 5) both follow the warm-up throughout; 0.9 (80 updates) does not.
+    assert (updates_to_reach(0.9), updates_to_reach(0.97)) == (80, 290)
+    assert unreached_decays([0.9, 0.97, 0.985], 100) == [0.97, 0.985]
+    assert unreached_decays([0.97], 291) == []
+    net = torch.nn.Linear(3, 1)
+    ema = GeneratorEMA(net, [0.9, 0.97, 0.985])
+    for _ in range(100):
+        with torch.no_grad():
+            net.weight.add_(torch.randn_like(net.weight))
+        ema.update()
+    assert torch.equal(ema.averages[0.97][0], ema.averages[0.985][0])
+    assert not torch.equal(ema.averages[0.9][0], ema.averages[0.97][0])
+    assert updates_to_reach(0.97, power=3) == 131 and unreached_decays([0.97], 132, power=3) == []
+
+
+def test_the_driver_names_decays_a_run_never_reaches(capsys):
+    from dmdscale.driver import _note_unreached_decays
+
+    run = {"model.family": "unet2d", "model.teacher": "train", "train.max_steps": 500, "train.ttur_ratio": 5}
+    _note_unreached_decays(build_config({}, {**run, "train.ema_decays": [0.9, 0.97]}))
+    out = capsys.readouterr().out
+    assert "100 generator updates" in out and "0.97 after 290" in out and "0.9 after" not in out
+    _note_unreached_decays(build_config({}, {**run, "train.ema_decays": [0.97], "train.ema_power": 3}))
+    assert capsys.readouterr().out == ""  # the power profile is the choice; its cap may wait
+
+
+def test_power_ema_weighs_update_j_as_j_to_the_power():
+    net = torch.nn.Linear(1, 1, bias=False)
+    emas = {p: GeneratorEMA(net, [0.9999], power=p) for p in (0.0, 2.0)}
+    capped = GeneratorEMA(net, [0.5], power=2.0)
+    for j in range(1, 21):  # update j leaves the weight at j
+        with torch.no_grad():
+            net.weight.fill_(float(j))
+        for ema in [*emas.values(), capped]:
+            ema.update()
+    # Update j's weight is j^(p+1) - (j-1)^(p+1), about (p+1) j^p: the product of the later decays.
+    mean_of = lambda p: sum((j ** (p + 1) - (j - 1) ** (p + 1)) * j for j in range(1, 21)) / 20 ** (p + 1)  # noqa: E731
+    assert emas[0.0].averages[0.9999][0].item() == pytest.approx(mean_of(0), rel=1e-6)  # power 0: the plain mean
+    assert emas[2.0].averages[0.9999][0].item() == pytest.approx(mean_of(2), rel=1e-6)
+    # The cap still holds: a decay of 0.5 keeps only the last few updates.
+    assert capped.averages[0.5][0].item() == pytest.approx(20 - 1, abs=0.01)
+
+
 def test_ema_and_gan_config_is_checked():
     digits = {"model.family": "unet2d", "model.teacher": "train"}
     with pytest.raises(ConfigError, match="export.ema"):
         build_config({}, {**digits, "train.ema_decays": [0.9], "export.ema": 0.99})
     with pytest.raises(ConfigError, match="ema_decays"):
         build_config({}, {**digits, "train.ema_decays": [1.5]})
+    with pytest.raises(ConfigError, match="train.ema_power"):
+        build_config({}, {**digits, "train.ema_power": 3})
     with pytest.raises(ConfigError, match="zero_stage"):
         build_config({}, {**digits, "train.ema_decays": [0.9], "scale.zero_stage": 3})
     with pytest.raises(ConfigError, match="loss.gan_augment"):

@@ -167,3 +167,24 @@ def test_exported_student_samples_with_diffusers_alone(tmp_path, timesteps):
             x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=g).prev_sample
         ours = sample(student, student.schedule, noise, timesteps, labels, rng=torch.Generator().manual_seed(9))
     torch.testing.assert_close(x, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_regression_pairs_are_the_teachers_ode_outputs_for_every_class():
+    from dmdscale.config import ConfigError, build_config
+    from dmdscale.core.sampling import teacher_sample
+    from dmdscale.families import family_of
+
+    cfg = build_config({}, {"model.family": "unet2d", "model.teacher": "train", "data.resolution": 8,
+                            "data.num_classes": NUM_CLASSES, "loss.regression_weight": 0.01,
+                            "loss.regression_pairs": 12, "loss.regression_sampler_steps": 3})
+    teacher, family = _model(), family_of(cfg)
+    pairs = family.regression_pairs(cfg, teacher, "cpu")
+    assert pairs.noise.shape == (12, 1, 8, 8) and pairs.cond.tolist() == [i % NUM_CLASSES for i in range(12)]
+    torch.testing.assert_close(pairs.target, teacher_sample(teacher, pairs.noise, 3, pairs.cond))
+    again = family.regression_pairs(cfg, teacher, "cpu")  # every rank and every resume: the same pairs
+    assert torch.equal(again.noise, pairs.noise)
+    assert family.regression_pairs(build_config({}, {"model.family": "unet2d", "model.teacher": "train"}),
+                                   teacher, "cpu") is None
+    with pytest.raises(ConfigError, match="loss.regression_weight.*regression stage"):
+        build_config({}, {"model.family": "sd15", "model.teacher": "/nonexistent", "data.channels": 3,
+                          "loss.regression_weight": 0.1})
