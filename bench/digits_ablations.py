@@ -120,7 +120,8 @@ def train(cfg: Config, inputs: Any, init: dict[str, Any] | None = None) -> dict[
     if ema is not None and init is not None and init.get("ema") is not None:
         ema.load_state_dict(init["ema"].state_dict(), strict=False)
     step = DMD2Step(cfg, teacher, TorchOptimizedModule(generator, cfg.train, role="generator"),
-                    TorchOptimizedModule(critic, cfg.train, role="critic"), ema=WithPowerEMAs(ema, generator, POWER_GAMMAS),
+                    TorchOptimizedModule(critic, cfg.train, role="critic"),
+                    ema=WithPowerEMAs(ema, generator, POWER_GAMMAS),
                     regression_pairs=family_of(cfg).regression_pairs(cfg, teacher, "cpu"))
     result = train_loop(step, batches(inputs, cfg.train.batch_size, cfg.train.seed), cfg.train.max_steps,
                         log_every=cfg.train.log_every, progress=sys.stderr.isatty())
