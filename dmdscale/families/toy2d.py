@@ -95,7 +95,7 @@ class Toy2D:
 
     def step_fn(self) -> DMD2Step:
         cfg = self.cfg
-        pairs = RegressionPairs.for_config(cfg, self.teacher, (2,), device=self.device)
+        pairs = Toy2dFamily().regression_pairs(cfg, self.teacher, self.device)
         return DMD2Step(cfg, self.teacher, TorchOptimizedModule(self.generator, cfg.train, role="generator"),
                         TorchOptimizedModule(self.critic, cfg.train, role="critic"), regression_pairs=pairs,
                         device=self.device)
@@ -177,6 +177,9 @@ class Toy2dFamily(Family):
 
     def preflight(self, cfg: Config) -> None:
         return None  # nothing outside this process to check
+
+    def regression_pairs(self, cfg: Config, teacher: Denoiser, device: Any) -> RegressionPairs | None:
+        return RegressionPairs.for_config(cfg, teacher, (2,), device=device)
 
     def fit(self, cfg: Config, inputs: None, out: Path, tracker: Any, *, fail_at_step: int | None = None,
             on_evaluation: Any = None) -> Trained:
