@@ -209,8 +209,8 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
             metrics[f"fid_{name}"], metrics[f"kid_{name}"] = compute_fid_kid(imgs, real, extractor)
             metrics[f"class_accuracy_{name}"] = class_accuracy(classifier, imgs, labels)
             metrics |= sample_quality_of(name, real, imgs, space, spec["seed"])
-        # The floor of these figures: as many real training images as samples (all 1437 for digits
-        # when more samples are drawn; FID's bias makes that floor slightly high), against the same held-out set.
+        # The floor of these figures: as many real training images as samples (all of them when the
+        # training set is smaller; FID's bias then makes the floor slightly high), against the same held-out set.
         floor = inputs.train[0][:n]
         metrics["fid_real_train"], metrics["kid_real_train"] = compute_fid_kid(floor, real, extractor)
         metrics |= sample_quality_of("real_train", real, floor, space, spec["seed"])
