@@ -291,7 +291,8 @@ def main() -> None:
         stages = [{}, then] if then is not None else None
         for seed in args.seeds:
             t0 = time.perf_counter()
-            grids = GRIDS / f"explore-{time.strftime('%Y%m%d-%H%M%S')}-s{seed}"
+            # The process id too: runs started in parallel in the same second keep their own grids.
+            grids = GRIDS / f"explore-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-s{seed}"
             r = run(overrides, seed, inputs_cache, stages, evaluate_stages=True, grids=grids)
             line = {"overrides": overrides, "then": then, "seed": seed, "seconds": time.perf_counter() - t0,
                     "grids": str(grids.relative_to(ROOT)),
