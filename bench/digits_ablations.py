@@ -200,8 +200,14 @@ def run(overrides: dict[str, Any], seed: int, inputs_cache: dict, stages: list[d
         if evaluate_stages and i + 1 < len(stages):
             stage_grids = grids.with_name(f"{grids.name}-stage{i}") if grids is not None else None
             stage_students.append(student_figures(cfg, inputs, trained, stage_grids))
+    # A last stage with other timesteps (e.g. 4 steps after 1) is also evaluated at the first
+    # stage's: whether training the new steps kept or undid what the shared weights did there.
+    first = load_config(CONFIG, {**overrides, **stages[0], "train.seed": seed})
+    at_first_steps = (student_figures(first, inputs, trained)
+                      if list(first.generator.timesteps) != list(cfg.generator.timesteps) else None)
     return {"seed": seed, "train_seconds": seconds, "teacher": teacher_figures(cfg, inputs),
             "student": student_figures(cfg, inputs, trained, grids), "stage_students": stage_students,
+            "student_at_first_stage_steps": at_first_steps,
             "nonfinite_steps": trained["nonfinite_steps"], "log": log,
             "config": {k: v for k, v in cfg.flat().items() if k.startswith(("train.", "loss.", "generator."))}}
 
@@ -296,7 +302,8 @@ def main() -> None:
             r = run(overrides, seed, inputs_cache, stages, evaluate_stages=True, grids=grids)
             line = {"overrides": overrides, "then": then, "seed": seed, "seconds": time.perf_counter() - t0,
                     "grids": str(grids.relative_to(ROOT)),
-                    **{k: r[k] for k in ("teacher", "student", "stage_students", "train_seconds")},
+                    **{k: r[k] for k in ("teacher", "student", "stage_students", "student_at_first_stage_steps",
+                                         "train_seconds")},
                     "late_log": late_means(r["log"])}
             with open(RESULTS / "digits_explore.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
