@@ -189,11 +189,14 @@ def run(overrides: dict[str, Any], seed: int, inputs_cache: dict, stages: list[d
     With `evaluate_stages`, every stage before the last is evaluated too (`stage_students`);
     with `grids`, each evaluation saves sample grids named from it (`student_figures`)."""
     stages = stages or [{}]
-    trained, seconds, log, stage_students = None, 0.0, [], []
+    trained, seconds, log, stage_students, first = None, 0.0, [], [], None
     for i, stage in enumerate(stages):
         cfg = load_config(CONFIG, {**overrides, **stage, "train.seed": seed})
+        first = cfg if i == 0 else first
         key = (cfg.train.seed, cfg.model.teacher)
-        inputs = inputs_cache.setdefault(key, prepare(cfg))
+        if key not in inputs_cache:  # prepared once per seed and teacher: setdefault would prepare every time
+            inputs_cache[key] = prepare(cfg)
+        inputs = inputs_cache[key]
         trained = train(cfg, inputs, init=trained)
         seconds += trained["seconds"]
         log += [m | {"stage": i} for m in trained["log"]]
@@ -202,7 +205,6 @@ def run(overrides: dict[str, Any], seed: int, inputs_cache: dict, stages: list[d
             stage_students.append(student_figures(cfg, inputs, trained, stage_grids))
     # A last stage with other timesteps (e.g. 4 steps after 1) is also evaluated at the first
     # stage's: whether training the new steps kept or undid what the shared weights did there.
-    first = load_config(CONFIG, {**overrides, **stages[0], "train.seed": seed})
     at_first_steps = (student_figures(first, inputs, trained)
                       if list(first.generator.timesteps) != list(cfg.generator.timesteps) else None)
     return {"seed": seed, "train_seconds": seconds, "teacher": teacher_figures(cfg, inputs),
