@@ -158,6 +158,13 @@ class TrainConfig(_Section):
     # checkpoint) before the run fails: FailureConfig(max_failures).
     max_failures: int = Field(2, ge=0)
 
+    @field_validator("init")
+    @classmethod
+    def _absolute_init(cls, v: str | None) -> str | None:
+        # Ray's train workers run in another directory: a path relative to the driver's would
+        # not be found there.
+        return None if v is None else str(Path(v).expanduser().absolute())
+
     @field_validator("ema_decays")
     @classmethod
     def _check_decays(cls, v: list[float]) -> list[float]:
@@ -201,6 +208,10 @@ class LossConfig(_Section):
     # Differentiable augmentation of real and generated discriminator inputs alike (DiffAugment:
     # flip, shift, cutout) against discriminator overfitting on small data sets.
     gan_augment: list[Literal["flip", "shift", "cutout"]] = Field(default_factory=list)
+    # Multi-step students: the critic learns an embedding of the student's step (added to the
+    # fake score's time embedding), so the DM and GAN terms match each step's outputs to the
+    # data, not only the mixture of all steps' outputs that a shared critic models.
+    step_conditioned_critic: bool = False
 
     @model_validator(mode="after")
     def _check_range(self) -> "LossConfig":

@@ -10,7 +10,8 @@ Iteration `step`:
      + w_d * GAN discriminator loss on real vs generated, in one backward and one optimizer.
 The discriminator sees real and generated images augmented alike (loss.gan_augment) and
 noised to t <= loss.gan_max_step; DM and GAN noise levels are drawn by loss.dm_timesteps /
-loss.gan_timesteps. Every log step adds diagnostics: by noise level, the teacher/fake-score x0
+loss.gan_timesteps; with loss.step_conditioned_critic, the critic is told which student step
+made x (`Critic.at_step`). Every log step adds diagnostics: by noise level, the teacher/fake-score x0
 gap and the discriminator's mean probabilities; every generator turn with the GAN on, the
 gradient norms of both terms at the generator's output.
 Precision under train.mixed_precision bf16: every forward runs under bf16 autocast on fp32
@@ -183,10 +184,21 @@ class DMD2Step:
         with torch.set_grad_enabled(update_generator), self._autocast():
             x = self.generator(x_in, t_in, batch.cond)
         metrics: dict[str, float] = {"generator_updated": float(update_generator)}
-        if update_generator:
-            metrics |= self.update_generator(x, batch, diagnose)
-        metrics |= self.update_critic(x.detach(), batch, diagnose)
+        # The critic judges this iteration's outputs as step k's (loss.step_conditioned_critic).
+        with self.critic.at_step(self.step_index(t_in)):
+            if update_generator:
+                metrics |= self.update_generator(x, batch, diagnose)
+            metrics |= self.update_critic(x.detach(), batch, diagnose)
         return metrics
+
+    def step_index(self, t_in: Tensor) -> int:
+        """Which of the student's steps an iteration trains: the position of its input timestep
+        (one for the whole batch: backward simulation draws one depth per iteration)."""
+        timesteps = self.cfg.generator.timesteps
+        t = int(t_in[0])
+        if t not in timesteps:
+            raise ValueError(f"generator input at t={t}, not one of generator.timesteps {timesteps}")
+        return timesteps.index(t)
 
     def gan_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(the discriminator's input, its timesteps): x augmented (loss.gan_augment), then

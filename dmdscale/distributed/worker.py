@@ -89,7 +89,7 @@ def build_players(cfg: Config, teacher_path: str, device: torch.device,
     fake_score = fake_score.to(device).train().requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         fake_score.enable_gradient_checkpointing()
-    critic = Critic(fake_score, family.critic_head(cfg, fake_score)).to(device)
+    critic = family.critic(cfg, fake_score).to(device)
     _load_part(critic, cfg, "critic")
     return teacher, generator, wrap(critic, "critic")
 

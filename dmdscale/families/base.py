@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from dmdscale.config import Config
-    from dmdscale.models.base import Denoiser
+    from dmdscale.models.base import Critic, Denoiser
 
 
 def check_teacher_steps(cfg: Config, teacher: str, trained_here: int | None = None) -> None:
@@ -101,6 +101,14 @@ class Family:
         from dmdscale.models.heads import HEADS
 
         return HEADS[cfg.loss.gan_head].for_model(fake_score)
+
+    def critic(self, cfg: Config, fake_score: Denoiser) -> Critic:
+        """The fake score with its discriminator head, told the student's step when
+        loss.step_conditioned_critic."""
+        from dmdscale.models.base import Critic
+
+        steps = len(cfg.generator.timesteps) if cfg.loss.step_conditioned_critic else 0
+        return Critic(fake_score, self.critic_head(cfg, fake_score), steps)
 
     def adapt_generator(self, cfg: Config, generator: Denoiser) -> None:
         """Narrow what of the generator trains (e.g. a LoRA adapter); the default trains it all."""

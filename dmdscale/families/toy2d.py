@@ -23,7 +23,7 @@ from dmdscale.core.sampling import sample, teacher_sample
 from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.core.step import Batch, DMD2Step, RegressionPairs
 from dmdscale.families.base import Evaluation, Family, Trained
-from dmdscale.models.base import Critic, Denoiser
+from dmdscale.models.base import Denoiser
 from dmdscale.models.heads import MLPHead
 from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
 
@@ -85,7 +85,7 @@ class Toy2D:
         teacher_net = MLPDenoiser(self.schedule, 2, tc.hidden_dim, tc.num_layers).to(device)
         fit_to_teacher(teacher_net, self.teacher, self.mixture, tc.init_steps, seed=cfg.train.seed)
         self.generator = copy.deepcopy(teacher_net)
-        self.critic = Critic(copy.deepcopy(teacher_net), MLPHead(tc.hidden_dim)).to(device)
+        self.critic = Toy2dFamily().critic(cfg, copy.deepcopy(teacher_net)).to(device)
         self.device = device
 
     def batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
@@ -177,6 +177,9 @@ class Toy2dFamily(Family):
 
     def preflight(self, cfg: Config) -> None:
         return None  # nothing outside this process to check
+
+    def critic_head(self, cfg: Config, fake_score: Denoiser) -> torch.nn.Module:
+        return MLPHead(cfg.toy2d.hidden_dim)
 
     def regression_pairs(self, cfg: Config, teacher: Denoiser, device: Any) -> RegressionPairs | None:
         return RegressionPairs.for_config(cfg, teacher, (2,), device=device)

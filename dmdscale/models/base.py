@@ -1,8 +1,9 @@
 """The one score-network interface every family implements, and the critic built on it."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Union
+from typing import Any, Iterator, Mapping, Union
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +90,12 @@ class Denoiser(nn.Module):
         """The unconditional input matching `cond`; None where the family has none."""
         return None
 
+    def time_embedding_layer(self) -> tuple[nn.Module, int]:
+        """(the layer whose output is the network's time embedding, its width): where a
+        step-conditioned critic adds its step embedding (loss.step_conditioned_critic)."""
+        raise ValueError(f"loss.step_conditioned_critic: {type(self).__name__} has no time embedding "
+                         f"layer to condition on the student's step; set it false")
+
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the network's activations in backward (train.gradient_checkpointing), through
         the diffusers model's own switch."""
@@ -124,17 +131,58 @@ class Denoiser(nn.Module):
         return x0_uncond + guidance_scale * (x0_cond - x0_uncond)
 
 
-class Critic(nn.Module):
-    """Fake score + discriminator head: trained together, by one optimizer."""
+# Adam moves each embedding entry by about the LR per update: at a second stage's 1e-4 a zero-
+# started embedding would take ~5k updates to reach the time embedding's scale (~0.5).
+STEP_EMBEDDING_GAIN = 30.0
 
-    def __init__(self, fake_score: Denoiser, head: nn.Module):
+
+class Critic(nn.Module):
+    """Fake score + discriminator head: trained together, by one optimizer.
+
+    With `num_steps` (a multi-step student and loss.step_conditioned_critic), a learned
+    embedding of the student's step, zero at the start, is added to the fake score's time
+    embedding inside `at_step(k)`: the fake score then models each step's outputs apart and
+    the discriminator tells real from step k's. A shared critic models only the mixture of
+    the steps' outputs, and the DM loss then matches the mixture to the data, not each step.
+    """
+
+    def __init__(self, fake_score: Denoiser, head: nn.Module, num_steps: int = 0):
         super().__init__()
         self.fake_score = fake_score
         self.head = head
+        self.step: int | None = None  # set by at_step
+        self.step_embedding: nn.Embedding | None = None
+        if num_steps:
+            layer, width = fake_score.time_embedding_layer()
+            self.step_embedding = nn.Embedding(num_steps, width)
+            nn.init.zeros_(self.step_embedding.weight)  # starts as the shared critic it replaces
+            layer.register_forward_hook(self._add_step_embedding)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
         """GAN logits, one per sample, from the fake score's bottleneck."""
         return self.head(self.fake_score.features(x_t, t, cond)).flatten(1).mean(1)
+
+    @contextlib.contextmanager
+    def at_step(self, k: int) -> Iterator[None]:
+        """Forwards inside judge the student's step k (a no-op without a step embedding)."""
+        previous, self.step = self.step, k
+        try:
+            yield
+        finally:
+            self.step = previous
+
+    def _add_step_embedding(self, layer: nn.Module, inputs: Any, out: Tensor) -> Tensor | None:
+        if self.step is None:
+            return None
+        index = torch.tensor([self.step], device=out.device)
+        step_embedding = self.step_embedding(index) * STEP_EMBEDDING_GAIN  # a module call: ZeRO-3 gathers it
+        return out + step_embedding.to(out.dtype)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        # A first stage's critic (no step embedding) starts a step-conditioned one at zero.
+        if self.step_embedding is not None and "step_embedding.weight" not in state_dict:
+            state_dict = {**state_dict, "step_embedding.weight": torch.zeros_like(self.step_embedding.weight)}
+        return super().load_state_dict(state_dict, strict, assign)
 
 
 class requires_grad:

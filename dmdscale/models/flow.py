@@ -117,6 +117,9 @@ class FlowTransformer(Denoiser):
         """Width of the image tokens the discriminator head reads."""
         return int(self.transformer.inner_dim)
 
+    def time_embedding_layer(self) -> tuple[torch.nn.Module, int]:
+        return self.transformer.time_text_embed, self.feature_width  # SD3 and FLUX: temb is inner_dim wide
+
     def null_cond(self, cond: Cond) -> Cond:
         if self.variant.embedded_guidance:
             return None

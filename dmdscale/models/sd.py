@@ -111,6 +111,9 @@ class TextConditionalUNet(Denoiser):
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
         return self.unet(x_t, t, **self._unet_kwargs(x_t, cond)).sample
 
+    def time_embedding_layer(self) -> tuple[torch.nn.Module, int]:
+        return self.unet.time_embedding, int(self.unet.time_embedding.linear_2.out_features)
+
     def features(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
         """The mid-block output (B, C, h, w): `UNet2DConditionModel.forward` up to its mid block
         (diffusers 0.42, without ControlNet/adapter residuals), so the GAN head does not pay for

@@ -85,9 +85,13 @@ class MLPDenoiser(Denoiser):
         self.trunk = nn.Sequential(*layers)
         self.out = nn.Linear(hidden_dim, dim)
         self.hidden_dim = hidden_dim
+        self.time_embedding = nn.Identity()  # no weights: the point a step-conditioned critic adds to
+
+    def time_embedding_layer(self) -> tuple[nn.Module, int]:
+        return self.time_embedding, self.time_dim
 
     def features(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
-        emb = get_timestep_embedding(t, self.time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        emb = self.time_embedding(get_timestep_embedding(t, self.time_dim, flip_sin_to_cos=True, downscale_freq_shift=0))
         return self.trunk(torch.cat([x_t, emb.to(x_t.dtype)], dim=1))
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:

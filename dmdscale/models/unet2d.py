@@ -57,6 +57,9 @@ class ClassConditionalUNet(Denoiser):
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
         return self.unet(x_t, t, class_labels=cond).sample
 
+    def time_embedding_layer(self) -> tuple[torch.nn.Module, int]:
+        return self.unet.time_embedding, int(self.unet.time_embedding.linear_2.out_features)
+
     def features(self, x_t: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
         """The mid-block output (B, C, h, w): the first half of `UNet2DModel.forward`, mirrored
         step by step (diffusers 0.42) so the head sees exactly what a full forward computes

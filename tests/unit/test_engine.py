@@ -5,6 +5,7 @@ import pickle
 import re
 import types
 
+import deepspeed
 import pytest
 import torch
 
@@ -60,19 +61,25 @@ def test_plan_resources_rejects_an_impossible_plan():
 @pytest.mark.parametrize("stage", [2, 3])
 def test_dmd2_step_runs_on_deepspeed_zero(stage):
     """Two engines in one process, the GAN term through the critic inside the generator's
-    backward (the known ZeRO-3 hazard): the TTUR schedule holds and losses stay finite."""
+    backward (the known ZeRO-3 hazard): the TTUR schedule holds and losses stay finite. A
+    2-step student with a step-conditioned critic: its embedding is read inside the fake
+    score's forward hook, which ZeRO-3 must gather too."""
     cfg = build_config({}, {"train.batch_size": 16, "train.ttur_ratio": 2, "scale.zero_stage": stage,
-                            "loss.gan_generator_weight": 0.1, "loss.gan_critic_weight": 0.1})
+                            "loss.gan_generator_weight": 0.1, "loss.gan_critic_weight": 0.1,
+                            "generator.timesteps": [999, 499], "loss.step_conditioned_critic": True})
     torch.manual_seed(0)
     sched, mixture = NoiseSchedule.ddpm(), GaussianMixture2D()
     gen = DeepSpeedOptimizedModule(MLPDenoiser(sched, 2, 16, 2), cfg.train, cfg.scale, 16, role="generator")
-    critic = DeepSpeedOptimizedModule(Critic(MLPDenoiser(sched, 2, 16, 2), MLPHead(16, 16)), cfg.train, cfg.scale, 16, role="critic")
+    critic = DeepSpeedOptimizedModule(Critic(MLPDenoiser(sched, 2, 16, 2), MLPHead(16, 16), 2), cfg.train, cfg.scale, 16, role="critic")
     step = DMD2Step(cfg, MixtureDenoiser(mixture, sched), gen, critic)
     for i in range(4):
         m = step(Batch(mixture.sample(16)), i)
         assert m["generator_updated"] == float(i % 2 == 0)
         assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
         assert m["nonfinite_critic"] == 0
+    weight = critic.module.step_embedding.weight
+    with deepspeed.zero.GatheredParameters([weight]):  # a no-op below ZeRO-3
+        assert torch.count_nonzero(weight) > 0  # trained through the hook
 
 
 @pytest.mark.slow

@@ -66,6 +66,22 @@ def test_token_features_at_chosen_depths_feed_one_head_per_depth(tiny_flow, fami
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_step_conditioned_critic_conditions_the_transformers_time_embedding(tiny_flow, family):
+    model = load_flow_teacher(tiny_flow[family], family, 32)
+    cond = PromptEncoder.load(tiny_flow[family], family).encode(PROMPTS)
+    x, t = torch.randn(2, 16, 16, 16), torch.tensor([999, 100])
+    critic = Critic(model, TokenHead.for_model(model), 2)
+    with torch.no_grad():
+        shared = critic.fake_score(x, t, cond), critic(x, t, cond)
+        critic.step_embedding.weight[1] = 0.5
+        with critic.at_step(0):
+            torch.testing.assert_close(critic.fake_score(x, t, cond), shared[0], rtol=0, atol=0)
+        with critic.at_step(1):
+            assert not torch.allclose(critic.fake_score(x, t, cond), shared[0])
+            assert not torch.allclose(critic(x, t, cond), shared[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_one_dmd2_iteration_trains_generator_and_flow_matching_fake_score(tiny_flow, family):
     import copy
 

@@ -285,6 +285,14 @@ def test_init_starts_generator_critic_and_ema_from_another_runs_stage(tmp_path):
         init_source(tmp_path / "teacher")
 
 
+def test_a_relative_init_path_is_made_absolute_where_the_config_is_read(tmp_path, monkeypatch):
+    """Ray's train workers run elsewhere: train.init must reach them as an absolute path."""
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config({}, {"model.family": "unet2d", "model.teacher": "train", "train.init": "runs/s1"})
+    assert cfg.train.init == str(tmp_path / "runs" / "s1")
+    assert build_config({}, {}).train.init is None
+
+
 def test_init_from_an_exported_student_loads_its_unet(tmp_path):
     from dmdscale.distributed.worker import build_players
     from dmdscale.export import export_unet_student
@@ -335,3 +343,64 @@ def test_fid_curves_end_on_the_weights_they_follow():
     final = _final_point(cfg, {"fid_student": 13.7, "fid_student_raw": 15.8, "student_weights": "ema_0.97"})
     assert final == {"step": 500, "fid_student": 15.8, "fid_student_ema_0.97": 13.7}
     assert _final_point(cfg, {"fid_student": 15.0, "student_weights": "raw"}) == {"step": 500, "fid_student": 15.0}
+
+
+# -- the step-conditioned critic (multi-step students) ---------------------------------------
+def test_step_conditioned_critic_trains_only_the_row_of_the_step_it_judged():
+    """Each iteration's outputs are judged as step k's: the DM, fake-score and GAN terms all run
+    inside at_step(k), so only row k of the step embedding learns; the fake score's outputs at
+    other steps are untouched by it; outside at_step the embedding is not added."""
+    from dmdscale.core.sampling import draw_k
+
+    timesteps = [999, 749, 499, 249]
+    step, gen, critic, mixture = make_step({"generator.timesteps": timesteps, "loss.step_conditioned_critic": True,
+                                            "loss.gan_generator_weight": 0.1, "loss.gan_critic_weight": 0.1})
+    critic = Critic(MLPDenoiser(NoiseSchedule.ddpm(), 2, 16, 2), MLPHead(16, 16), len(timesteps))
+    assert critic.step_embedding.weight.shape == (4, critic.fake_score.time_dim)
+    assert torch.count_nonzero(critic.step_embedding.weight) == 0  # starts as the shared critic
+    step.critic_opt = TorchOptimizedModule(critic, step.cfg.train, role="critic")
+    i = next(i for i in range(50) if draw_k(i, 4, step.cfg.train.seed) == 2)
+    m = step(Batch(mixture.sample(32)), i)
+    assert m["nonfinite_critic"] == 0 and m["nonfinite_generator"] == 0
+    moved = critic.step_embedding.weight.detach().abs().sum(1) > 0
+    assert moved.tolist() == [False, False, True, False]
+
+    x, t = torch.randn(8, 2), torch.full((8,), 300)
+    with torch.no_grad():
+        plain = critic.fake_score(x, t)
+        with critic.at_step(0):  # row 0 is still zero
+            torch.testing.assert_close(critic.fake_score(x, t), plain, rtol=0, atol=0)
+        with critic.at_step(2):
+            assert not torch.allclose(critic.fake_score(x, t), plain)
+        torch.testing.assert_close(critic.fake_score(x, t), plain, rtol=0, atol=0)
+
+
+def test_step_conditioned_critic_starts_from_a_shared_critics_weights_and_needs_a_time_embedding(tmp_path):
+    from dmdscale.distributed.worker import build_players
+
+    teacher = str(_unet_folder(tmp_path / "teacher"))
+    cfg = build_config({}, {"model.family": "unet2d", "model.teacher": teacher})
+    _, generator, shared = build_players(cfg, teacher, torch.device("cpu"))
+    with torch.no_grad():
+        for p in shared.parameters():
+            p.add_(0.01)
+    save_stage(tmp_path / "run1", {"generator": generator.state_dict(), "critic": shared.state_dict()})
+    stage2 = build_config({}, {"model.family": "unet2d", "model.teacher": teacher, "train.init": str(tmp_path / "run1"),
+                               "generator.timesteps": [999, 499], "loss.step_conditioned_critic": True})
+    _, _, critic = build_players(stage2, teacher, torch.device("cpu"))
+    width = critic.fake_score.unet.time_embedding.linear_2.out_features
+    assert critic.step_embedding.weight.shape == (2, width)
+    assert torch.count_nonzero(critic.step_embedding.weight) == 0
+    for name, p in shared.state_dict().items():
+        assert torch.equal(p, critic.state_dict()[name]), name
+    with torch.no_grad():  # the hook sits on the UNet's time embedding: row 1 moves the fake score
+        critic.step_embedding.weight[1] = 0.5
+        x, t, y = torch.randn(2, 1, 16, 16), torch.full((2,), 500), torch.tensor([1, 2])
+        with critic.at_step(1):
+            assert not torch.allclose(critic.fake_score(x, t, y), shared.fake_score(x, t, y))
+            assert not torch.allclose(critic(x, t, y), shared(x, t, y))  # and the discriminator
+        with critic.at_step(0):
+            torch.testing.assert_close(critic(x, t, y), shared(x, t, y))
+
+    with pytest.raises(ValueError, match="loss.step_conditioned_critic"):
+        Critic(MixtureDenoiser(GaussianMixture2D(), NoiseSchedule.ddpm()), MLPHead(16, 16), 4)

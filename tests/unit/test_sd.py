@@ -16,6 +16,8 @@ from dmdscale.config import build_config
 from dmdscale.core.optim import TorchOptimizedModule
 from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.distributed.worker import build_players
+from dmdscale.models.base import Critic
+from dmdscale.models.heads import ConvHead
 from dmdscale.models.sd import check_pipeline_folder, load_sd_teacher
 from dmdscale.models.text_encoders import PromptEncoder
 from dmdscale.tools.tiny_sd import build_tiny_pipeline
@@ -79,6 +81,16 @@ def test_features_are_the_mid_block_output(tiny, family):
     hook.remove()
     torch.testing.assert_close(teacher.features(x, t, cond), seen["mid"])
     assert seen["mid"].shape[1] == teacher.feature_channels
+
+    # A step-conditioned critic on it adds its step embedding to the UNet's time embedding.
+    critic = Critic(teacher, ConvHead.for_model(teacher), 4)
+    with torch.no_grad():
+        x0 = teacher(x, t, cond)
+        critic.step_embedding.weight[3] = 0.5
+        with critic.at_step(3):
+            assert not torch.allclose(critic.fake_score(x, t, cond), x0)
+            assert not torch.allclose(critic.fake_score.features(x, t, cond), seen["mid"])
+        torch.testing.assert_close(critic.fake_score(x, t, cond), x0, rtol=0, atol=0)
 
 
 def test_a_folder_missing_components_is_named(tmp_path, tiny):
