@@ -184,8 +184,10 @@ class DMD2Step:
         with torch.set_grad_enabled(update_generator), self._autocast():
             x = self.generator(x_in, t_in, batch.cond)
         metrics: dict[str, float] = {"generator_updated": float(update_generator)}
-        # The critic judges this iteration's outputs as step k's (loss.step_conditioned_critic).
-        with self.critic.at_step(self.step_index(t_in)):
+        # The critic judges this iteration's outputs as step k's (loss.step_conditioned_critic);
+        # a shared critic needs no k, and reading it from t_in would sync the device.
+        k = self.step_index(t_in) if self.critic.step_embedding is not None else None
+        with self.critic.at_step(k):
             if update_generator:
                 metrics |= self.update_generator(x, batch, diagnose)
             metrics |= self.update_critic(x.detach(), batch, diagnose)

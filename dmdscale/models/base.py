@@ -163,8 +163,8 @@ class Critic(nn.Module):
         return self.head(self.fake_score.features(x_t, t, cond)).flatten(1).mean(1)
 
     @contextlib.contextmanager
-    def at_step(self, k: int) -> Iterator[None]:
-        """Forwards inside judge the student's step k (a no-op without a step embedding)."""
+    def at_step(self, k: int | None) -> Iterator[None]:
+        """Forwards inside judge the student's step k (a no-op without a step embedding or k)."""
         previous, self.step = self.step, k
         try:
             yield
