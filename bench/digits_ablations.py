@@ -114,7 +114,8 @@ def train(cfg: Config, inputs: Any, init: dict[str, Any] | None = None) -> dict[
     torch.manual_seed(cfg.train.seed)
     teacher, generator, critic = build_players(cfg, inputs.teacher_path, torch.device("cpu"))
     if init is not None:  # a second stage starts from the first's generator, critic and EMA
-        generator.load_state_dict(init["generator"].state_dict())
+        generator.load_state_dict(init["generator"].state_dict() if cfg.train.init_ema is None
+                                  else init["ema"].full_state_dict(cfg.train.init_ema))
         critic.load_state_dict(init["critic"].state_dict())
     ema = GeneratorEMA(generator, cfg.train.ema_decays, cfg.train.ema_power) if cfg.train.ema_decays else None
     if ema is not None and init is not None and init.get("ema") is not None:
@@ -253,13 +254,16 @@ def table(results: dict[str, Any]) -> str:
 # Staged runs, each stage from the previous one's generator, critic and EMA.
 # two_stage (the paper's best ImageNet result): half the iterations without the GAN at the base
 # LR, then the other half from there with the GAN on at 1/4 of it.
-# four_step_*_staged: the 1-step defaults, then as many iterations at 4 steps and 1/5 of the LR.
-# A 4-step student trained from the teacher at the full LR stays far behind 1 step, and a
-# 4-step stage at 1/2 of the LR wrecked a good 1-step student (EMA FID 13.0 -> 51.8): the
-# first step's output drifts off while the later steps train (toy2d, per-step figures).
+# four_step_*_staged: the 1-step defaults, then README's 4-step recipe ("Stages"): a
+# step-conditioned critic at 4x the base LR, the generator from stage 1's EMA at 1/5 of it, twice
+# the iterations. A 4-step student trained from the teacher at the full LR stays far behind 1
+# step, and with a shared critic a 4-step stage wrecks a good 1-step student: the first step's
+# output drifts off while the later steps train (bench/README.md, "A step-conditioned critic").
 STAGED = {"two_stage": "stage 1 no GAN, then GAN at 1/4 LR (same total iterations)",
-          "four_step_backsim_staged": "1-step defaults, then 4 steps with backward simulation at 1/5 LR (2x iterations)",
-          "four_step_noised_real_staged": "1-step defaults, then 4 steps on noised real inputs at 1/5 LR (2x iterations)"}
+          "four_step_backsim_staged": "1-step defaults, then README's 4-step recipe with backward simulation",
+          "four_step_noised_real_staged": "1-step defaults, then README's 4-step recipe on noised real inputs"}
+FOUR_STEP_RECIPE = {"generator.timesteps": [999, 249, 99, 49], "loss.step_conditioned_critic": True,
+                    "train.init_ema": 0.97}
 
 
 def staged_stages(name: str, cfg_lr: float, steps: int) -> list[dict[str, Any]]:
@@ -268,8 +272,9 @@ def staged_stages(name: str, cfg_lr: float, steps: int) -> list[dict[str, Any]]:
         return [{**NO_GAN, "train.max_steps": half}, {"train.max_steps": steps - half, "train.lr": cfg_lr / 4,
                                                       "train.warmup_steps": 0}]
     backsim = name == "four_step_backsim_staged"
-    return [{"train.max_steps": steps}, {**FOUR_STEPS, "generator.backward_simulation": backsim,
-                                         "train.max_steps": steps, "train.lr": cfg_lr / 5, "train.warmup_steps": 0}]
+    return [{"train.max_steps": steps}, {**FOUR_STEP_RECIPE, "generator.backward_simulation": backsim,
+                                         "train.max_steps": 2 * steps, "train.lr": cfg_lr / 5,
+                                         "train.critic_lr": cfg_lr * 4, "train.warmup_steps": 0}]
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dmdscale.config import Config
-from dmdscale.distributed.checkpoint import RunJournal, init_source, parse_fail_at_step
+from dmdscale.distributed.checkpoint import RunJournal, check_init, parse_fail_at_step
 from dmdscale.families import family_of
 from dmdscale.families.base import Trained
 from dmdscale.redact import redact_mapping
@@ -93,8 +93,7 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
     family = family_of(cfg)
     fail_at_step = parse_fail_at_step(os.environ.get("DMDSCALE_FAIL_AT_STEP"))
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.train.init is not None:
-        init_source(cfg.train.init)  # a missing or wrong start folder fails here, before any work
+    check_init(cfg.train.init, cfg.train.init_ema)  # a missing or wrong start fails here, before any work
     inputs = family.preflight(cfg)  # data, labels, teacher, evaluation settings
     _note_unreached_decays(cfg)
     check_tracking_server(absolute_tracking_uri())

@@ -291,11 +291,40 @@ def init_source(path: str | Path) -> tuple[str, Path]:
                       f"exported student ({STUDENT_INFO})")
 
 
-def load_stage(path: str | Path, parts: tuple[str, ...] = STAGE_PARTS) -> dict[str, dict[str, Tensor]]:
+def check_init(path: str | Path | None, generator_ema: float | None = None) -> tuple[str, Path] | None:
+    """train.init (and train.init_ema, the EMA the generator starts from) checked on the driver
+    before any cluster work, with a clear error naming the key; returns `init_source(path)`."""
+    if path is None:
+        if generator_ema is not None:
+            raise ConfigError("train.init_ema: set it only with train.init (the run whose EMA the generator starts from)")
+        return None
+    kind, folder = init_source(path)
+    if generator_ema is None:
+        return kind, folder
+    if kind == "student":
+        raise ConfigError(f"train.init_ema: {folder} is an exported student (one set of weights, no EMAs); "
+                          f"give its run folder, or set train.init_ema to null")
+    from safetensors import safe_open
+
+    from dmdscale.core.ema import ema_name
+
+    ema = folder / "ema.safetensors"
+    names = set()
+    if ema.is_file():
+        with safe_open(str(ema), "pt") as f:
+            names = {k.split("/", 1)[0] for k in f.keys() if "/" in k}
+    if ema_name(generator_ema) not in names:
+        raise ConfigError(f"train.init_ema: {folder} has no {ema_name(generator_ema)} (has: {sorted(names) or 'no EMAs'})")
+    return kind, folder
+
+
+def load_stage(path: str | Path, parts: tuple[str, ...] = STAGE_PARTS,
+               generator_ema: float | None = None) -> dict[str, dict[str, Tensor]]:
     """The weights `train.init` starts from, by part (of `parts`: generator, and critic and ema
     when the source has them). An exported student's UNet is read as the generator's `unet.`
-    weights."""
-    kind, folder = init_source(path)
+    weights. With `generator_ema` (train.init_ema), the generator's trained parameters are that
+    EMA's averages (its buffers and frozen weights stay the raw generator's)."""
+    kind, folder = check_init(path, generator_ema)
     if kind == "student":
         if "generator" not in parts:
             return {}
@@ -304,8 +333,15 @@ def load_stage(path: str | Path, parts: tuple[str, ...] = STAGE_PARTS) -> dict[s
             raise ConfigError(f"train.init: {folder} has no unet/diffusion_pytorch_model.safetensors; start from "
                               f"the run folder instead (its stage/ holds the generator, critic and EMA)")
         return {"generator": {f"unet.{k}": v for k, v in load_file(unet).items()}}
-    return {part: load_file(folder / f"{part}.safetensors") for part in parts
-            if (folder / f"{part}.safetensors").is_file()}
+    out = {part: load_file(folder / f"{part}.safetensors") for part in parts
+           if (folder / f"{part}.safetensors").is_file()}
+    if generator_ema is not None and "generator" in out:
+        from dmdscale.core.ema import ema_name
+
+        prefix = f"{ema_name(generator_ema)}/"
+        averages = {k[len(prefix):]: v for k, v in load_file(folder / "ema.safetensors").items() if k.startswith(prefix)}
+        out["generator"] = {k: averages.get(k, v).to(v.dtype) for k, v in out["generator"].items()}
+    return out
 
 
 class InjectedFailure(RuntimeError):

@@ -18,10 +18,23 @@ from typing import Any
 import torch
 
 from dmdscale.config import Config
-from dmdscale.distributed.checkpoint import STAGE_DIR, init_source, save_stage
+from dmdscale.distributed.checkpoint import STAGE_DIR, check_init, save_stage
 from dmdscale.distributed.ode_pairs import PAIR_INFO_COLUMNS
 
 STAGE_NAME = "regression"  # the Ray Train run's name: <name>-regression-<out folder>
+
+
+def regression_generator(cfg: Config, teacher_path: str) -> torch.nn.Module:
+    """The regression stage's generator on the host: a trainable copy of the teacher (adapted
+    by the family, e.g. LoRA), or train.init's generator."""
+    from dmdscale.distributed.worker import _load_part
+    from dmdscale.families import family_of
+
+    family = family_of(cfg)
+    generator = copy.deepcopy(family.load_teacher(cfg, teacher_path)).train().requires_grad_(True)
+    family.adapt_generator(cfg, generator)
+    _load_part(generator, cfg, "generator")
+    return generator
 
 
 def regression_worker(config: dict[str, Any]) -> None:
@@ -35,8 +48,7 @@ def regression_worker(config: dict[str, Any]) -> None:
     from dmdscale.distributed.checkpoint import DataPosition
     from dmdscale.distributed.engine import DeepSpeedOptimizedModule
     from dmdscale.distributed.resources import cpu_threads
-    from dmdscale.distributed.worker import TRAIN_LOG, TRAIN_METRICS, _load_part, all_ranks_agree, shard_batches
-    from dmdscale.families import family_of
+    from dmdscale.distributed.worker import TRAIN_LOG, TRAIN_METRICS, all_ranks_agree, shard_batches
     from dmdscale.tracking import MlflowSink
 
     cfg = Config.model_validate(config["cfg"])
@@ -46,21 +58,12 @@ def regression_worker(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg, ctx.get_local_world_size()))
     torch.manual_seed(cfg.train.seed)
-    family = family_of(cfg)
-    teacher = family.load_teacher(cfg, config["teacher_path"])
-    generator = copy.deepcopy(teacher).train().requires_grad_(True)
-    family.adapt_generator(cfg, generator)
-    if cfg.train.init is not None:
-        from dmdscale.distributed.checkpoint import load_stage
-
-        _load_part(generator, load_stage(cfg.train.init, ("generator",))["generator"], "generator", cfg.train.init)
-    generator = generator.to(device)
+    generator = regression_generator(cfg, config["teacher_path"]).to(device)
     vae = None
     if cfg.regression.metric == "lpips":
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(config["teacher_path"], subfolder="vae").to(device)
-    del teacher
     micro = cfg.train.batch_size // world
     engine = DeepSpeedOptimizedModule(generator, cfg.train, cfg.scale, micro, role="generator")
     distance = regression_distance(cfg, vae)
@@ -144,8 +147,7 @@ def run_regression_stage(cfg: Config, out: Path) -> dict[str, Any]:
 
     family = family_of(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.train.init is not None:
-        init_source(cfg.train.init)  # a missing or wrong start folder fails here, before any work
+    check_init(cfg.train.init, cfg.train.init_ema)  # a missing or wrong start fails here, before any work
     inputs = family.preflight(cfg)  # teacher folder, prompts (images optional)
     folder = pairs_folder(cfg, out)
     check_pairs_target(folder, pairs_key(cfg, inputs.train_path))

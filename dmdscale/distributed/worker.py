@@ -121,7 +121,7 @@ def _load_part(module: torch.nn.Module, cfg: Config, part: str) -> None:
     """train.init's weights of `part` into `module`, when it has them."""
     if cfg.train.init is None:
         return
-    state = load_stage(cfg.train.init, (part,)).get(part)
+    state = load_stage(cfg.train.init, (part,), generator_ema=cfg.train.init_ema).get(part)
     if state is None:
         return
     try:

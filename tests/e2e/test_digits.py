@@ -172,8 +172,9 @@ def test_a_second_stage_starts_from_the_first_runs_weights(tmp_path, cache):
     first = tmp_path / "stage1"
     # The teacher's 1000-step sampler keeps the final evaluation going for seconds, so the
     # interrupt lands in it (at the quick run's 10 steps it could end before the signal did).
-    command = [sys.executable, str(PIPELINE), "--quick", "--out", str(first), f"cache_dir={cache}",
-               "train.max_steps=2", "eval.during_training=false", "eval.num_samples=20", "eval.teacher_steps=1000"]
+    # Two generator updates (TTUR 1), so that the EMA differs from the raw weights.
+    command = [sys.executable, str(PIPELINE), "--quick", "--out", str(first), f"cache_dir={cache}", "train.max_steps=2",
+               "train.ttur_ratio=1", "eval.during_training=false", "eval.num_samples=20", "eval.teacher_steps=1000"]
     with open(tmp_path / "stderr.txt", "w") as stderr:  # a file: a full pipe would stall the run
         proc = subprocess.Popen(command, cwd=tmp_path, stderr=stderr, text=True)
         _interrupt_when(proc, first / "trained.json")  # training is done, the evaluation under way
@@ -189,14 +190,19 @@ def test_a_second_stage_starts_from_the_first_runs_weights(tmp_path, cache):
     second = tmp_path / "stage2"
     proc = subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(second), f"cache_dir={cache}",
                            "train.max_steps=1", "train.lr=1e-12", "train.critic_lr=1e-12", f"train.init={first}",
-                           "eval.during_training=false", "eval.num_samples=20"],
+                           "train.init_ema=0.97", "eval.during_training=false", "eval.num_samples=20"],
                           capture_output=True, text=True, timeout=1500, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # One iteration at lr 1e-12 leaves stage 1's weights where they were: stage 2 started from them.
-    for part in ("generator", "critic"):
-        a, b = load_file(first / "stage" / f"{part}.safetensors"), load_file(second / "stage" / f"{part}.safetensors")
-        assert a.keys() == b.keys()
-        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a), part
+    # One iteration at lr 1e-12 leaves stage 1's weights where they were: stage 2 started from
+    # them, the generator from stage 1's EMA (train.init_ema), not from its raw weights.
+    a, b = load_file(first / "stage" / "critic.safetensors"), load_file(second / "stage" / "critic.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a), "critic"
+    raw, ema = load_file(first / "stage" / "generator.safetensors"), load_file(first / "stage" / "ema.safetensors")
+    average = {k.split("/", 1)[1]: v for k, v in ema.items() if k.startswith("ema_0.97/")}
+    started = load_file(second / "stage" / "generator.safetensors")
+    assert average and all(torch.allclose(started[k].float(), v.float(), atol=1e-6) for k, v in average.items())
+    assert any(not torch.allclose(raw[k].float(), v.float(), atol=1e-6) for k, v in average.items())
     assert json.loads((second / "metrics.json").read_text())["steps_completed"] == 1
     # A start folder that is not a run stops before any work, naming the key.
     proc = subprocess.run([sys.executable, str(PIPELINE), "--quick", "--out", str(tmp_path / "bad"),

@@ -285,6 +285,64 @@ def test_init_starts_generator_critic_and_ema_from_another_runs_stage(tmp_path):
         init_source(tmp_path / "teacher")
 
 
+def test_init_ema_starts_the_generator_from_the_first_stages_average(tmp_path):
+    """train.init_ema: the generator starts from the stage's EMA (not its raw weights); the
+    critic and the EMAs load as before; a wrong decay, an exported student or no train.init is
+    refused naming the key, before any work (check_init is what the driver calls)."""
+    from dmdscale.distributed.checkpoint import check_init
+    from dmdscale.distributed.worker import build_players, init_ema
+
+    teacher = str(_unet_folder(tmp_path / "teacher"))
+    cfg = build_config({}, {"model.family": "unet2d", "model.teacher": teacher, "train.ema_decays": [0.9]})
+    _, generator, critic = build_players(cfg, teacher, torch.device("cpu"))
+    ema = init_ema(cfg, generator)
+    with torch.no_grad():  # raw weights move away from their average
+        for p in generator.parameters():
+            p.add_(0.05)
+    save_stage(tmp_path / "run1", {"generator": generator.state_dict(), "critic": critic.state_dict(),
+                                   "ema": ema.state_dict()})
+
+    stage2 = build_config({}, {"model.family": "unet2d", "model.teacher": teacher, "train.ema_decays": [0.9],
+                               "train.init": str(tmp_path / "run1"), "train.init_ema": 0.9})
+    check_init(stage2.train.init, stage2.train.init_ema)
+    _, gen2, critic2 = build_players(stage2, teacher, torch.device("cpu"))
+    for (name, p), average in zip(gen2.named_parameters(), ema.averages[0.9]):
+        assert torch.equal(p, average), name
+    assert not torch.equal(next(gen2.parameters()), next(generator.parameters()))
+    for p, q in zip(critic.state_dict().values(), critic2.state_dict().values()):
+        assert torch.equal(p, q)
+
+    with pytest.raises(ConfigError, match=r"train.init_ema: .* has no ema_0.99 \(has: \['ema_0.9'\]\)"):
+        check_init(tmp_path / "run1", 0.99)
+    with pytest.raises(ConfigError, match="train.init_ema: set it only with train.init"):
+        check_init(None, 0.9)
+    from dmdscale.export import export_unet_student
+
+    export_unet_student(generator, [999], tmp_path / "run2" / "student")
+    with pytest.raises(ConfigError, match="train.init_ema: .* exported student"):
+        check_init(tmp_path / "run2", 0.9)
+    with pytest.raises(ConfigError, match="train.init_ema"):
+        build_config({}, {"train.init_ema": 1.5})
+
+
+def test_the_regression_stage_starts_from_train_init(tmp_path):
+    """The regression stage's generator: the teacher's copy, or train.init's generator (this
+    path called the loader with an old signature and failed on the train worker)."""
+    from dmdscale.distributed.regression import regression_generator
+
+    teacher = str(_unet_folder(tmp_path / "teacher"))
+    cfg = build_config({}, {"model.family": "unet2d", "model.teacher": teacher})
+    generator = regression_generator(cfg, teacher)
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.mul_(1.5)
+    save_stage(tmp_path / "run1", {"generator": generator.state_dict()})
+    stage2 = build_config({}, {"model.family": "unet2d", "model.teacher": teacher, "train.init": str(tmp_path / "run1")})
+    for p, q in zip(generator.parameters(), regression_generator(stage2, teacher).parameters()):
+        assert torch.equal(p, q)
+    assert not torch.equal(next(generator.parameters()), next(regression_generator(cfg, teacher).parameters()))
+
+
 def test_a_relative_init_path_is_made_absolute_where_the_config_is_read(tmp_path, monkeypatch):
     """Ray's train workers run elsewhere: train.init must reach them as an absolute path."""
     monkeypatch.chdir(tmp_path)
