@@ -20,10 +20,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Protocol, TypeVar
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from dmdscale.config import ConfigError
+from dmdscale.core.ema import ema_name
 from dmdscale.errors import warn
 
 
@@ -304,10 +306,6 @@ def check_init(path: str | Path | None, generator_ema: float | None = None) -> t
     if kind == "student":
         raise ConfigError(f"train.init_ema: {folder} is an exported student (one set of weights, no EMAs); "
                           f"give its run folder, or set train.init_ema to null")
-    from safetensors import safe_open
-
-    from dmdscale.core.ema import ema_name
-
     ema = folder / "ema.safetensors"
     names = set()
     if ema.is_file():
@@ -336,10 +334,9 @@ def load_stage(path: str | Path, parts: tuple[str, ...] = STAGE_PARTS,
     out = {part: load_file(folder / f"{part}.safetensors") for part in parts
            if (folder / f"{part}.safetensors").is_file()}
     if generator_ema is not None and "generator" in out:
-        from dmdscale.core.ema import ema_name
-
         prefix = f"{ema_name(generator_ema)}/"
-        averages = {k[len(prefix):]: v for k, v in load_file(folder / "ema.safetensors").items() if k.startswith(prefix)}
+        with safe_open(str(folder / "ema.safetensors"), "pt") as f:  # this decay's tensors only
+            averages = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         out["generator"] = {k: averages.get(k, v).to(v.dtype) for k, v in out["generator"].items()}
     return out
 
