@@ -34,7 +34,11 @@ def parse(argv: list[str], default_config: str | Path | None, description: str,
                         help=f"show the traceback of expected errors too (or set {DEBUG_ENV}=1)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.max_steps=100 loss.gan_generator_weight=0.003")
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may come before, between and after the options.
+    args = parser.parse_intermixed_args(argv)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if out.exists() and not out.is_dir():
+        parser.exit(2, f"{parser.prog}: error: --out: {out} is a file, not a folder; give a folder for the run\n")
     try:
         cfg = load_config(args.config, args.overrides, quick=args.quick)
         if family is not None and cfg.model.family != family:
@@ -45,8 +49,10 @@ def parse(argv: list[str], default_config: str | Path | None, description: str,
         if args.debug or os.environ.get(DEBUG_ENV):
             raise
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on the way, no permission
+        parser.exit(2, f"{parser.prog}: error: --out: cannot make the folder {out} ({exc.strerror})\n")
     return cfg, out
 
 

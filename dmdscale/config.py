@@ -124,7 +124,7 @@ class TrainConfig(_Section):
     ttur_ratio: int = Field(5, ge=1)  # critic updates per generator update
     lr: float = Field(1e-4, gt=0)  # the generator's, and the critic's unless critic_lr is set
     critic_lr: float | None = Field(None, gt=0)  # None: lr (the paper sets both equal)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's, each in [0, 1)
     weight_decay: float = Field(0.01, ge=0)
     # Linear LR warm-up over this many iterations for both players; the generator's clock
     # counts iterations, not its own updates (the authors step its scheduler every iteration).
@@ -134,6 +134,7 @@ class TrainConfig(_Section):
     grad_clip: float = Field(10.0, gt=0)
     # bf16: forwards under bf16 autocast on fp32 generator/critic weights (fp32 DeepSpeed engines),
     # the frozen teacher stored in bf16, the DM loss's fake-score pass in fp32 (as the DMD2 authors).
+    # "fp32" (and YAML's `no`, which it reads as false) mean "no".
     mixed_precision: Literal["no", "bf16"] = "no"
     # Recompute the generator's and fake score's activations in backward (UNet2DConditionModel).
     gradient_checkpointing: bool = False
@@ -160,6 +161,23 @@ class TrainConfig(_Section):
     # Worker-group restarts Ray Train makes after a failure (each resumes from the latest
     # checkpoint) before the run fails: FailureConfig(max_failures).
     max_failures: int = Field(2, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if any(not 0 <= b < 1 for b in v):  # torch's Adam raises on the worker, naming no key
+            raise ValueError(f"each of Adam's betas must be in [0, 1), got {list(v)}")
+        return v
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _full_precision_aliases(cls, v: Any) -> Any:
+        # `train.mixed_precision=no` as README writes it: YAML 1.1 reads an unquoted no as false.
+        if v is False or (isinstance(v, str) and v.lower() in ("no", "fp32", "false")):
+            return "no"
+        if isinstance(v, str) and v.lower() == "bf16":
+            return "bf16"
+        raise ValueError(f"choose no (or fp32) for full precision, or bf16")
 
     @field_validator("init")
     @classmethod
@@ -443,6 +461,12 @@ class Config(_Section):
             raise ValueError(f"loss.regression_weight: the regression term in DMD2 is for the {names} families, not "
                              f"{self.model.family!r}; SD1.5/SDXL teachers pretrain on ODE pairs in a regression "
                              f"stage instead (regression.enabled)")
+        if self.regression.enabled and not family.supports_regression_stage:
+            names = ", ".join(name for name, f in FAMILIES.items() if f.supports_regression_stage)
+            raise ValueError(f"regression.enabled: the regression stage (teacher ODE pairs from prompts) is for the "
+                             f"{names} families, not {self.model.family!r}; leave regression.enabled false"
+                             + (" (loss.regression_weight adds DMD1's regression term to DMD2 instead)"
+                                if family.supports_regression_loss else ""))
         if self.lora.enabled and not family.supports_lora:
             lora = ", ".join(name for name, f in FAMILIES.items() if f.supports_lora)
             raise ValueError(f"lora.enabled: LoRA applies to the {lora} families, not {self.model.family!r}")

@@ -13,6 +13,7 @@ sweep_config.yaml (what DIR was started with), results.csv, best_config.yaml, sw
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
@@ -77,6 +78,12 @@ def check_sweep(cfg: Config) -> None:
                 trial_config(cfg, {key: value})
             except ConfigError as exc:
                 raise ConfigError(f"sweep.space.{key}: value {value!r} does not make a valid run: {exc}") from None
+    reported = family_of(cfg).metric_names(cfg)
+    if sweep.metric not in reported:  # else every trial would train in full before Tune refused it
+        close = difflib.get_close_matches(sweep.metric, sorted(reported), n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError(f"sweep.metric: {sweep.metric!r} is not a figure {cfg.model.family} runs report; {hint}"
+                          f"they report {', '.join(sorted(reported))}")
     if sweep.early_stopping == "asha" and not uses_eval_actors(cfg):
         evaluated = ", ".join(name for name, family in FAMILIES.items() if family.has_eval_actors)
         raise ConfigError(f"sweep.early_stopping: asha stops trials on the FID of checkpoints evaluated during "

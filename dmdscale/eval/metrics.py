@@ -222,6 +222,23 @@ def sample_quality_of(who: str, real_images: np.ndarray, images: np.ndarray,
     return {f"{k}_{who}": v for k, v in sample_quality(real_images, images, seed=seed, **space).items()}
 
 
+@functools.lru_cache(maxsize=None)
+def sample_quality_names(resolution: int, channels: int, feature_space: str | None = None) -> frozenset[str]:
+    """The `<quantity>_<space>` names `sample_quality` reports for images of this shape, read
+    off a call on a few random images so the list cannot drift from the figures. The call is
+    made at 16 px at most (seconds at 1024 px); only SWD's pyramid levels depend on the size."""
+    import re
+
+    from dmdscale.eval.diversity import pyramid_resolutions, sample_quality
+
+    small = min(resolution, 16)
+    images = np.random.default_rng(0).integers(1, 255, (8, small, small, channels), dtype=np.uint8)
+    space = {"features_fn": lambda x: x.reshape(len(x), -1).astype(np.float64),
+             "feature_space": feature_space} if feature_space else {}
+    names = {k for k in sample_quality(images, images[::-1].copy(), **space) if not re.fullmatch(r"swd\d+_pixels", k)}
+    return frozenset(names | {f"swd{r}_pixels" for r in pyramid_resolutions(resolution)})
+
+
 class CleanFIDFeatures(nn.Module):
     """A DigitClassifier seen through clean-fid's input pipeline, for `custom_feat_extractor`.
 

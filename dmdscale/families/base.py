@@ -66,6 +66,26 @@ class Evaluation:
     samples: dict[str, np.ndarray]
 
 
+# What a Ray-trained run's metrics.json holds besides its evaluation's figures: the train
+# worker's final report, the data's row counts and, with evaluation actors, their counts.
+TRAINING_FIGURES = ("steps_completed", "resumed_from_step", "restarts", "train_seconds", "data_wait_fraction",
+                    "data_first_batch_seconds", "train_images_per_s", "nonfinite_steps",
+                    "teacher_parameters_per_rank", "skipped_rows", "usable_rows")
+EVAL_ACTOR_FIGURES = ("checkpoint_evaluations", "eval_dropped_checkpoints")
+ROLLOUT_FIGURES = tuple(f"rollout_{k}" for k in ("served", "served_local", "dropped_stale", "actors_replaced",
+                                                 "mean_staleness", "max_staleness", "version"))
+
+
+def student_names(cfg: Config) -> list[str]:
+    """Whose figures the final evaluation reports for the student: `student` (the exported
+    weights) and `student_<name>` for each set of weights evaluated beside it (raw, other EMAs)."""
+    from dmdscale.core.ema import ema_name
+
+    others = ["raw"] if cfg.export.ema is not None else []
+    others += [ema_name(d) for d in cfg.train.ema_decays if d != cfg.export.ema]
+    return ["student", *(f"student_{name}" for name in others)]
+
+
 class Family:
     """A teacher family (see the module docstring); subclasses set the class attributes."""
 
@@ -76,6 +96,8 @@ class Family:
     supports_lora: bool = False  # lora.enabled trains a LoRA adapter on the generator
     # loss.regression_weight > 0: DMD1's regression term on fixed teacher ODE pairs in DMD2Step
     supports_regression_loss: bool = False
+    # regression.enabled: a regression stage on the teacher's ODE pairs from prompts (text families)
+    supports_regression_stage: bool = False
     student_parts: Sequence[str] = ()  # what `save_student` writes into the final checkpoint
     pipeline_tag: str = ""  # the Hub's task of the exported student (model card)
 
@@ -91,6 +113,23 @@ class Family:
         """Build (or load cached) what training needs once (e.g. a teacher trained here).
         A sweep calls it once before its trials, so they all find it cached."""
         return inputs
+
+    def metric_names(self, cfg: Config) -> set[str]:
+        """Every number a run of `cfg` may put in metrics.json: what `sweep.metric` can name
+        (checked before a sweep starts). Figures that depend on the data (e.g. FID without
+        held-out images) are included."""
+        from dmdscale.distributed.resources import uses_eval_actors
+
+        names = set(TRAINING_FIGURES) | self.evaluation_figures(cfg)
+        if uses_eval_actors(cfg):
+            names |= set(EVAL_ACTOR_FIGURES)
+        if len(cfg.generator.timesteps) > 1:
+            names |= set(ROLLOUT_FIGURES)
+        return names
+
+    def evaluation_figures(self, cfg: Config) -> set[str]:
+        """The numbers `evaluate` reports for `cfg`."""
+        raise NotImplementedError
 
     # -- worker side ---------------------------------------------------------------------
     def load_teacher(self, cfg: Config, teacher_path: str) -> Denoiser:

@@ -103,6 +103,7 @@ class SDFamily(Family):
     network_dir = STUDENT_UNET_DIR  # where the final checkpoint holds it
     pipeline_tag = "text-to-image"
     supports_lora = True
+    supports_regression_stage = True
     has_eval_actors = True  # eval.during_training: FID, CLIP score and a grid per checkpoint
 
     def __init__(self, variant: str):
@@ -259,6 +260,15 @@ image = pipe("a photo of a cat", {", ".join(f"{k}={v}" for k, v in call.items())
                                      text_eval_spec(cfg, inputs.prompts), real, kind, cfg.eval.inception_weights,
                                      cfg.eval.clip_model, lora_config(cfg) if cfg.lora.enabled else None,
                                      tracker.tracking_uri, tracker.run_id)
+
+    def evaluation_figures(self, cfg: Config) -> set[str]:
+        from dmdscale.eval.metrics import sample_quality_names
+
+        names = {"student_steps", "teacher_steps", "sampling_speedup", "student_seconds_per_image"}
+        for who in ("student", "teacher"):  # FID and the quality figures need held-out images, CLIP a model
+            names |= {f"fid_{who}", f"kid_{who}", f"clip_score_{who}"}
+            names |= {f"{q}_{who}" for q in sample_quality_names(cfg.data.resolution, cfg.data.channels)}
+        return names
 
     def evaluate(self, cfg: Config, inputs: Inputs, trained: Trained, workdir: Path) -> Evaluation:
         """Student samples from the exported folder exactly as a user loads it (stock diffusers,

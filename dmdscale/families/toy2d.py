@@ -171,9 +171,10 @@ class Toy2dFamily(Family):
         if cfg.train.init is not None or cfg.train.ema_decays:
             raise ValueError("train.init / train.ema_decays: staged runs and EMA are for the families trained on Ray "
                              "(toy2d trains in one process)")
-        if cfg.loss.gan_augment or cfg.loss.gan_head != "conv":
-            raise ValueError("loss.gan_augment / loss.gan_head: image options; toy2d's points go to an MLP head "
-                             "(leave gan_augment empty and gan_head 'conv')")
+        if cfg.loss.gan_augment or cfg.loss.gan_head != "conv" or cfg.loss.gan_feature_depths:
+            raise ValueError("loss.gan_augment / loss.gan_head / loss.gan_feature_depths: image and transformer "
+                             "options; toy2d's points go to an MLP head (leave gan_augment and gan_feature_depths "
+                             "empty and gan_head 'conv')")
 
     def preflight(self, cfg: Config) -> None:
         return None  # nothing outside this process to check

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from dmdscale.config import Config
-from dmdscale.families.base import Evaluation, Family, RunInputs, Trained, check_teacher_steps
+from dmdscale.families.base import Evaluation, Family, RunInputs, Trained, check_teacher_steps, student_names
 
 
 @dataclasses.dataclass
@@ -45,6 +46,25 @@ def resolve_teacher(cfg: Config, images: np.ndarray, labels: np.ndarray) -> Path
         tiny_unet_config(cfg.data.resolution, cfg.data.channels, cfg.data.num_classes, tt.width),
         steps=tt.steps, batch_size=tt.batch_size, lr=tt.lr, prediction_type=tt.prediction_type,
         seed=cfg.train.seed)
+
+
+def check_teacher_shape(cfg: Config) -> None:
+    """A local teacher folder's UNet takes data.resolution x data.channels images (a hub id is
+    not read here): a mismatch fails at preflight, not after the classifier has trained."""
+    from dmdscale.config import ConfigError
+    from dmdscale.models.base import is_local
+
+    config = Path(cfg.model.teacher).expanduser() / "unet" / "config.json"
+    if not (is_local(cfg.model.teacher) and config.is_file()):
+        return
+    unet = json.loads(config.read_text())
+    size, channels = unet.get("sample_size"), unet.get("in_channels")
+    if isinstance(size, int) and size != cfg.data.resolution:
+        raise ConfigError(f"data.resolution: the teacher {config} takes {size}x{size} images, got "
+                          f"data.resolution={cfg.data.resolution}; set data.resolution={size}")
+    if isinstance(channels, int) and channels != cfg.data.channels:
+        raise ConfigError(f"data.channels: the teacher {config} takes {channels}-channel images, got "
+                          f"data.channels={cfg.data.channels}; set data.channels={channels}")
 
 
 def fid_extractor(cfg: Config, classifier: Any) -> Any:
@@ -75,6 +95,13 @@ class UNet2DFamily(Family):
         if cfg.eval.feature_extractor == "clip":
             raise ValueError("eval.feature_extractor: 'clip' is for the text-to-image families; "
                              "unet2d takes 'classifier' or 'inception'")
+        if cfg.loss.gan_feature_depths:
+            raise ValueError("loss.gan_feature_depths: transformer teachers only; the unet2d discriminator reads the "
+                             "UNet's mid block (leave it empty, choose the head with loss.gan_head)")
+        if cfg.model.teacher == "train" and cfg.data.resolution % 4:
+            # The teacher trained here downsamples twice (tiny_unet_config).
+            raise ValueError(f"data.resolution: the teacher dmdscale trains (model.teacher: train) halves the "
+                             f"resolution twice, so it must be a multiple of 4 (got {cfg.data.resolution})")
 
     def preflight(self, cfg: Config) -> Inputs:
         """(train path, held-out path), validated on the driver before any cluster work."""
@@ -88,6 +115,7 @@ class UNet2DFamily(Family):
             check_source(path, require_labels=True, num_classes=cfg.data.num_classes)
         if cfg.model.teacher != "train":
             check_hub_teacher(check_unet_folder(cfg.model.teacher))
+            check_teacher_shape(cfg)
         check_teacher_steps(cfg, cfg.model.teacher, TRAIN_TIMESTEPS if cfg.model.teacher == "train" else None)
         return Inputs(train, held_out, cfg.model.teacher)
 
@@ -154,6 +182,17 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
 
         return EvaluationPool.start(cfg, functools.partial(load_unet, inputs.teacher_path), inputs.held_out[0],
                                     fid_extractor(cfg, inputs.classifier), tracker.tracking_uri, tracker.run_id)
+
+    def evaluation_figures(self, cfg: Config) -> set[str]:
+        from dmdscale.eval.metrics import sample_quality_names
+
+        space = "classifier" if cfg.eval.feature_extractor == "classifier" else None
+        quality = sample_quality_names(cfg.data.resolution, cfg.data.channels, space)
+        names = {"teacher_steps", "student_steps", "sampling_speedup", "classifier_accuracy_held_out"}
+        for who in [*student_names(cfg), "teacher", "teacher_1step", "real_train"]:
+            names |= {f"fid_{who}", f"kid_{who}"} | {f"{q}_{who}" for q in quality}
+            names |= set() if who == "real_train" else {f"class_accuracy_{who}"}
+        return names
 
     def evaluate(self, cfg: Config, inputs: Inputs, trained: Trained, workdir: Path) -> Evaluation:
         """FID and KID against held-out real images and class accuracy, for the teacher at its

@@ -12,6 +12,7 @@ import torch
 from dmdscale.config import ConfigError, load_config
 from dmdscale.data.sources import DataError
 from dmdscale.driver import run
+from dmdscale.families import family_of
 
 pytestmark = pytest.mark.slow
 CONFIGS = "pipelines/configs"
@@ -42,8 +43,9 @@ def test_sd15_one_step_end_to_end(ray_local, tiny, captioned_parquet, tmp_path, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     clip = build_tiny_clip(tmp_path / "clip")
     out = tmp_path / "sd15"
-    metrics = run(quick("sd15", tiny["sd15"], tmp_path, f"data.path={captioned_parquet}", "train.max_steps=7",
-                        "eval.during_training=true", f"eval.clip_model={clip}", "eval.feature_extractor=clip"), out)
+    cfg = quick("sd15", tiny["sd15"], tmp_path, f"data.path={captioned_parquet}", "train.max_steps=7",
+                "eval.during_training=true", f"eval.clip_model={clip}", "eval.feature_extractor=clip")
+    metrics = run(cfg, out)
 
     assert metrics["steps_completed"] == 7 and metrics["nonfinite_steps"] == 0
     assert metrics["student_steps"] == 1 and metrics["usable_rows"] == 96
@@ -58,6 +60,9 @@ def test_sd15_one_step_end_to_end(ray_local, tiny, captioned_parquet, tmp_path, 
     assert all("error" not in e and np.isfinite(e["fid_student"]) and 0 <= e["clip_score_student"] <= 100
                for e in evaluations)
     assert np.isfinite(metrics["fid_student"]) and {"clip_score_student", "clip_score_teacher"} <= set(metrics)
+    # Every figure the run reports is one a sweep may name (sweep.metric is checked against these).
+    numbers = {k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numbers <= family_of(cfg).metric_names(cfg), numbers - family_of(cfg).metric_names(cfg)
     assert metrics["fid_feature_space"] == "clip" and metrics["eval_dropped_checkpoints"] == 0
     assert (out / "clip.png").stat().st_size > 0 and (out / "fid.png").stat().st_size > 0
 
