@@ -20,11 +20,21 @@ and measures as the chunks arrive (memory stays bounded at 30K images):
 
 Writes OUT/metrics.json and OUT/grid.png (the first 16 images with their prompts). Nothing is
 downloaded: missing weights or data are an error naming the path to provide.
+
+Everything that can fail is checked before the first image is generated, each failure one line
+naming the flag or file (exit 2): the student, prompts, weights, a given `--reference-stats`
+(readable, and measured with this extractor, patch setting and resolution), the real images
+(the first ones decode), then, once on the cluster, whether it can ever hold `--num-actors`;
+then the reference statistics are computed (or read from the cache), and only then does
+generation start. Real images that cannot be decoded are left out, warned about and counted
+(metrics.json's `real_images_skipped`). metrics.json and the .npz name no local path the tool
+inferred: paths as given on the command line, and hashes of resolved paths in the cache key.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -34,9 +44,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dmdscale.errors import UserError
+from dmdscale.errors import UserError, user_error_in, warn
 
-__all__ = ["PROTOCOLS", "Protocol", "EvaluationError", "evaluate", "main", "read_prompts"]
+__all__ = ["PROTOCOLS", "Protocol", "EvaluationError", "evaluate", "fid_extractor_id", "main", "read_prompts",
+           "reference_key", "student_resolution"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +66,7 @@ PROTOCOLS = {
 }
 GRID_IMAGES = 16
 DEFAULT_CACHE = "~/.cache/dmdscale/reference_stats"
+DEFAULT_RESOURCE_WAIT_S = 600.0  # training's scale.resource_wait_s default: an autoscaler's bounded wait
 
 
 class EvaluationError(UserError, ValueError):
@@ -85,10 +97,69 @@ def _fingerprint(source: Path) -> list[int]:
     return [len(stats), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
 
 
+def _path_id(path: Path) -> str:
+    """A local path as the cache key and the .npz hold it: its name and a hash of where it
+    resolves to (one cache entry per location, but no local path, nor account name, in the file)."""
+    return f"{path.name}@{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
+
+
+def fid_extractor_id(fid_features: str, clip_model: str | os.PathLike | None) -> str:
+    """What the reference statistics record as their feature extractor: "inception", or
+    "clip:" and the CLIP model (a local folder as `_path_id`, a hub id as it is)."""
+    if fid_features == "inception":
+        return "inception"
+    folder = Path(clip_model).expanduser()
+    return f"clip:{_path_id(folder) if folder.is_dir() else clip_model}"
+
+
+def reference_key(real: Path, resolution: int, extractor: str, patch_size: int | None,
+                  num_real: int | None) -> dict[str, Any]:
+    """The reference statistics' cache key (also stored in their .npz): what changes the figures."""
+    return {"source": _path_id(real), "fingerprint": _fingerprint(real), "resolution": resolution,
+            "extractor": extractor, "patch_size": patch_size, "num_real": num_real}
+
+
+def _shown(folder: str | os.PathLike, file: Path) -> str:
+    """A file in a folder the user gave (or the default), spelled from the folder as given: no
+    expanded ~, no absolute path the tool inferred."""
+    return str(Path(folder) / file.name)
+
+
+def _ensure_actors_fit(num_actors: int, actor_cpus: float, use_gpu: bool, wait_s: float) -> None:
+    """The generation actors can be placed on the cluster (Ray would otherwise wait forever for
+    them): as `dmdscale.distributed.cluster.ensure_fits` checks a training run, an immediate error
+    on a cluster this process started, a bounded wait (the autoscaler asked) on one joined by address."""
+    import ray
+
+    from dmdscale.distributed.cluster import _describe, _request, may_autoscale, missing
+
+    need = {"CPU": num_actors * actor_cpus, **({"GPU": float(num_actors)} if use_gpu else {})}
+    short = missing(need, ray.cluster_resources())
+    if short and may_autoscale() and wait_s > 0:
+        print(f"dmdscale: {num_actors} generation actors need {_describe(need)}; the cluster lacks {_describe(short)}. "
+              f"Asking the autoscaler and waiting up to --resource-wait-s={wait_s:g} s", file=sys.stderr, flush=True)
+        _request(need)
+        deadline = time.monotonic() + wait_s
+        while short and time.monotonic() < deadline:
+            time.sleep(5.0)
+            short = missing(need, ray.cluster_resources())
+    if short:
+        have = ray.cluster_resources()
+        fits = int(have.get("CPU", 0.0) // actor_cpus) if actor_cpus > 0 else num_actors
+        if use_gpu:
+            fits = min(fits, int(have.get("GPU", 0.0)))
+        each = f"{actor_cpus:g} CPU (--actor-cpus)" + (" and 1 GPU" if use_gpu else "")
+        raise EvaluationError(
+            f"--num-actors {num_actors}: the generation actors need {each} each, {_describe(need)} in all, but the "
+            f"Ray cluster has {_describe({k: have.get(k, 0.0) for k in need})}; "
+            + (f"at most {fits} fit: give --num-actors {fits} or fewer" if fits >= 1 else "lower --actor-cpus")
+            + " (or run on a larger cluster)")
+
+
 class _Generator:
     """A generation actor: the exported student pipeline, loaded once."""
 
-    def __init__(self, student: str, threads: int):
+    def __init__(self, student: str, threads: int, resolution: int | None = None):
         import ray
         import torch
         from diffusers import DiffusionPipeline
@@ -101,8 +172,10 @@ class _Generator:
         self.pipe.set_progress_bar_config(disable=True)
         info = json.loads((Path(student) / STUDENT_INFO).read_text())
         self.call = info["call"]
-        # The trained resolution where the export recorded it (sd3/flux), else the UNet's native one.
-        self.resolution = int(info.get("resolution") or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+        # The driver's `student_resolution` where it could tell; else the trained resolution where the
+        # export recorded it (sd3/flux), else the UNet's native one.
+        self.resolution = int(resolution or info.get("resolution")
+                              or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
 
     def generate(self, prompts: list[str], seed: int) -> np.ndarray:
         from dmdscale.families.sd import _generate
@@ -110,13 +183,48 @@ class _Generator:
         return _generate(self.pipe, prompts, self.resolution, seed, batch=len(prompts), **self.call)
 
 
-def _check_student(student: Path) -> None:
+def _check_student(student: Path, given: str) -> dict[str, Any]:
+    """The student's dmdscale.json, after checking that it is a text-to-image pipeline folder."""
     from dmdscale.export import STUDENT_INFO
+    from dmdscale.families import FAMILIES
 
-    for name in ("model_index.json", STUDENT_INFO):
-        if not (student / name).is_file():
-            raise FileNotFoundError(f"--student: {student} has no {name}; give the student/ folder of a dmdscale run "
-                                    f"(dmdscale.export.export_pipeline writes it)")
+    if not student.is_dir():
+        raise EvaluationError(f"--student: no folder at {given}; give the student/ folder of a dmdscale "
+                              f"text-to-image run")
+    if not (student / STUDENT_INFO).is_file():
+        raise EvaluationError(f"--student: {given} has no {STUDENT_INFO}; give the student/ folder of a dmdscale "
+                              f"run (dmdscale.export.export_pipeline writes it)")
+    try:
+        info = json.loads((student / STUDENT_INFO).read_text())
+        family = info["family"] if isinstance(info, dict) else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise EvaluationError(f"--student: {given}/{STUDENT_INFO} is not readable JSON with a family "
+                              f"({type(exc).__name__}: {exc})") from None
+    text_to_image = sorted(n for n, f in FAMILIES.items() if f.pipeline_tag == "text-to-image")
+    if family not in text_to_image:
+        raise EvaluationError(f"--student: {given} is a dmdscale student of family {family!r} ({STUDENT_INFO}), "
+                              f"which is not a text-to-image family; this command evaluates "
+                              f"{', '.join(text_to_image)} students (a {family} run's own evaluation is in its "
+                              f"metrics.json)")
+    if not (student / "model_index.json").is_file():
+        raise EvaluationError(f"--student: {given} has no model_index.json; give the student/ folder of a dmdscale "
+                              f"{family} run (dmdscale.export.export_pipeline writes it)")
+    return info
+
+
+def student_resolution(student: Path, info: dict[str, Any]) -> int | None:
+    """The size of the images the student generates, read from its files without loading it:
+    the trained resolution its dmdscale.json records (sd3/flux), else the UNet's sample size
+    times the VAE's downscale factor (what diffusers' pipelines default to). None when the
+    folder does not tell (then the generation actors do)."""
+    if info.get("resolution"):
+        return int(info["resolution"])
+    try:
+        unet = json.loads((student / "unet" / "config.json").read_text())
+        vae = json.loads((student / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def evaluate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | os.PathLike, *,
@@ -125,7 +233,8 @@ def evaluate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
              num_real: int | None = None, fid_features: str = "inception", inception: str | None = None,
              clip_model: str | None = None, patch_fid: bool = False, patch_size: int | None = None,
              num_actors: int = 1, actor_cpus: float = 1.0, batch_size: int = 8, seed: int = 0,
-             cache_dir: str | os.PathLike = DEFAULT_CACHE) -> dict[str, Any]:
+             cache_dir: str | os.PathLike = DEFAULT_CACHE,
+             resource_wait_s: float = DEFAULT_RESOURCE_WAIT_S) -> dict[str, Any]:
     """The whole evaluation (see the module docstring); returns metrics.json's figures."""
     import ray
     import torch
@@ -136,6 +245,7 @@ def evaluate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
     from dmdscale.eval.text import (
         INCEPTION_SIZE,
         check_clip_model,
+        check_real_images,
         clip_image_embeddings,
         clip_text_embeddings,
         feature_stats,
@@ -155,7 +265,7 @@ def evaluate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
         reference_stats as cached_stats,
     )
 
-    # -- every check before any work ------------------------------------------------------------
+    # -- every check before any work: files first (seconds, no cluster) ----------------------------
     if protocol != "custom":
         if protocol not in PROTOCOLS:
             raise EvaluationError(f"--protocol: unknown {protocol!r}; choose from custom, {', '.join(PROTOCOLS)}")
@@ -164,14 +274,29 @@ def evaluate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
         num_samples = num_samples or preset.num_samples
     if resolution is None:
         raise EvaluationError("--resolution: a custom protocol needs the FID resolution")
-    student, out = Path(student).expanduser(), Path(out).expanduser()
-    _check_student(student)
+    for flag, value, low in (("--resolution", resolution, 1), ("--num-samples", num_samples, 2),
+                             ("--num-real", num_real, 2), ("--patch-size", patch_size, 1),
+                             ("--num-actors", num_actors, 1), ("--batch-size", batch_size, 1)):
+        if value is not None and value < low:
+            raise EvaluationError(f"{flag}: must be at least {low}, got {value}")
+    if not actor_cpus > 0:
+        raise EvaluationError(f"--actor-cpus: must be more than 0, got {actor_cpus:g}")
+    student_given, student, out = str(student), Path(student).expanduser(), Path(out).expanduser()
+    info = _check_student(student, student_given)
+    generated_resolution = student_resolution(student, info)  # None: known after the first chunk
     texts = read_prompts(prompts, num_samples)
     real_path = Path(real).expanduser() if real is not None else None
-    if real_path is not None and not real_path.exists():
-        raise FileNotFoundError(f"--real: no real images at {real_path}")
     if patch_fid and real_path is None:
         raise EvaluationError("--patch-fid: needs --real (the tiles are cut from the real images at full resolution)")
+    patch = patch_size or INCEPTION_SIZE
+    if patch_fid and generated_resolution is not None and generated_resolution < patch:
+        raise EvaluationError(f"--patch-size: patch FID cuts {patch} px tiles, but {student_given} generates "
+                              f"{generated_resolution} px images; give --patch-size {generated_resolution} or less")
+    if real_path is not None:
+        try:
+            check_real_images(real_path, resolution, num_real)
+        except (UserError, FileNotFoundError) as exc:
+            raise EvaluationError(f"--real: {exc}") from None
     if fid_features == "clip" and clip_model is None:
         raise EvaluationError("--fid-features clip: needs --clip-model")
     wants_fid = real_path is not None or reference_stats is not None
@@ -179,37 +304,59 @@ def evaluate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
         inception_file(inception, "--inception")
     if clip_model is not None:
         check_clip_model(clip_model, "--clip-model")
-    patch = patch_size or INCEPTION_SIZE
+    extractor_id = fid_extractor_id(fid_features, clip_model) if wants_fid else None
+    given_stats = None
+    if reference_stats is not None:  # read now: a missing, corrupt or mismatched .npz fails in seconds
+        given_stats = read_stats(reference_stats, {"extractor": extractor_id, "patch_size": None,
+                                                   "resolution": resolution}, "--reference-stats")
+
+    # -- the cluster: can it ever hold the generation actors? -----------------------------------
+    connect()
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    _ensure_actors_fit(num_actors, actor_cpus, use_gpu, resource_wait_s)
 
     # -- measuring tools, on the driver's GPU when it has one ----------------------------------
     device = "cuda" if torch.cuda.is_available() else "cpu"
     clip = load_clip(clip_model, "--clip-model", device) if clip_model is not None else None
     extractor = make_fid_features(fid_features, inception=inception, clip=clip).to(device) if wants_fid else None
-    extractor_id = fid_features if fid_features == "inception" else f"clip:{clip.source}" if clip else None
 
     def stats_of(size: int, patches: bool) -> tuple[dict[str, np.ndarray], str, bool]:
-        if reference_stats is not None and not patches:
-            stats = read_stats(reference_stats, {"extractor": extractor_id, "patch_size": None})
-            return stats, str(reference_stats), True
-        key = {"source": str(real_path.resolve()), "fingerprint": _fingerprint(real_path), "resolution": size,
-               "extractor": extractor_id, "patch_size": patch if patches else None, "num_real": num_real}
+        """Reference statistics of the real images at `size` (cached), before any generation."""
+        if given_stats is not None and not patches:
+            return given_stats, str(reference_stats), True
+        key = reference_key(real_path, size, extractor_id, patch if patches else None, num_real)
 
-        def features() -> np.ndarray:
-            return np.concatenate([image_features(regular_crops(c, patch) if patches else c, extractor)
-                                   for c in real_image_chunks(real_path, size, num_real)])
+        def features() -> tuple[np.ndarray, int]:
+            skipped: list[int] = []
+            feats = [image_features(regular_crops(c, patch) if patches else c, extractor)
+                     for c in real_image_chunks(real_path, size, num_real, on_skipped=skipped.append) if len(c)]
+            if sum(map(len, feats)) < 2:
+                raise EvaluationError(f"--real: fewer than two of the images in {real} can be read and decoded "
+                                      f"({sum(skipped)} could not)")
+            return np.concatenate(feats), sum(skipped)
 
         stats, path, cached = cached_stats(key, cache_dir, features)
-        return stats, str(path), cached
+        skipped = int(stats.get("skipped", 0))
+        if skipped and not warned:
+            warned.append(skipped)
+            warn(f"--real: {skipped} image(s) in {real} could not be read or decoded: left out of the reference "
+                 f"statistics (counted in metrics.json as real_images_skipped)")
+        return stats, _shown(cache_dir, path), cached
+
+    warned: list[int] = []  # one warning for the unreadable real images, not one per statistics
+    references = {}
+    if extractor is not None:
+        references["fid"] = stats_of(resolution, False)
+    if patch_fid and generated_resolution is not None:
+        references["patch_fid"] = stats_of(generated_resolution, True)
 
     # -- generation on the actor pool, measured as chunks arrive ---------------------------------
-    connect()
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     actor_cls = ray.remote(_Generator).options(num_cpus=actor_cpus, num_gpus=1 if use_gpu else 0,
                                                runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
-    actors = [actor_cls.remote(str(student.resolve()), max(1, int(actor_cpus))) for _ in range(num_actors)]
+    actors = [actor_cls.remote(str(student.resolve()), max(1, int(actor_cpus)), generated_resolution)
+              for _ in range(num_actors)]
     chunks = [(texts[i:i + batch_size], seed + k) for k, i in enumerate(range(0, len(texts), batch_size))]
     gen_feats, patch_feats, cosines, shown = [], [], [], []
-    generated_resolution = None
     t0 = time.perf_counter()
     try:
         for (chunk_prompts, _), images in zip(chunks, ActorPool(actors).map(
@@ -229,26 +376,54 @@ def evaluate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
             ray.kill(actor)
     seconds = time.perf_counter() - t0
 
+    # No absolute local path the tool inferred: names as given on the command line.
     metrics: dict[str, Any] = {
-        "protocol": protocol, "student": str(student), "prompts": str(prompts), "num_samples": len(texts),
+        "protocol": protocol, "student": student_given, "prompts": str(prompts), "num_samples": len(texts),
         "resolution": resolution, "generated_resolution": generated_resolution, "seed": seed,
         "num_actors": num_actors, "generation_seconds": seconds, "images_per_second": len(texts) / seconds}
+    if real is not None:
+        metrics["real"] = str(real)
     if extractor is not None:
-        ref, ref_path, cached = stats_of(resolution, False)
+        ref, ref_path, cached = references["fid"]
         metrics |= {"fid": frechet_distance(feature_stats(np.concatenate(gen_feats)), ref),
-                    "fid_features": extractor_id, "reference_stats": ref_path, "reference_stats_cached": cached}
+                    "fid_features": fid_features, "reference_stats": ref_path, "reference_stats_cached": cached,
+                    "real_images_skipped": int(ref.get("skipped", 0))}
     if patch_fid:
-        ref, ref_path, cached = stats_of(generated_resolution, True)
+        ref, ref_path, cached = references.get("patch_fid") or stats_of(generated_resolution, True)
         metrics |= {"patch_fid": frechet_distance(feature_stats(np.concatenate(patch_feats)), ref),
-                    "patch_size": patch, "patch_reference_stats": ref_path}
+                    "patch_size": patch, "patch_reference_stats": ref_path,
+                    "real_images_skipped": int(ref.get("skipped", 0))}
     if clip is not None:
-        metrics |= {"clip_score": float(100.0 * torch.cat(cosines).clamp(min=0).mean()), "clip_model": clip.source}
+        metrics |= {"clip_score": float(100.0 * torch.cat(cosines).clamp(min=0).mean()), "clip_model": str(clip_model)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     title = ", ".join(f"{name} {metrics[key]:.2f}" for name, key in (("FID", "fid"), ("CLIP", "clip_score"))
                       if key in metrics)
     save_prompt_grid(np.stack(shown), texts[:len(shown)], out / "grid.png", title=title or None)
     return metrics
+
+
+def _at_least(low: int) -> Any:
+    """An argparse type: an integer of at least `low` (argparse's one-line error otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -259,29 +434,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", required=True, help="folder for metrics.json and grid.png")
     parser.add_argument("--protocol", default="custom", choices=["custom", *PROTOCOLS],
                         help="preset resolution and number of prompts (the DMD2 paper's); explicit flags win")
-    parser.add_argument("--resolution", type=int, help="FID resolution (custom: required)")
-    parser.add_argument("--num-samples", type=int, help="the first N prompts (custom default: all)")
+    parser.add_argument("--resolution", type=_at_least(1), help="FID resolution (custom: required)")
+    parser.add_argument("--num-samples", type=_at_least(2), help="the first N prompts (custom default: all)")
     parser.add_argument("--real", help="real images: a folder of image files, an image folder with "
                                        "metadata.jsonl, or Parquet with an image column")
     parser.add_argument("--reference-stats", help="a reference .npz this command wrote, instead of --real")
-    parser.add_argument("--num-real", type=int, help="use the first N real images (default: all)")
+    parser.add_argument("--num-real", type=_at_least(2), help="use the first N real images (default: all)")
     parser.add_argument("--fid-features", default="inception", choices=["inception", "clip"])
     parser.add_argument("--inception", help="clean-fid's inception-2015-12-05.pt (default: /tmp, where clean-fid "
                                             "keeps it)")
     parser.add_argument("--clip-model", help="a local transformers CLIPModel folder: CLIP score (and CLIP FID "
                                              "features)")
     parser.add_argument("--patch-fid", action="store_true", help="also FID on 299 px tiles of the full-size images")
-    parser.add_argument("--patch-size", type=int, help="patch FID's tile size (default 299)")
-    parser.add_argument("--num-actors", type=int, default=1, help="generation actors (one GPU each on GPU clusters)")
-    parser.add_argument("--actor-cpus", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation call")
+    parser.add_argument("--patch-size", type=_at_least(1), help="patch FID's tile size (default 299)")
+    parser.add_argument("--num-actors", type=_at_least(1), default=1,
+                        help="generation actors (one GPU each on GPU clusters); the cluster must hold them all")
+    parser.add_argument("--actor-cpus", type=_positive_float, default=1.0)
+    parser.add_argument("--batch-size", type=_at_least(1), default=8, help="prompts per generation call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where reference statistics are cached")
+    parser.add_argument("--resource-wait-s", type=float, default=DEFAULT_RESOURCE_WAIT_S,
+                        help="on a cluster joined by address (it may autoscale): how long to wait for room for "
+                             "the generation actors (a cluster this command starts: none)")
     args = vars(parser.parse_args(argv))
     try:
         metrics = evaluate(**args)
-    except (UserError, FileNotFoundError) as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except Exception as exc:
+        cause = user_error_in(exc) or (exc if isinstance(exc, FileNotFoundError) else None)
+        if cause is None:
+            raise
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(cause).split())}\n")
     print(json.dumps(metrics, indent=2))
     return metrics
 

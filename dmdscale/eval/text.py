@@ -32,13 +32,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Clip", "ClipImageFeatures", "load_clip", "check_clip_model", "inception_file", "load_inception",
+from dmdscale.errors import UserError
+
+__all__ = ["Clip", "ClipImageFeatures", "ClipModelNotFound", "InceptionNotFound", "ReferenceStatsError", "load_clip",
+           "check_clip_model", "inception_file", "load_inception",
            "clip_image_embeddings", "clip_text_embeddings", "clip_score", "fid_features", "fid_kid",
            "feature_stats", "frechet_distance", "reference_stats", "read_stats", "regular_crops", "resize_images",
            "real_image_chunks", "save_prompt_grid", "INCEPTION_SIZE"]
 
 INCEPTION_SIZE = 299  # clean-fid's (and Inception's) input size: the patch size of patch FID
 _STATS_VERSION = "1"  # bump when the statistics' computation changes: stale caches are then not reused
+# What CLIPProcessor.save_pretrained writes for the image processor: transformers 5 nests it in
+# processor_config.json, 4.x wrote preprocessor_config.json; CLIPImageProcessor reads either.
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+class ClipModelNotFound(UserError, FileNotFoundError):
+    """eval.clip_model / --clip-model is not a loadable local CLIP model; the message names it."""
+
+
+class InceptionNotFound(UserError, FileNotFoundError):
+    """clean-fid's Inception weights are not where eval.inception_weights / --inception says."""
+
+
+class ReferenceStatsError(UserError, ValueError):
+    """Reference statistics that cannot be used (missing, unreadable, or measured otherwise)."""
 
 
 @dataclasses.dataclass
@@ -61,18 +79,19 @@ def load_clip(path: str | os.PathLike, what: str = "eval.clip_model", device: to
     folder = Path(path).expanduser()
     local = folder.is_dir()
     if not local and (folder.is_absolute() or str(path).startswith(".")):
-        raise FileNotFoundError(f"{what}: no CLIP model folder at {folder}; put a transformers CLIPModel there "
+        raise ClipModelNotFound(f"{what}: no CLIP model folder at {folder}; put a transformers CLIPModel there "
                                 f"(CLIPModel, CLIPProcessor save_pretrained: config.json, weights, tokenizer files, "
-                                f"preprocessor_config.json)")
+                                f"processor_config.json or preprocessor_config.json)")
     source = str(folder.resolve()) if local else str(path)
     try:
         model = CLIPModel.from_pretrained(source, local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=True)
         processor = CLIPImageProcessor.from_pretrained(source, local_files_only=True)
     except OSError as exc:
-        raise FileNotFoundError(f"{what}: could not load a CLIP model from {source!r} without downloading "
+        raise ClipModelNotFound(f"{what}: could not load a CLIP model from {source!r} without downloading "
                                 f"(nothing is downloaded at run time; give a local folder holding CLIPModel, "
-                                f"tokenizer and preprocessor_config.json): {exc}") from None
+                                f"tokenizer and processor_config.json or preprocessor_config.json): "
+                                f"{' '.join(str(exc).split())}") from None
     size = _side(processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size)
     return Clip(model.to(device).eval().requires_grad_(False), tokenizer, size,
                 list(processor.image_mean), list(processor.image_std), source)
@@ -166,7 +185,7 @@ def inception_file(path: str | os.PathLike | None, what: str = "eval.inception_w
 
     file = Path(path).expanduser() if path is not None else inception_weights_path()
     if must_exist and not file.is_file():
-        raise FileNotFoundError(f"{what}: clean-fid's Inception weights are not at {file}; dmdscale never downloads "
+        raise InceptionNotFound(f"{what}: clean-fid's Inception weights are not at {file}; dmdscale never downloads "
                                 f"them: put inception-2015-12-05.pt (the StyleGAN2-ADA TorchScript file clean-fid "
                                 f"uses) at that path")
     return file
@@ -182,12 +201,14 @@ def check_clip_model(path: str | os.PathLike, what: str = "eval.clip_model") -> 
     a hub id is only checked when loaded."""
     folder = Path(path).expanduser()
     if folder.is_dir():
-        missing = [f for f in ("config.json", "preprocessor_config.json") if not (folder / f).is_file()]
+        missing = [] if (folder / "config.json").is_file() else ["config.json"]
+        if not any((folder / f).is_file() for f in _PROCESSOR_FILES):
+            missing.append(" or ".join(_PROCESSOR_FILES))
         if missing:
-            raise FileNotFoundError(f"{what}: {folder} has no {' or '.join(missing)} (expected CLIPModel and "
+            raise ClipModelNotFound(f"{what}: {folder} has no {' and no '.join(missing)} (expected CLIPModel and "
                                     f"CLIPProcessor save_pretrained output)")
     elif folder.is_absolute() or str(path).startswith(".") or folder.exists():
-        raise FileNotFoundError(f"{what}: no CLIP model folder at {folder}")
+        raise ClipModelNotFound(f"{what}: no CLIP model folder at {folder}")
 
 
 def fid_features(kind: str, *, inception: str | os.PathLike | None = None, clip: Clip | None = None) -> nn.Module:
@@ -227,17 +248,23 @@ def frechet_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> floa
 
 
 def reference_stats(key: dict[str, Any], cache_dir: str | os.PathLike,
-                    features: Callable[[], np.ndarray]) -> tuple[dict[str, np.ndarray], Path, bool]:
+                    features: Callable[[], np.ndarray | tuple[np.ndarray, int]]
+                    ) -> tuple[dict[str, np.ndarray], Path, bool]:
     """(statistics, their .npz, whether they came from the cache) for the reference set `key`
     describes (real source, resolution, extractor, patches): computed with `features()` on the
-    first call and written atomically, read back on every later one (the real images untouched)."""
+    first call and written atomically, read back on every later one (the real images untouched).
+    `features()` may also return how many real images it skipped (unreadable): kept in the .npz
+    as `skipped`. The key is stored in the .npz as given: it should name no local path (a hash
+    of one instead), so the file can be shared."""
     key = {**key, "version": _STATS_VERSION}
     text = json.dumps(key, sort_keys=True)
     cache_dir = Path(cache_dir).expanduser()
     path = cache_dir / f"reference_{hashlib.sha256(text.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         return read_stats(path, key), path, True
-    stats = feature_stats(features())
+    computed = features()
+    feats, skipped = computed if isinstance(computed, tuple) else (computed, 0)
+    stats = {**feature_stats(feats), "skipped": np.array(int(skipped))}
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz")
     os.close(fd)
@@ -247,16 +274,42 @@ def reference_stats(key: dict[str, Any], cache_dir: str | os.PathLike,
     return stats, path, False
 
 
-def read_stats(path: str | os.PathLike, expect: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """Statistics written by `reference_stats`; with `expect`, its extractor and patch settings
-    must match (FID across feature spaces is meaningless)."""
-    with np.load(path) as data:
-        stats = {k: data[k] for k in ("mu", "sigma", "count")}
-        key = json.loads(str(data["key"]))
-    for name in ("extractor", "patch_size") if expect else ():
-        if key.get(name) != expect.get(name):
-            raise ValueError(f"{path}: reference statistics of {name} {key.get(name)!r}, this evaluation "
-                             f"uses {expect.get(name)!r}")
+def read_stats(path: str | os.PathLike, expect: dict[str, Any] | None = None,
+               what: str = "reference statistics") -> dict[str, np.ndarray]:
+    """Statistics written by `reference_stats` ({mu, sigma, count, skipped}); with `expect`, its
+    extractor, patch settings and resolution must match (FID across feature spaces or image
+    sizes is meaningless). Any failure is a ReferenceStatsError naming `what` and the file."""
+    import zipfile
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ReferenceStatsError(f"{what}: no .npz at {path}")
+    if not zipfile.is_zipfile(file):
+        raise ReferenceStatsError(f"{what}: {path} is not a .npz file (truncated, or something else); give "
+                                  f"reference statistics this command wrote, or --real to compute them")
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            lacking = [k for k in ("mu", "sigma", "count", "key") if k not in data.files]
+            if lacking:
+                raise ValueError(f"it has no {', '.join(lacking)}")
+            stats = {k: np.asarray(data[k]) for k in ("mu", "sigma", "count")}
+            stats["skipped"] = np.asarray(data["skipped"]) if "skipped" in data.files else np.array(0)
+            key = json.loads(str(data["key"]))
+        dim = stats["mu"].shape
+        if len(dim) != 1 or stats["sigma"].shape != dim * 2 or not isinstance(key, dict):
+            raise ValueError(f"mu {dim} and sigma {stats['sigma'].shape} do not fit")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        detail = " ".join(str(exc).split())
+        raise ReferenceStatsError(f"{what}: {path} is not reference statistics this command wrote "
+                                  f"(a .npz with mu, sigma, count and key): {detail}") from None
+    for name in ("extractor", "patch_size", "resolution") if expect else ():
+        if name not in expect:
+            continue
+        if key.get(name) != expect[name]:
+            raise ReferenceStatsError(
+                f"{what}: {path} holds reference statistics of {name} {key.get(name)!r}, this evaluation uses "
+                f"{name} {expect[name]!r}; FID between statistics measured differently is meaningless: give "
+                f"statistics computed with the same {name}")
     return stats
 
 
@@ -286,25 +339,88 @@ def resize_images(images_uint8_nhwc: np.ndarray, resolution: int) -> np.ndarray:
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def _plain_image_files(path: Path, limit: int | None) -> list[Path] | None:
+    """A plain folder's image files, sorted by name (the first `limit`); None for the other kinds
+    of source (an image folder with metadata.jsonl, Parquet)."""
+    from dmdscale.data.sources import METADATA_FILE, DataError
+
+    if not path.is_dir() or (path / METADATA_FILE).exists() or any(path.glob("*.parquet")):
+        return None
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:limit]
+    if len(files) < 2:
+        raise DataError(f"{path}: fewer than two image files ({', '.join(_IMAGE_SUFFIXES)})")
+    return files
+
+
+def _decode_files(files: Sequence[Path], resolution: int) -> list[np.ndarray | None]:
+    """Each file decoded to uint8 RGB at `resolution`, or None when it cannot be read or decoded."""
+    from dmdscale.data.sources import decode_image
+
+    out = []
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError:
+            data = None
+        out.append(decode_image(data, resolution, 3))
+    return out
+
+
+def check_real_images(source: str | os.PathLike, resolution: int, limit: int | None = None,
+                      sample: int = 32) -> None:
+    """Fail in seconds, before any generation, on real images that cannot be read: the source
+    must exist and be a known kind (a plain image folder, an image folder with metadata.jsonl,
+    Parquet with an image column), and at least one of its first `sample` images must decode.
+    A DataError (or FileNotFoundError) naming the path; the rest is read by `real_image_chunks`."""
+    from dmdscale.data.sources import DataError, _describe, _image_bytes, _read_metadata, decode_image
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no real images at {path}")
+    files = _plain_image_files(path, limit)
+    if files is not None:
+        decoded = _decode_files(files[:sample], resolution)
+    else:
+        described = _describe(path, require_labels=False)
+        if described.kind == "imagefolder":
+            rows = _read_metadata(Path(described.files[0])).slice(0, sample).to_pydict()
+        else:
+            import pyarrow.parquet as pq
+
+            batch = next(pq.ParquetFile(described.files[0]).iter_batches(batch_size=sample, columns=["image"]), None)
+            rows = batch.to_pydict() if batch is not None else {"image": []}
+        decoded = [decode_image(data, resolution, 3) for data in _image_bytes(described, rows)]
+    if not any(d is not None for d in decoded):
+        raise DataError(f"{path}: none of its first {len(decoded)} images can be read and decoded "
+                        f"(give a folder of image files, an image folder with metadata.jsonl, or Parquet with "
+                        f"an image column)")
+
+
 def real_image_chunks(source: str | os.PathLike, resolution: int, limit: int | None = None,
-                      chunk: int = 500) -> Iterator[np.ndarray]:
+                      chunk: int = 500, on_skipped: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
     """uint8 RGB images at `resolution`, in chunks, from a plain folder of image files (e.g.
     COCO's val2014/, sorted by name, decoded a chunk at a time so 40K images never sit in memory
-    at once), an image folder with metadata.jsonl, or Parquet with an `image` column (read at once)."""
-    from dmdscale.data.sources import METADATA_FILE, DataError, decode_image, load_arrays
+    at once), an image folder with metadata.jsonl, or Parquet with an `image` column (read at once).
+    Images that cannot be read or decoded are left out; `on_skipped(n)` hears how many, per chunk
+    (a chunk may then be empty)."""
+    from dmdscale.data.sources import load_arrays
 
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--real: no images at {path}")
-    if path.is_dir() and not (path / METADATA_FILE).exists() and not any(path.glob("*.parquet")):
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:limit]
-        if len(files) < 2:
-            raise DataError(f"{path}: fewer than two image files ({', '.join(_IMAGE_SUFFIXES)})")
+    files = _plain_image_files(path, limit)
+    if files is not None:
         for i in range(0, len(files), chunk):
-            decoded = [decode_image(f.read_bytes(), resolution, 3) for f in files[i:i + chunk]]
-            yield np.stack([d for d in decoded if d is not None])
+            decoded = _decode_files(files[i:i + chunk], resolution)
+            good = [d for d in decoded if d is not None]
+            if on_skipped is not None and len(good) < len(decoded):
+                on_skipped(len(decoded) - len(good))
+            yield np.stack(good) if good else np.zeros((0, resolution, resolution, 3), np.uint8)
         return
-    images = load_arrays(path, resolution, 3)[0][:limit]
+    images, _, skipped = load_arrays(path, resolution, 3)
+    if on_skipped is not None and skipped:
+        on_skipped(skipped)
+    images = images[:limit]
     for i in range(0, len(images), chunk):
         yield images[i:i + chunk]
 

@@ -68,34 +68,58 @@ def test_checkpoint_evaluator_measures_as_the_exported_student_is_measured(tiny,
                                                                                  abs=1e-3)
 
 
-def test_evaluate_command_on_two_actors_caches_the_reference_statistics(ray_local, world, captioned_parquet, tmp_path):
+def test_evaluate_command_on_two_actors_caches_the_reference_statistics(ray_local, world, captioned_parquet, tmp_path,
+                                                                      monkeypatch, capsys):
     """metrics.json with FID, patch FID and CLIP score from 2 generation actors; a second run
     (1 actor) reads the cached .npz (not rewritten) and, as chunk seeds do not depend on the
-    actor count, gives the same figures; so does a run given only the .npz (--reference-stats)."""
+    actor count, gives the same figures; so does a run given only the .npz (--reference-stats).
+    A real image that does not decode is left out, warned about and counted (also from the
+    cache); paths given relative stay so, and neither metrics.json nor the .npz holds an
+    absolute local path."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from dmdscale.evaluate import main
 
+    table = pq.read_table(captioned_parquet)
+    broken = pa.table({name: [b"not an image" if name == "image" else table.column(name)[0].as_py()]
+                       for name in table.column_names}, schema=table.schema)
+    pq.write_table(pa.concat_tables([table, broken]), tmp_path / "real.parquet")
+    monkeypatch.chdir(tmp_path)
+    rel = {name: os.path.relpath(world[name], tmp_path) for name in ("student", "prompts", "clip")}
+
     def run(out: str, actors: int, *reference: str) -> dict:
-        reference = reference or ("--real", captioned_parquet, "--patch-fid", "--patch-size", "16")
-        return main(["--student", str(world["student"]), "--prompts", str(world["prompts"]),
-                     "--out", str(tmp_path / out),
+        reference = reference or ("--real", "real.parquet", "--patch-fid", "--patch-size", "16")
+        return main(["--student", rel["student"], "--prompts", rel["prompts"], "--out", out,
                      "--resolution", "32", "--num-samples", "8", "--batch-size", "2", "--fid-features", "clip",
-                     "--clip-model", world["clip"], "--num-actors", str(actors), "--cache-dir", str(tmp_path / "stats"),
+                     "--clip-model", rel["clip"], "--num-actors", str(actors), "--cache-dir", "stats",
                      *reference])
 
     first = run("a", 2)
-    assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == first
+    text = (tmp_path / "a" / "metrics.json").read_text()
+    assert json.loads(text) == first
+    for local in (str(tmp_path), str(world["root"]), os.path.expanduser("~")):
+        assert local not in text, local
     assert (tmp_path / "a" / "grid.png").stat().st_size > 0
     assert first["num_samples"] == 8 and first["num_actors"] == 2 and first["generated_resolution"] == 32
+    assert first["student"] == rel["student"] and first["clip_model"] == rel["clip"]
     for name in ("fid", "patch_fid", "clip_score"):
         assert np.isfinite(first[name]), name
     assert 0 <= first["clip_score"] <= 100 and first["fid"] > 0
-    assert first["reference_stats_cached"] is False
-    npz = tmp_path / "stats" / first["reference_stats"].split("/")[-1]
+    assert first["reference_stats_cached"] is False and first["real_images_skipped"] == 1
+    assert "warning: --real: 1 image(s) in real.parquet could not be read or decoded" in capsys.readouterr().err
+    npz = tmp_path / first["reference_stats"]
+    assert first["reference_stats"].startswith("stats/")
+    with np.load(npz) as data:
+        key = str(data["key"])
+    assert str(tmp_path) not in key and str(world["root"]) not in key and "real.parquet@" in key
     mtime = npz.stat().st_mtime_ns
 
     second = run("b", 1)
     assert second["reference_stats_cached"] is True and second["reference_stats"] == first["reference_stats"]
-    assert npz.stat().st_mtime_ns == mtime
+    assert npz.stat().st_mtime_ns == mtime and second["real_images_skipped"] == 1
     for name in ("fid", "patch_fid", "clip_score"):
         assert second[name] == pytest.approx(first[name], rel=1e-4, abs=1e-4), name
     third = run("c", 1, "--reference-stats", str(npz))  # a given .npz: no real images at all

@@ -2,6 +2,8 @@
 crops, clear errors for missing weights; on a tiny random-weight CLIPModel built offline."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +135,143 @@ def test_missing_weights_are_errors_naming_the_path(tmp_path, tiny):
         main(["--student", tiny["sd15"], "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "o"),
               "--resolution", "32"])
     assert exit_info.value.code == 2  # the tiny teacher is no exported student: no dmdscale.json
+
+
+def test_a_clip_folder_saved_by_clip_processor_passes_and_a_bad_one_is_a_user_error(clip_folder, tmp_path):
+    """transformers 5's CLIPProcessor.save_pretrained writes processor_config.json (no
+    preprocessor_config.json): accepted and loaded. A folder lacking parts is a UserError (the
+    training CLI's and the evaluate command's one-line error), naming what is missing."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from dmdscale.errors import UserError
+    from dmdscale.eval.text import ClipModelNotFound, check_clip_model
+
+    saved = tmp_path / "saved"
+    CLIPModel.from_pretrained(clip_folder).save_pretrained(saved)
+    CLIPProcessor(image_processor=CLIPImageProcessor.from_pretrained(clip_folder),
+                  tokenizer=CLIPTokenizer.from_pretrained(clip_folder)).save_pretrained(saved)
+    assert not (saved / "preprocessor_config.json").exists()
+    check_clip_model(saved)
+    assert load_clip(saved).image_size == 32
+    (saved / "processor_config.json").unlink()
+    with pytest.raises(ClipModelNotFound, match="processor_config.json") as info:
+        check_clip_model(saved, "eval.clip_model")
+    assert isinstance(info.value, UserError) and isinstance(info.value, FileNotFoundError)
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "nowhere", tmp_path / "empty"):
+        with pytest.raises(UserError, match=f"eval.clip_model: .*{bad.name}"):
+            check_clip_model(bad)
+    with pytest.raises(UserError):
+        load_clip(tmp_path / "nowhere")
+
+
+def test_read_stats_refuses_a_missing_corrupt_or_differently_measured_npz(tmp_path):
+    """One UserError naming the flag and the file: missing, not a .npz, a .npz without the
+    statistics, or statistics of another resolution (both named), extractor or patch size."""
+    from dmdscale.errors import UserError
+
+    key = {"source": "real@0123", "resolution": 64, "extractor": "inception", "patch_size": None}
+    _, npz, _ = reference_stats(key, tmp_path, lambda: np.random.RandomState(0).randn(20, 4))
+    expect = {"extractor": "inception", "patch_size": None, "resolution": 64}
+    assert read_stats(npz, expect, "--reference-stats")["mu"].shape == (4,)
+    with pytest.raises(UserError, match=rf"--reference-stats: {npz} .*resolution 64.* resolution 32"):
+        read_stats(npz, {**expect, "resolution": 32}, "--reference-stats")
+    with pytest.raises(UserError, match="patch_size None.*patch_size 299"):
+        read_stats(npz, {**expect, "patch_size": 299}, "--reference-stats")
+    with pytest.raises(UserError, match=f"--reference-stats: no .npz at {tmp_path / 'gone.npz'}"):
+        read_stats(tmp_path / "gone.npz", expect, "--reference-stats")
+    (tmp_path / "junk.npz").write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match="junk.npz is not a .npz file"):
+        read_stats(tmp_path / "junk.npz", expect, "--reference-stats")
+    np.savez(tmp_path / "other.npz", mu=np.zeros(4))
+    with pytest.raises(UserError, match="other.npz is not reference statistics .* no sigma, count, key"):
+        read_stats(tmp_path / "other.npz", expect, "--reference-stats")
+
+
+def test_unreadable_real_images_are_skipped_counted_and_kept_in_the_npz(tmp_path):
+    """Files that do not decode are left out and counted (a chunk of only bad files is empty, not
+    a crash); the count is stored in the reference .npz, so a cached run still reports it. The
+    early check passes while one of the first images decodes and fails when none does."""
+    from PIL import Image
+
+    from dmdscale.data.sources import DataError
+    from dmdscale.eval.text import check_real_images
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a_bad.png").write_bytes(b"not a png")
+    (real / "b_bad.jpg").write_bytes(b"")
+    for i, img in enumerate(images(3, size=20)):
+        Image.fromarray(img).save(real / f"c_{i}.png")
+    skipped = []
+    chunks = list(real_image_chunks(real, 16, chunk=2, on_skipped=skipped.append))
+    assert [len(c) for c in chunks] == [0, 2, 1] and sum(skipped) == 2
+    check_real_images(real, 16)  # c_0.png decodes
+    with pytest.raises(DataError, match="none of its first 2 images"):
+        check_real_images(real, 16, sample=2)
+
+    def features():
+        counted = []
+        feats = np.concatenate([c.reshape(len(c), -1)[:, :8].astype(float)
+                                for c in real_image_chunks(real, 16, on_skipped=counted.append) if len(c)])
+        return feats, sum(counted)
+
+    stats, npz, cached = reference_stats({"source": "real", "resolution": 16}, tmp_path / "cache", features)
+    assert (int(stats["skipped"]), int(stats["count"]), cached) == (2, 3, False)
+    again, _, cached = reference_stats({"source": "real", "resolution": 16}, tmp_path / "cache", features)
+    assert (int(again["skipped"]), cached) == (2, True)
+
+
+def test_reference_keys_and_extractor_ids_name_no_local_path(tmp_path, clip_folder):
+    """The cache key (stored in the .npz) holds the folders' names and hashes of where they
+    resolve, never the paths: one entry per location, nothing of the machine's layout."""
+    from dmdscale.evaluate import fid_extractor_id, reference_key
+
+    real = tmp_path / "coco" / "val2014"
+    real.mkdir(parents=True)
+    for i in range(2):
+        (real / f"{i}.png").write_bytes(b"x")
+    clip_id = fid_extractor_id("clip", clip_folder)
+    key = json.dumps(reference_key(real, 256, clip_id, None, None))
+    assert str(tmp_path) not in key and str(clip_folder.parent) not in key and "/" not in key
+    assert "val2014@" in key and clip_id.startswith(f"clip:{clip_folder.name}@")
+    other = tmp_path / "elsewhere" / "val2014"
+    other.mkdir(parents=True)
+    assert reference_key(other, 256, clip_id, None, None)["source"] != json.loads(key)["source"]
+    assert fid_extractor_id("inception", None) == "inception"
+    assert fid_extractor_id("clip", "openai/clip-vit-base-patch32") == "clip:openai/clip-vit-base-patch32"
+
+
+def test_the_student_resolution_is_read_from_its_files(tiny):
+    from pathlib import Path
+
+    from dmdscale.evaluate import student_resolution
+
+    assert student_resolution(Path(tiny["sd15"]), {}) == 32  # unet sample_size 4 x vae factor 8
+    assert student_resolution(Path(tiny["sd15"]), {"resolution": 48}) == 48
+    assert student_resolution(Path("/nonexistent"), {}) is None
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_more_generation_actors_than_the_cluster_holds_is_one_error(monkeypatch, gpus):
+    """As training's ensure_fits: on a cluster that cannot grow, an immediate error naming
+    --num-actors, what the actors need and what the cluster has, and how many would fit."""
+    import ray
+
+    import dmdscale.distributed.cluster as cluster
+    from dmdscale.evaluate import EvaluationError, _ensure_actors_fit
+
+    have = {"CPU": 16.0, **({"GPU": float(gpus)} if gpus else {})}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: have)
+    monkeypatch.setattr(cluster, "may_autoscale", lambda: False)
+    _ensure_actors_fit(gpus or 16, 1.0, bool(gpus), 600)  # fits: no error
+    with pytest.raises(EvaluationError) as info:
+        _ensure_actors_fit(1000, 1.0, bool(gpus), 600)
+    message = str(info.value)
+    assert message.startswith("--num-actors 1000:") and "16 CPU" in message
+    assert f"at most {gpus or 16} fit" in message and (not gpus or "1 GPU" in message)
+    with pytest.raises(EvaluationError, match="lower --actor-cpus"):
+        _ensure_actors_fit(1, 32.0, bool(gpus), 600)
+    monkeypatch.setattr(cluster, "may_autoscale", lambda: True)  # joined by address: a bounded wait
+    with pytest.raises(EvaluationError, match="--num-actors 1000"):
+        _ensure_actors_fit(1000, 1.0, bool(gpus), 0)
