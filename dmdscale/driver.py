@@ -20,10 +20,10 @@ from typing import Any, Callable
 import numpy as np
 
 from dmdscale.config import Config
-from dmdscale.distributed.checkpoint import RunJournal, check_init, parse_fail_at_step
+from dmdscale.distributed.checkpoint import RunJournal, check_init, check_init_fits, parse_fail_at_step
 from dmdscale.families import family_of
 from dmdscale.families.base import Trained
-from dmdscale.redact import redact_mapping
+from dmdscale.redact import scrub
 from dmdscale.tracking import Tracker, absolute_tracking_uri, check_tracking_server
 
 TRAINED_RECORD = "trained.json"  # what training handed the evaluation: a rerun evaluates from it
@@ -62,7 +62,7 @@ def _note_unreached_decays(cfg: Config) -> None:
 
 def _save_trained(trained: Trained, out: Path) -> None:
     record = {"student": str(trained.student), "metrics": trained.metrics, "evaluations": trained.evaluations}
-    (out / TRAINED_RECORD).write_text(json.dumps(record, indent=1, default=float))
+    (out / TRAINED_RECORD).write_text(json.dumps(scrub(record), indent=1, default=float))
 
 
 def _load_trained(out: Path) -> Trained:
@@ -93,15 +93,20 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
     family = family_of(cfg)
     fail_at_step = parse_fail_at_step(os.environ.get("DMDSCALE_FAIL_AT_STEP"))
     out.mkdir(parents=True, exist_ok=True)
-    check_init(cfg.train.init, cfg.train.init_ema)  # a missing or wrong start fails here, before any work
+    # A missing, truncated or other family's start fails here, before any work; how its weights
+    # fit the teacher once the teacher's folder is known (a teacher trained here: after prepare).
+    check_init(cfg.train.init, cfg.train.init_ema, cfg.model.family)
     inputs = family.preflight(cfg)  # data, labels, teacher, evaluation settings
+    init_checked = check_init_fits(cfg.train.init, getattr(inputs, "teacher_path", ""))
     _note_unreached_decays(cfg)
     check_tracking_server(absolute_tracking_uri())
     # Runs on Ray keep a journal beside their checkpoints: a rerun resumes an unfinished run of
     # the same config (or only evaluates one whose training finished), and a changed config is
     # an error here, before any work.
     journal = RunJournal.at(*run_storage(cfg, out)) if family.trains_on_ray else None
-    state = journal.begin(redact_mapping(cfg.flat())) if journal is not None else "new"  # no credentials stored
+    state = journal.begin(scrub(cfg.flat())) if journal is not None else "new"  # no credentials stored
+    if state == "resume":
+        journal.resume_point()  # every checkpoint damaged: one error naming each, before the cluster starts
     if family.trains_on_ray:
         from dmdscale.distributed.cluster import connect, ensure_fits
 
@@ -113,6 +118,8 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
         print(f"dmdscale: {journal.directory} holds a run of this config whose training finished; "
               f"evaluating it and writing the run folder")
     inputs = family.prepare(cfg, inputs)
+    if not init_checked:
+        check_init_fits(cfg.train.init, getattr(inputs, "teacher_path", ""))
 
     resume_run_id = journal.read().get("mlflow_run_id") if state != "new" else None
     with Tracker(cfg.name, run_name=f"{family.run_label}-{out.name}", params=cfg.flat(),
@@ -132,13 +139,16 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
         family.write_model_card(cfg, inputs, trained, metrics)
         np.savez(out / "samples.npz", **evaluation.samples)
         family.draw_samples(cfg, evaluation.samples, metrics, out / "samples.png")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        # What is written or printed goes through scrub (credentials masked; the student folder,
+        # which is published, through scrub(public=True) in its writers: dmdscale.export).
+        (out / "metrics.json").write_text(json.dumps(scrub(metrics), indent=2))
         plot_curves(curves_from_log(trained.log, "loss_"), out / "losses.png")
         pictures = ["metrics.json", "samples.png", "losses.png"]
         if plot_diagnostics(trained.log, out / "diagnostics.png") is not None:
             pictures.append("diagnostics.png")
         if trained.evaluations is not None:  # FID over training: the checkpoints, then the final figure
-            (out / "checkpoint_evaluations.json").write_text(json.dumps(trained.evaluations, indent=1, default=float))
+            (out / "checkpoint_evaluations.json").write_text(json.dumps(scrub(trained.evaluations), indent=1,
+                                                                        default=float))
             plot_curves(curves_from_log([*trained.evaluations, _final_point(cfg, metrics)], "fid_student"),
                         out / "fid.png")
             pictures.append("fid.png")
@@ -153,5 +163,5 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
         shutil.rmtree(out / "fid", ignore_errors=True)
         if journal is not None:
             journal.mark_finished()  # everything promised is written: a rerun starts afresh
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps(scrub(metrics), indent=2))
     return metrics

@@ -15,6 +15,10 @@ sdxl): `export_pipeline` writes a whole pipeline folder. Both hold:
   UNet has one, with an all-zero `time_embedding.cond_proj`, so the guidance embedding the
   pipeline feeds it adds exactly 0: outputs equal the trained UNet's for any guidance_scale;
 * a model card (README.md, Hub format) written after the evaluation (`write_model_card`);
+* nothing of the machine it was made on: no credential and no local absolute path in any file
+  (`dmdscale.redact.scrub(..., public=True)`: the card names a local teacher by its folder's own
+  name, a Hub cache snapshot by its hub id; `_name_or_path`, where save_pretrained says each part
+  was loaded from, is left out of the JSON files, see `scrub_folder`);
 * optionally fp16 variant weights beside the fp32 ones (`variant="fp16"`).
 
 LoRA runs also write the adapter for the teacher pipeline's `load_lora_weights`, in peft's key
@@ -41,9 +45,10 @@ from diffusers import LCMScheduler, UNet2DConditionModel
 
 from dmdscale.core.schedule import config_for
 from dmdscale.models.sd import check_pipeline_folder
+from dmdscale.redact import public_name, public_text, scrub
 
 __all__ = ["STUDENT_DIR", "export_flow_pipeline", "export_pipeline", "flow_student_scheduler", "export_unet_student", "guidance_free_unet", "lora_state_dict",
-           "merged_unet", "sampling_call", "student_scheduler", "write_model_card"]
+           "merged_unet", "sampling_call", "scrub_folder", "student_scheduler", "write_model_card"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +60,8 @@ X0_TIMESTEP_SCALING = 1e6
 STUDENT_DIR = "student"  # the exported student in a run folder
 KOHYA_LORA_FILE = "pytorch_lora_weights.safetensors"
 STUDENT_INFO = "dmdscale.json"  # timesteps, the sampling call, family: what dmdscale's own tools read
+# Where save_pretrained says a part was loaded from (diffusers, transformers configs): a local path.
+LOADED_FROM_KEYS = ("_name_or_path", "name_or_path")
 
 
 @contextlib.contextmanager
@@ -154,7 +161,29 @@ def _student(student_unet: UNet2DConditionModel | str | os.PathLike) -> UNet2DCo
 def _lora_metadata(config: Any) -> dict[str, Any]:
     """A LoraConfig (or its dict) as save_lora_weights' metadata: JSON-serialisable."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}
+    # public: peft's base_model_name_or_path names where the base model was loaded from
+    return scrub({k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}, public=True)
+
+
+def scrub_folder(out: Path) -> None:
+    """Leave nothing of this machine in the JSON files of a student folder about to be published:
+    drop `_name_or_path` (diffusers and transformers write where each part was loaded from, here
+    the teacher's local folder; from_pretrained sets it again on loading) from every one, and
+    pass the other values of the rest (model and scheduler configs, model_index.json,
+    dmdscale.json) through `scrub(..., public=True)`. Tokenizer files keep their strings verbatim
+    (`bos_token`, `</w>` are no secret and no path); weight maps and files over 1 MiB (token
+    tables) are not read; a file is rewritten only if something changed."""
+    for path in sorted(out.rglob("*.json")):
+        if path.name.endswith(".index.json") or path.stat().st_size > 1 << 20:
+            continue  # weight maps, token tables: no place of this machine in them
+        before = json.loads(path.read_text())
+        if not isinstance(before, dict):
+            continue
+        after = {k: v for k, v in before.items() if k not in LOADED_FROM_KEYS}
+        if not path.name.startswith(("tokenizer", "special_tokens", "added_tokens", "vocab")):
+            after = scrub(after, public=True)
+        if after != before:
+            path.write_text(json.dumps(after, indent=2) + "\n")
 
 
 def _write_info(out: Path, timesteps: list[int], call: dict[str, Any], family: str,
@@ -162,8 +191,8 @@ def _write_info(out: Path, timesteps: list[int], call: dict[str, Any], family: s
     """`guidance_scale`: what the student runs at (1.0: no CFG; flux: its embedded guidance);
     `resolution`: the trained one, where sampling depends on it (flux's timestep shift)."""
     info = {"timesteps": [int(t) for t in timesteps], "call": call, "guidance_scale": guidance_scale, "family": family}
-    (out / STUDENT_INFO).write_text(json.dumps(info | ({"resolution": resolution} if resolution else {}),
-                                               indent=2) + "\n")
+    (out / STUDENT_INFO).write_text(json.dumps(scrub(info | ({"resolution": resolution} if resolution else {}),
+                                                     public=True), indent=2) + "\n")
 
 
 def export_pipeline(teacher: str | os.PathLike, family: str, student_unet: UNet2DConditionModel | str | os.PathLike,
@@ -198,6 +227,7 @@ def export_pipeline(teacher: str | os.PathLike, family: str, student_unet: UNet2
     _write_info(out, timesteps, sampling_call(timesteps, scheduler.config.num_train_timesteps), family)
     if lora_state_dict is not None:
         _save_lora(type(pipe), out, lora_state_dict, lora_config)
+    scrub_folder(out)
     return out
 
 
@@ -317,6 +347,7 @@ def export_flow_pipeline(teacher: str | os.PathLike, family: str, student_transf
                 resolution)
     if lora_state_dict is not None:
         _save_lora(type(pipe), out, lora_state_dict, lora_config, component="transformer")
+    scrub_folder(out)
     return out
 
 
@@ -333,6 +364,7 @@ def export_unet_student(generator: Any, timesteps: list[int], out_dir: str | os.
     scheduler = student_scheduler(generator.schedule.scheduler_config, timesteps)
     scheduler.save_pretrained(out / "scheduler")
     _write_info(out, timesteps, sampling_call(timesteps, scheduler.config.num_train_timesteps), family)
+    scrub_folder(out)
     return out
 
 
@@ -357,16 +389,24 @@ def write_model_card(folder: str | os.PathLike, *, family: str, teacher: str, ti
     """README.md in the exported student's folder, in the Hub's format: YAML front matter
     (library, pipeline tag, base model, tags, the teacher's license when its folder's card has
     one), then the teacher, family, trained timesteps, the exact sampling call (`usage`, code),
-    the run's figures and its training config."""
+    the run's figures and its training config.
+
+    The card is published: `metrics` and `config` go through `scrub(..., public=True)` and the
+    whole text through `public_text`, so it holds no credential
+    (`scale.storage_path: "s3://b/r?secret_key=***"`) and no local absolute path. The
+    teacher is named by its hub id (given as one, or a Hub cache snapshot) or else its folder's
+    own name; other local paths (config values, the `usage` code) by their last part."""
     folder = Path(folder)
     meta: dict[str, Any] = {"library_name": "diffusers", "pipeline_tag": pipeline_tag,
                             "tags": ["dmd2", "distillation", "few-step", family]}
-    if "/" in str(teacher) and not Path(teacher).expanduser().exists():
-        meta["base_model"] = str(teacher)  # a hub id
+    named = public_name(teacher)
+    if "/" in named and "://" not in named:
+        meta["base_model"] = named  # a hub id, or the hub id of a Hub cache snapshot
     license_ = _front_matter_of(teacher).get("license")
     if license_:
         meta["license"] = license_
     meta["dmdscale"] = {"family": family, "timesteps": [int(t) for t in timesteps]}
+    metrics, config, teacher = scrub(metrics, public=True), scrub(config, public=True), named
     figures = "\n".join(f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
                         for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool))
     settings = "\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items())
@@ -383,8 +423,8 @@ without classifier-free guidance (the teacher's guidance is distilled into it).
 
 ## Sampling, with stock diffusers
 
-The path below is this folder as the run wrote it; use wherever the folder lies now, or its
-Hub repo id. No dmdscale is needed.
+`"{folder.name}"` below is this folder's own name: use its path where it lies now, or its Hub
+repo id. No dmdscale is needed.
 
 ```python
 {usage.strip()}
@@ -403,5 +443,5 @@ Hub repo id. No dmdscale is needed.
 ```
 """
     path = folder / "README.md"
-    path.write_text(text)
+    path.write_text(public_text(text))
     return path

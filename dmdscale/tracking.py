@@ -18,7 +18,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 
 from dmdscale.errors import UserError, warn
-from dmdscale.redact import redact
+from dmdscale.redact import redact, scrub
 
 # MLflow's HTTP client retries a failed request 7 times with backoff factor 2, each try with a
 # 120 s timeout: with the server gone, one logging call blocks a training step for about 4
@@ -197,7 +197,7 @@ class Tracker:
             self.run = self._open_run(experiment, run_name, resume_run_id)
             self.run_id = self.run.info.run_id
             logged = self.run.data.params  # a resumed run keeps the values it started with
-            params = {k: redact(str(v))[:6000] for k, v in (params or {}).items() if k not in logged}
+            params = {k: str(v)[:6000] for k, v in scrub(params or {}).items() if k not in logged}
             if params or tags:
                 self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()],
                                       tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])

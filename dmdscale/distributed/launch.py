@@ -1,8 +1,10 @@
 """The driver side of a run on Ray: a `TorchTrainer` of `worker.train_worker` over a Ray Data
-stream, with checkpoints in Ray Train storage, resume and a failure budget; what the final
+stream, with checkpoints in Ray Train storage, resume and a failure budget (spent on failures
+only: a user error on a worker ends the run at once, `trainer_class`); what the final
 checkpoint holds of the student is copied into the run folder."""
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import signal
@@ -14,6 +16,7 @@ from dmdscale.config import Config
 from dmdscale.distributed.checkpoint import STAGE_DIR
 from dmdscale.distributed.resources import worker_resources
 from dmdscale.distributed.worker import ALTERNATES_DIR, TRAIN_LOG, TRAIN_METRICS, train_worker
+from dmdscale.errors import user_error_in
 
 
 def run_storage(cfg: Config, out: Path) -> tuple[str, str]:
@@ -22,6 +25,40 @@ def run_storage(cfg: Config, out: Path) -> tuple[str, str]:
     if "://" not in storage:
         storage = str(Path(storage).expanduser().absolute())
     return storage, f"{cfg.name}-{out.name}"
+
+
+@functools.cache
+def user_errors_fail() -> type:
+    """Ray Train's default failure policy, except that a worker's user error (`UserError`: no
+    undamaged checkpoint, a train.init that does not fit) is raised at once: a retry would meet
+    it again, after starting the workers and loading the teacher anew, and the run would end in
+    each attempt's traceback. Any other failure spends FailureConfig(max_failures) as before.
+    A class made on first use (Ray Train's modules load only when a run trains on Ray); Ray
+    ships it to the run's controller by value."""
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    class UserErrorsFail(DefaultFailurePolicy):
+        def make_decision(self, training_failed_error: Exception) -> FailureDecision:
+            if isinstance(training_failed_error, WorkerGroupError) and any(
+                    user_error_in(e) is not None for e in training_failed_error.worker_failures.values()):
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    return UserErrorsFail
+
+
+@functools.cache
+def trainer_class() -> type:
+    """`TorchTrainer` with the `user_errors_fail` failure policy in place of the default."""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            kwargs["failure_policy"] = user_errors_fail()(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    return Trainer
 
 
 def fit_on_ray(cfg: Config, train_data: Any, teacher_path: str | Path, out: Path, tracker: Any,
@@ -36,11 +73,10 @@ def fit_on_ray(cfg: Config, train_data: Any, teacher_path: str | Path, out: Path
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     storage, name = run_storage(cfg, out)
     resources = worker_resources(cfg, cfg.scale.cluster_cpus or ray.cluster_resources().get("CPU", 1.0))
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(), "teacher_path": str(teacher_path),
                            "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id,

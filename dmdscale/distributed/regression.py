@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from dmdscale.config import Config
-from dmdscale.distributed.checkpoint import STAGE_DIR, check_init, save_stage
+from dmdscale.distributed.checkpoint import STAGE_DIR, check_init, check_init_fits, save_stage
 from dmdscale.distributed.ode_pairs import PAIR_INFO_COLUMNS
+from dmdscale.redact import scrub
 
 STAGE_NAME = "regression"  # the Ray Train run's name: <name>-regression-<out folder>
 
@@ -106,16 +107,15 @@ def fit_regression(cfg: Config, pairs: Path, teacher_path: str, out: Path, track
     import ray
     import ray.data
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from dmdscale.distributed.launch import run_storage
+    from dmdscale.distributed.launch import run_storage, trainer_class
     from dmdscale.distributed.resources import worker_resources
     from dmdscale.distributed.worker import TRAIN_LOG, TRAIN_METRICS
 
     storage, name = run_storage(cfg, out)
     # The tensors only: noise, target and the text embeddings (whichever the family has).
     data = ray.data.read_parquet(str(pairs), file_extensions=["parquet"]).drop_columns(list(PAIR_INFO_COLUMNS))
-    trainer = TorchTrainer(
+    trainer = trainer_class()(  # a user error on a worker is not retried
         regression_worker,
         train_loop_config={"cfg": cfg.model_dump(), "teacher_path": teacher_path,
                            "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id},
@@ -147,8 +147,9 @@ def run_regression_stage(cfg: Config, out: Path) -> dict[str, Any]:
 
     family = family_of(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    check_init(cfg.train.init, cfg.train.init_ema)  # a missing or wrong start fails here, before any work
+    check_init(cfg.train.init, cfg.train.init_ema, cfg.model.family)  # a missing or wrong start fails here
     inputs = family.preflight(cfg)  # teacher folder, prompts (images optional)
+    check_init_fits(cfg.train.init, str(inputs.teacher_path))  # its weights fit the teacher's generator
     folder = pairs_folder(cfg, out)
     check_pairs_target(folder, pairs_key(cfg, inputs.train_path))
     if cfg.regression.metric == "lpips":
@@ -159,7 +160,7 @@ def run_regression_stage(cfg: Config, out: Path) -> dict[str, Any]:
     with Tracker(cfg.name, run_name=f"{family.run_label}-{STAGE_NAME}-{out.name}", params=cfg.flat()) as tracker:
         metrics = make_pairs(cfg, inputs.train_path, folder)
         metrics |= fit_regression(cfg, folder, str(inputs.teacher_path), out, tracker)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "metrics.json").write_text(json.dumps(scrub(metrics), indent=2))
         plot_curves(curves_from_log(json.loads((out / TRAIN_LOG).read_text()), "loss_"), out / "losses.png")
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                             step=cfg.train.max_steps)

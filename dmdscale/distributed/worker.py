@@ -13,6 +13,7 @@ import copy
 import functools
 import itertools
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from dmdscale.config import Config
+from dmdscale.config import Config, ConfigError
 from dmdscale.core import seeds
 from dmdscale.core.ema import GeneratorEMA, ema_name
 from dmdscale.core.loop import LoopResult, prefetched, train_loop
@@ -33,16 +34,19 @@ from dmdscale.distributed.checkpoint import (
     InjectedFailure,
     RunJournal,
     TrainingState,
+    checkpoint_folders,
     checkpoints_before,
     load_latest_good,
     load_stage,
     load_training_state,
     rng_states,
+    save_run_config,
     save_stage,
     save_training_state,
     set_rng_states,
 )
 from dmdscale.distributed.resources import cpu_threads, uses_rollout_actors
+from dmdscale.errors import UserError
 from dmdscale.families import family_of
 from dmdscale.models.base import Critic, Denoiser
 
@@ -126,9 +130,10 @@ def _load_part(module: torch.nn.Module, cfg: Config, part: str) -> None:
         return
     try:
         module.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"train.init: the {part} weights in {cfg.train.init} do not fit this run's {part} "
-                         f"(another teacher, head or LoRA setting?): {str(exc).splitlines()[0]}") from None
+    except RuntimeError as exc:  # a user error: the run's failure policy does not retry it
+        first = " ".join(line.strip() for line in str(exc).splitlines()[:2])  # "Error(s) in ...:", the first one
+        raise ConfigError(f"train.init: the {part} weights in {cfg.train.init} do not fit this run's {part} "
+                          f"(another teacher, head or LoRA setting?): {first}") from None
 
 
 def init_ema(cfg: Config, generator: torch.nn.Module) -> GeneratorEMA | None:
@@ -236,9 +241,14 @@ class TrainWorker:
         # Rank 0 logs into the driver's MLflow run (never raising), and keeps what it logged:
         # the run folder's train_log.json, carried through checkpoints so it survives a resume.
         self.mlflow_sink = MlflowSink(config.get("tracking_uri"), config.get("run_id")) if self.rank == 0 else None
-        self.start_step, self.position, self.logged = self._resume()
         storage = ctx.get_storage()
-        self.journal = RunJournal(storage.storage_filesystem, storage.experiment_fs_path)
+        self.storage_fs, self.storage_dir = storage.storage_filesystem, storage.experiment_fs_path
+        self.start_step, self.position, self.logged = self._resume()
+        self.journal = RunJournal(self.storage_fs, self.storage_dir)
+        # The config as the driver recorded it in the journal: rank 0 writes it into every
+        # checkpoint (CONFIG_FILE), so a lost journal is rebuilt from it and the checkpoints
+        # resume only under it.
+        self.run_config = self.journal.read().get("config") if self.rank == 0 else None
         self.earlier_starts = self.journal.record_start(self.start_step) if self.rank == 0 else 0
         if self.rank == 0 and self.start_step:
             print(f"dmdscale: resumed from the checkpoint at step {self.start_step} "
@@ -246,17 +256,28 @@ class TrainWorker:
         self.images_seen, self.started = 0, time.perf_counter()
 
     def _resume(self) -> tuple[int, DataPosition, list[dict[str, float]]]:
-        """(first step, data position, rank 0's log so far) from the latest undamaged checkpoint, if any."""
+        """(first step, data position, rank 0's log so far) from the latest undamaged checkpoint, if any.
+
+        Ray hands back the latest checkpoint it recorded (its checkpoint_manager_snapshot.json in
+        the run's storage folder); without that record (deleted, lost) the checkpoint folders
+        there are the run's own all the same (the driver's journal refused any other config's), so
+        they are found by listing them, newest first.
+        """
         import ray.train
 
         latest = ray.train.get_checkpoint()
         if latest is None:
-            return 0, DataPosition(), []
-        # A damaged latest checkpoint falls back to the ones Ray wrote before it, newest first
-        # (listed only if needed); every rank verifies all files, so all pick the same one.
-        fs = latest.filesystem
-        older = (ray.train.Checkpoint(path, fs) for path in checkpoints_before(fs, latest.path))
-        state, rngs = load_latest_good(itertools.chain([latest], older),
+            fs, found = self.storage_fs, checkpoint_folders(self.storage_fs, self.storage_dir)
+            if not found:
+                return 0, DataPosition(), []
+            candidates: Iterator[Any] = (ray.train.Checkpoint(path, fs) for path in found)
+        else:
+            # A damaged latest checkpoint falls back to the ones Ray wrote before it, newest first
+            # (listed only if needed); every rank verifies all files, so all pick the same one.
+            fs = latest.filesystem
+            older = (ray.train.Checkpoint(path, fs) for path in checkpoints_before(fs, latest.path))
+            candidates = itertools.chain([latest], older)
+        state, rngs = load_latest_good(candidates,
                                        functools.partial(load_training_state, modules=self.engines, rank=self.rank))
         set_rng_states(rngs, self.step_fn.rng)
         return state.step, DataPosition(state.data_epoch, state.data_batch), \
@@ -322,7 +343,7 @@ class TrainWorker:
         epoch, batch = self.position.now()
         with tempfile.TemporaryDirectory() as tmp:
             save_training_state(tmp, TrainingState(step + 1, epoch, batch, self.logged), self.engines,
-                                rng_states(self.step_fn.rng), self.rank)
+                                rng_states(self.step_fn.rng), self.rank, config=self.run_config)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if self.eval_pool is not None:
             weights = self.generator_engine.full_state_dict()  # collective under ZeRO-3: every rank gathers
@@ -353,7 +374,9 @@ class TrainWorker:
                 if self.rank == 0:
                     self._save_students(Path(tmp))
                     save_stage(tmp, {"generator": self.generator.state_dict(), "critic": critic,
-                                     "ema": self.ema.state_dict() if self.ema else None})
+                                     "ema": self.ema.state_dict() if self.ema else None}, family=self.cfg.model.family)
+                    if self.run_config is not None:  # a lost journal is rebuilt from it ("evaluate")
+                        save_run_config(tmp, self.run_config)
                     (Path(tmp) / TRAIN_METRICS).write_text(json.dumps(final))
                     (Path(tmp) / TRAIN_LOG).write_text(json.dumps(self.logged, default=float))
             ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None)
@@ -376,5 +399,15 @@ class TrainWorker:
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point, run on every worker."""
-    TrainWorker(config).run()
+    """Ray Train entry point, run on every worker.
+
+    A user error (a checkpoint with none undamaged, a train.init that does not fit) is a message,
+    not a bug: Ray Train would log its traceback on the worker, so that log is silenced for it
+    (the worker ends with it), the run's failure policy (`launch.user_errors_fail`) does not
+    retry it, and the command line prints its one line.
+    """
+    try:
+        TrainWorker(config).run()
+    except UserError as exc:
+        logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)  # "Error in training function"
+        raise exc.with_traceback(None) from None

@@ -223,13 +223,15 @@ class Family:
 
     def write_model_card(self, cfg: Config, inputs: Any, trained: Trained, metrics: dict[str, Any]) -> None:
         """README.md in the exported student's folder, once the run's figures are known; the
-        teacher is the one the run distilled (for `model.teacher: train`, the folder trained here)."""
+        teacher is the one the run distilled (for `model.teacher: train`, the folder trained here).
+        The card is published: it names the teacher and the student's folder by their own names,
+        never by where they lie on this machine, and masks credentials (`export.write_model_card`)."""
         from dmdscale.export import STUDENT_INFO, write_model_card
 
         folder = Path(trained.student)
         call = json.loads((folder / STUDENT_INFO).read_text())["call"]
         write_model_card(folder, family=self.name, teacher=str(inputs.teacher_path), timesteps=cfg.generator.timesteps,
-                         usage=self.usage(cfg, call).replace("STUDENT", str(folder)), metrics=metrics,
+                         usage=self.usage(cfg, call).replace("STUDENT", folder.name), metrics=metrics,
                          config=cfg.flat(), pipeline_tag=self.pipeline_tag)
 
     def evaluate(self, cfg: Config, inputs: Any, trained: Trained, workdir: Path) -> Evaluation:

@@ -137,6 +137,13 @@ def test_quick_digits_run_end_to_end_through_an_injected_failure(tmp_path, mlflo
     assert [r["step"] for r in log] == [0, 4, 5, 9, 10, 14, 15, 19] and all("loss_fake_score" in r for r in log)
     assert [e["step"] for e in json.loads((out / "checkpoint_evaluations.json").read_text())] == [5, 10, 15]
     assert m["fid_real_train"] < m["fid_teacher_1step"]  # the floor sits below a 1-step teacher's blur
+    # Every figure the run reports is one a sweep may name (sweep.metric is checked against these).
+    from dmdscale.config import load_config
+    from dmdscale.families import family_of
+
+    cfg = load_config(ROOT / "pipelines" / "configs" / "digits.yaml", quick=True)
+    numbers = {k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numbers <= family_of(cfg).metric_names(cfg), numbers - family_of(cfg).metric_names(cfg)
 
     # The exported student is digits.yaml's generator EMA; the raw weights are evaluated beside it,
     # at the end and at every checkpoint, with KID next to FID.

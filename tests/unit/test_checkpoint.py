@@ -13,8 +13,10 @@ from pathlib import Path
 import pyarrow.fs
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from dmdscale.config import ConfigError, build_config
+from dmdscale.errors import UserError
 from dmdscale.core.sampling import NoiseStream
 from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.distributed.checkpoint import (
@@ -29,6 +31,8 @@ from dmdscale.distributed.checkpoint import (
     rng_states,
     save_training_state,
     set_rng_states,
+    save_run_config,
+    verify_checkpoint,
 )
 from dmdscale.distributed.engine import DeepSpeedOptimizedModule
 from dmdscale.models.toy2d import MLPDenoiser
@@ -181,11 +185,44 @@ def test_a_damaged_file_of_any_rank_is_named_before_any_module_loads(tmp_path, d
     assert module.loaded == []  # verified before loading: nothing half loaded
 
 
-def test_a_checkpoint_without_checksums_loads_as_before(tmp_path):
+def _as_format_1(folder, rank=0):
+    """The checkpoint as dmdscale wrote it before checksums: no checksums, no format marks."""
+    (folder / f"checksums_rank{rank}.json").unlink()
+    state = json.loads((folder / f"training_state_rank{rank}.json").read_text())
+    del state["format"]
+    (folder / f"training_state_rank{rank}.json").write_text(json.dumps(state))
+    rng = folder / f"rng_rank{rank}.safetensors"
+    save_file(load_file(rng), rng)  # without the metadata
+
+
+def test_a_checkpoint_of_the_format_before_checksums_loads_as_before(tmp_path):
     folder = _save(tmp_path / "checkpoint_a", step=7)
-    (folder / "checksums_rank0.json").unlink()
+    _as_format_1(folder)
     _flip_byte(folder / "generator" / "part_rank0.bin")  # nothing to check it against
     assert load_training_state(folder, {"generator": _FileModule()}, rank=0)[0].step == 7
+
+
+@pytest.mark.parametrize("also_deleted", [None, "training_state_rank0.json", "rng_rank0.safetensors"])
+def test_a_checkpoint_of_this_format_without_its_checksums_is_damaged_not_unchecked(tmp_path, also_deleted):
+    """Issue 37.9: deleting checksums_rank0.json turned verification off, and a byte-flipped
+    file loaded without error. Its state file and its RNG file each say it was written with
+    checksums, so deleting one of them too still leaves the mark."""
+    folder = _save(tmp_path / "checkpoint_a", step=7)
+    (folder / "checksums_rank0.json").unlink()
+    if also_deleted:
+        (folder / also_deleted).unlink()
+    _flip_byte(folder / "generator" / "part_rank0.bin")
+    marked_by = "rng_rank0.safetensors" if also_deleted == "training_state_rank0.json" else "training_state_rank0.json"
+    module = _FileModule()
+    with pytest.raises(CorruptCheckpoint, match=re.escape(
+            f"checksums_rank0.json is missing ({marked_by} says this checkpoint was written with checksums)")):
+        load_training_state(folder, {"generator": module}, rank=0)
+    assert module.loaded == []
+    # A rank's checksums missing among others' (2 ranks) is named the same way.
+    two = _save(tmp_path / "checkpoint_b", step=7, ranks=2)
+    (two / "checksums_rank0.json").unlink()
+    with pytest.raises(CorruptCheckpoint, match="checksums_rank0.json is missing"):
+        verify_checkpoint(two)
 
 
 @contextlib.contextmanager
@@ -283,8 +320,110 @@ def test_journal_writes_leave_no_temp_files_and_a_damaged_journal_is_named(tmp_p
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["dmdscale_journal.json"]
     text = (tmp_path / "run" / "dmdscale_journal.json").read_text()
     (tmp_path / "run" / "dmdscale_journal.json").write_text(text[: len(text) // 2])  # cut mid-write
-    with pytest.raises(ConfigError, match=re.escape(f"run journal {journal.path} is damaged (") + ".*delete the run folder"):
+    with pytest.raises(ConfigError, match=re.escape(f"run journal {journal.path} is damaged (") +
+                       ".*move it aside \\(or delete that file only\\).*checkpoints kept"):
         journal.read()
+
+
+def _checkpoint_of(run, name, config, step=4, final=False):
+    """A checkpoint folder of run `run` written under `config` (rank 0, as the workers write them)."""
+    folder = run / name
+    if final:  # the final checkpoint: the student and figures, and the config
+        folder.mkdir(parents=True)
+        (folder / "train_metrics.json").write_text("{}")
+        save_run_config(folder, config)
+        return folder
+    own = run / f"{name}_local"
+    own.mkdir(parents=True)
+    save_training_state(own, TrainingState(step), {"generator": _FileModule()}, {"torch": torch.zeros(3)},
+                        rank=0, world_size=1, config=config)
+    shutil.copytree(own, folder)
+    shutil.rmtree(own)
+    return folder
+
+
+def test_a_lost_journal_is_rebuilt_from_the_checkpoints_and_refuses_another_config(tmp_path, capsys):
+    """Issue 37.7: with the journal deleted, a rerun under another config resumed the checkpoints
+    silently. They record the config they were written under: the same command rebuilds the
+    journal and resumes, another config is refused naming its keys, and nothing is deleted."""
+    journal = RunJournal.at(str(tmp_path), "run")
+    cfg = json.loads(json.dumps(build_config({}).flat(), default=str))
+    assert journal.begin(cfg) == "new"
+    journal.record_start(0)
+    run = tmp_path / "run"
+    older, newer = _checkpoint_of(run, "checkpoint_1", cfg, 2), _checkpoint_of(run, "checkpoint_2", cfg, 4)
+    (run / "dmdscale_journal.json").unlink()
+    with pytest.raises(ConfigError, match=r"unfinished run with a different config \(train.lr\)") as refused:
+        journal.begin(cfg | {"train.lr": 1.0})
+    assert f"resume it with the same config (train.lr={json.dumps(cfg['train.lr'])})" in str(refused.value)
+    assert older.is_dir() and newer.is_dir() and load_training_state(newer, {}, rank=0)[0].step == 4
+    (run / "dmdscale_journal.json").unlink()
+    assert journal.begin(cfg | {"train.max_steps": 99}) == "resume"  # a resumable change
+    assert "no run journal; rebuilt it from checkpoint_2" in capsys.readouterr().out
+    assert journal.read()["config"] == cfg and journal.begin(cfg) == "resume"
+    # A damaged journal, moved aside as its message says: the same.
+    (run / "dmdscale_journal.json").write_text("{")
+    with pytest.raises(ConfigError, match="move it aside"):
+        journal.begin(cfg)
+    (run / "dmdscale_journal.json").rename(run / "journal.bad")
+    assert journal.begin(cfg) == "resume"
+
+
+def test_a_lost_journal_of_a_trained_run_evaluates_and_unrecorded_checkpoints_are_refused(tmp_path):
+    cfg = json.loads(json.dumps(build_config({}).flat(), default=str))
+    journal = RunJournal.at(str(tmp_path / "a"), "run")
+    _checkpoint_of(tmp_path / "a" / "run", "checkpoint_1", cfg, 2)
+    _checkpoint_of(tmp_path / "a" / "run", "checkpoint_2", cfg, final=True)
+    assert journal.begin(cfg) == "evaluate"  # training finished: only its evaluation is redone
+    # Checkpoints written before they recorded a config: resuming them under an unknown one
+    # could mix two runs, so they are refused (and kept).
+    journal = RunJournal.at(str(tmp_path / "b"), "run")
+    (tmp_path / "b" / "run" / "checkpoint_1").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="holds checkpoints but no run journal .*do not record the config"):
+        journal.begin(cfg)
+    assert (tmp_path / "b" / "run" / "checkpoint_1").is_dir()
+
+
+def test_the_driver_finds_the_newest_good_checkpoint_and_stops_when_none_is(tmp_path):
+    """Issue 37.10: with every checkpoint damaged, the run retried 3 times and ended in a long
+    traceback. The driver verifies them first (local storage): a user error naming each bad file."""
+    cfg = json.loads(json.dumps(build_config({}).flat(), default=str))
+    run = tmp_path / "run"
+    journal = RunJournal.at(str(tmp_path), "run")
+    assert journal.resume_point() is None
+    first, second = _checkpoint_of(run, "checkpoint_1", cfg, 2), _checkpoint_of(run, "checkpoint_2", cfg, 4)
+    _flip_byte(second / "generator" / "part_rank0.bin")
+    assert journal.resume_point() == str(first)
+    (first / "checksums_rank0.json").unlink()  # issue 37.9: not a way around verification
+    with pytest.raises(CorruptCheckpoint) as caught:
+        journal.resume_point()
+    assert isinstance(caught.value, UserError)
+    message = str(caught.value)
+    assert "\n" not in message and "checksums_rank0.json is missing" in message and "part_rank0.bin" in message
+    assert first.is_dir() and second.is_dir()
+    # Remote storage: the newest, unverified here (the workers verify and fall back the same way).
+    remote = RunJournal(pyarrow.fs.SubTreeFileSystem(str(tmp_path), pyarrow.fs.LocalFileSystem()), "run")
+    assert remote.resume_point() == "run/checkpoint_2"
+
+
+def test_a_user_error_on_a_worker_is_not_retried_other_failures_are():
+    """Ray Train's failure policy retried a damaged checkpoint or a bad train.init (max_failures
+    times); the run's policy raises a user error at once, wherever Ray carries it."""
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from dmdscale.distributed.launch import trainer_class, user_errors_fail
+
+    policy = user_errors_fail()(FailureConfig(max_failures=3))
+    wrapped = RuntimeError("while resuming")
+    wrapped.__cause__ = ConfigError("train.init: x does not fit")
+    for error in (CorruptCheckpoint("no undamaged checkpoint"), wrapped):
+        assert policy.make_decision(WorkerGroupError("e", {0: RuntimeError("peer"), 1: error})) == FailureDecision.RAISE
+    assert policy.make_decision(WorkerGroupError("e", {0: RuntimeError("a crash")})) == FailureDecision.RETRY
+    from ray.train.torch import TorchTrainer
+
+    assert issubclass(trainer_class(), TorchTrainer)
 
 
 def test_a_trained_run_whose_evaluation_failed_is_evaluated_again(tmp_path):
@@ -302,3 +441,98 @@ def test_a_trained_run_whose_evaluation_failed_is_evaluated_again(tmp_path):
             journal.begin(cfg | {training_key: 12345})
     journal.mark_finished()
     assert journal.begin(cfg) == "new"
+
+
+# -- train.init: checked on the driver, before any cluster work (issue 37.11) -------------------
+def _teacher(path, width=8):
+    from diffusers import UNet2DModel
+
+    from dmdscale.models.unet2d import tiny_unet_config
+
+    unet = UNet2DModel(**tiny_unet_config(16, 1, 10, width))
+    unet.save_pretrained(path / "unet")
+    return path, unet
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size - 100])
+
+
+@pytest.fixture
+def stage_run(tmp_path):
+    """(teacher folder, a run folder whose stage/ is that teacher's copy, written by unet2d)."""
+    from dmdscale.distributed.checkpoint import save_stage
+
+    teacher, unet = _teacher(tmp_path / "teacher")
+    weights = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    save_stage(tmp_path / "run1", {"generator": weights, "critic": {"head.w": torch.zeros(2)},
+                                   "ema": {f"ema_0.9/{k}": v for k, v in weights.items()}}, family="unet2d")
+    return teacher, tmp_path / "run1"
+
+
+@pytest.mark.parametrize("part", ["generator", "critic", "ema"])
+def test_a_truncated_stage_file_is_named_on_the_driver(stage_run, part):
+    from dmdscale.distributed.checkpoint import check_init, load_stage
+
+    teacher, run = stage_run
+    assert check_init(run, 0.9, "unet2d") == ("stage", run / "stage")
+    _truncate(run / "stage" / f"{part}.safetensors")
+    for ema in (None, 0.9):
+        with pytest.raises(ConfigError, match=re.escape(f"train.init: {run / 'stage' / f'{part}.safetensors'} is "
+                                                        "damaged or cut short")):
+            check_init(run, ema, "unet2d")
+    with pytest.raises(ConfigError, match="cut short"):  # the workers' loader checks the same way first
+        load_stage(run)
+
+
+def test_a_start_of_another_family_is_refused_naming_the_file(stage_run, tmp_path):
+    from dmdscale.distributed.checkpoint import check_init
+    from dmdscale.export import STUDENT_INFO
+
+    teacher, run = stage_run
+    with pytest.raises(ConfigError, match=r"train.init: .* holds a unet2d stage \(generator.safetensors says so\), "
+                                          r"but this run distils a sd15 teacher \(model.family\)"):
+        check_init(run, None, "sd15")
+    student = tmp_path / "other" / "student"
+    (student / "unet").mkdir(parents=True)
+    shutil.copy(run / "stage" / "generator.safetensors", student / "unet" / "diffusion_pytorch_model.safetensors")
+    (student / STUDENT_INFO).write_text(json.dumps({"timesteps": [999], "family": "sd15"}))
+    with pytest.raises(ConfigError, match=r"train.init: .* holds a sd15 student \(dmdscale.json says so\), but this "
+                                          r"run distils a unet2d teacher"):
+        check_init(tmp_path / "other", None, "unet2d")
+    (student / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="train.init: .* has no unet/diffusion_pytorch_model.safetensors"):
+        check_init(tmp_path / "other", None, "sd15")
+
+
+def test_a_stage_or_student_of_another_teacher_does_not_fit_the_generator(stage_run, tmp_path):
+    """The generator is a copy of the teacher: its weights' names and shapes are the teacher's
+    (read from the headers only), so another teacher's stage fails here, not on the workers."""
+    from safetensors.torch import load_file, save_file
+
+    from dmdscale.distributed.checkpoint import check_init_fits
+    from dmdscale.export import STUDENT_INFO
+
+    teacher, run = stage_run
+    assert check_init_fits(run, teacher) is True
+    assert check_init_fits(None, teacher) is True
+    assert check_init_fits(run, "org/hub-teacher") is False and check_init_fits(run, "") is False  # not readable here
+    wider, _ = _teacher(tmp_path / "wider", width=16)
+    generator = run / "stage" / "generator.safetensors"
+    with pytest.raises(ConfigError, match=re.escape(f"train.init: {generator} does not fit this run's generator, a "
+                                                    f"copy of the teacher {wider} (") + r".*of other shapes \(e.g. unet\..*"
+                                                    r"against the teacher's"):
+        check_init_fits(run, wider)
+    weights = load_file(generator)
+    dropped = next(iter(weights))
+    save_file({k: v for k, v in weights.items() if k != dropped}, generator)
+    with pytest.raises(ConfigError, match=re.escape(f"1 of the teacher's unet weights missing (e.g. {dropped})")):
+        check_init_fits(run, teacher)
+    # An exported student's UNet is the generator's unet.* weights; a LoRA stage's adapter is new.
+    student = tmp_path / "s" / "student"
+    _teacher(student)
+    (student / STUDENT_INFO).write_text(json.dumps({"family": "unet2d"}))
+    assert check_init_fits(tmp_path / "s", teacher) is True
+    lora = {k.replace(".weight", ".base_layer.weight") if k == "unet.conv_in.weight" else k: v for k, v in weights.items()}
+    save_file(lora | {"unet.conv_in.lora_A.default.weight": torch.zeros(2, 2)}, generator)
+    assert check_init_fits(run, teacher) is True

@@ -3,6 +3,7 @@ ordinary call, no CFG, exact UNet, LoRA in peft and kohya layouts, model card, f
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +244,101 @@ def test_fp16_variant_loads_in_half_precision(teachers, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(half.unet.float()(**kw).sample, full(**kw).sample, rtol=1e-2, atol=1e-2)
 
+
+
+# -- what is published names no secret and nothing of this machine (issue 37) ------------------
+
+SECRET = "SECRETzq81x"
+
+
+def _holding(folder, needle: str) -> list[str]:
+    """The files under `folder` (binary ones too) whose bytes contain `needle`."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and needle.encode() in p.read_bytes())
+
+
+def test_model_card_masks_secrets_and_names_no_local_path(tmp_path):
+    teacher = tmp_path / "teachers" / "my-teacher"
+    teacher.mkdir(parents=True)
+    (teacher / "README.md").write_text("---\nlicense: openrail++\n---\n")
+    (tmp_path / "student").mkdir()
+    card = write_model_card(tmp_path / "student", family="sd15", teacher=str(teacher), timesteps=[999],
+                            usage=f'pipe = DiffusionPipeline.from_pretrained("{tmp_path}/student")',
+                            metrics={"fid_student": 1.5, "where": f"{tmp_path}/run"},
+                            config={"scale.storage_path": f"s3://b/r?secret_key={SECRET}",
+                                    "data.path": f"{tmp_path}/data/train.parquet", "model.teacher": str(teacher)},
+                            pipeline_tag="text-to-image").read_text()
+    assert SECRET not in card and 'scale.storage_path: "s3://b/r?secret_key=***"' in card
+    assert str(tmp_path) not in card and str(Path.home()) not in card
+    assert "student of `my-teacher`" in card and "from the sd15 teacher `my-teacher`" in card
+    assert 'data.path: "train.parquet"' in card and 'from_pretrained("student")' in card
+    meta = yaml.safe_load(card.split("---", 2)[1])
+    assert meta["license"] == "openrail++" and "base_model" not in meta  # a local folder is no hub model
+    hub = write_model_card(tmp_path / "student", family="sd15", teacher="stabilityai/sdxl-turbo", timesteps=[999],
+                           usage="", metrics={}, config={}, pipeline_tag="text-to-image").read_text()
+    assert yaml.safe_load(hub.split("---", 2)[1])["base_model"] == "stabilityai/sdxl-turbo"
+
+
+def test_hub_cache_teacher_is_named_by_its_hub_id(tmp_path):
+    snapshot = tmp_path / "hub" / "models--stabilityai--sdxl-turbo" / "snapshots" / "71153311"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "student").mkdir()
+    card = write_model_card(tmp_path / "student", family="sdxl", teacher=str(snapshot), timesteps=[999],
+                            usage="", metrics={}, config={"model.teacher": str(snapshot)},
+                            pipeline_tag="text-to-image").read_text()
+    assert "student of `stabilityai/sdxl-turbo`" in card and str(tmp_path) not in card
+    assert yaml.safe_load(card.split("---", 2)[1])["base_model"] == "stabilityai/sdxl-turbo"
+
+
+def test_sd_family_card_names_the_teacher_folder_not_its_path(teachers, tmp_path):
+    """The family's writer (teacher = the run's inputs.teacher_path, the usage with the teacher for
+    a LoRA run, the whole config) through to the card."""
+    from dmdscale.families import family_of
+    from dmdscale.families.base import RunInputs, Trained
+    from conftest import text_cfg
+
+    teacher = str(teachers["sd15"])
+    cfg = text_cfg("sd15", teacher, **{"lora.enabled": True, "scale.storage_path": f"s3://b/r?token={SECRET}",
+                                      "data.path": str(tmp_path / "data" / "train.parquet")})
+    student = tmp_path / "run" / "student"
+    student.mkdir(parents=True)
+    (student / STUDENT_INFO).write_text(json.dumps({"call": {"num_inference_steps": 4}}))
+    family_of(cfg).write_model_card(cfg, RunInputs("x", "y", teacher), Trained(student, {}, []), {"fid_student": 3.0})
+    card = (student / "README.md").read_text()
+    assert SECRET not in card and str(tmp_path) not in card and teacher not in card
+    assert f"student of `{Path(teacher).name}`" in card
+    assert 'from_pretrained("student")' in card and f"from_pretrained('{Path(teacher).name}')" in card
+
+
+def test_exported_pipeline_names_nothing_of_this_machine(student, teachers, tmp_path_factory):
+    """diffusers and transformers write where each part was loaded from (`_name_or_path`): not in
+    a folder that is published. The tokenizers' own strings (`<|endoftext|>`, `</w>`) stay as they were."""
+    out = student["out"]
+    assert _holding(out, str(tmp_path_factory.getbasetemp())) == []
+    assert all("_name_or_path" not in json.loads(p.read_text()) for p in out.rglob("*.json"))
+    teacher = teachers[student["family"]]
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        for theirs in teacher.glob(f"tokenizer*/{name}"):
+            assert (out / theirs.parent.name / name).read_bytes() == theirs.read_bytes(), theirs
+    for theirs in teacher.glob("tokenizer*/tokenizer_config.json"):
+        ours = json.loads((out / theirs.parent.name / theirs.name).read_text())
+        assert all(ours[k] == v for k, v in json.loads(theirs.read_text()).items() if k != "name_or_path")
+    pipe = DiffusionPipeline.from_pretrained(out)  # still loads and samples
+    assert pipe.unet.config.time_cond_proj_dim and pipe.tokenizer.eos_token == "<|endoftext|>"
+
+
+def test_exported_pixel_unet_names_nothing_of_this_machine(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from dmdscale.export import export_unet_student
+    from dmdscale.models.unet2d import load_unet, tiny_unet_config
+
+    teacher = tmp_path / "teacher"
+    UNet2DModel(**tiny_unet_config(16, 1, 10, 8)).save_pretrained(teacher / "unet")
+    DDPMScheduler().save_pretrained(teacher / "scheduler")
+    generator = load_unet(teacher)
+    assert str(teacher) in generator.unet.config._name_or_path  # what diffusers would write out
+    out = export_unet_student(generator, [999], tmp_path / "run" / "student")
+    assert _holding(out, str(tmp_path)) == [] and _holding(out, str(Path.home())) == []
+    assert "_name_or_path" not in json.loads((out / "unet" / "config.json").read_text())
+    assert UNet2DModel.from_pretrained(out, subfolder="unet").config.num_class_embeds == 11

@@ -1,7 +1,7 @@
 """Credentials in URIs and URI-like strings are masked; everything else passes unchanged."""
 import pytest
 
-from dmdscale.redact import looks_secret, redact, redact_mapping
+from dmdscale.redact import looks_secret, public_name, public_text, redact, redact_mapping, scrub
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -77,3 +77,56 @@ def test_redact_mapping_masks_values_and_secret_keys_without_touching_the_input(
         "uris": ["https://***@h/x", "gs://bucket/x"],
     }
     assert repr(params) == before
+
+
+# -- what is published (issue 37): credentials masked, local paths named by their own last part --
+
+@pytest.mark.parametrize("text, expected", [
+    ("/home/alice/data/train.parquet", "train.parquet"),
+    ("~/runs/digits", "digits"),
+    ("file:///home/alice/ckpt?secret_key=SK", "ckpt?secret_key=***"),
+    ("sqlite:////home/alice/mlflow.db", "mlflow.db"),
+    ("C:\\Users\\alice\\teacher", "teacher"),
+    ('pipe = DiffusionPipeline.from_pretrained("/home/alice/teacher")', 'pipe = DiffusionPipeline.from_pretrained("teacher")'),
+    ("distilled from /home/alice/teachers/t1.", "distilled from t1."),
+    ('["/a/b", "/c/d"]', '["b", "d"]'),
+    ("/home/alice/.cache/huggingface/hub/models--stabilityai--sdxl-turbo/snapshots/3f1a", "stabilityai/sdxl-turbo"),
+    ("/root/.cache/huggingface/hub/models--gpt2/snapshots/3f1a/", "gpt2"),
+])
+def test_public_text_names_local_paths_by_their_own_name(text, expected):
+    assert public_text(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "s3://bucket/dmdscale/run-1", "gs://bucket/x", "https://arxiv.org/abs/2405.14867", "http://127.0.0.1:5000/x",
+    "stabilityai/sdxl-turbo", "runs/digits", "x / 2 and 1/2", "/", "scheduler.set_timesteps(num_inference_steps=1)",
+    "</w> <|endoftext|>",
+])
+def test_public_text_keeps_what_names_nothing_local(text):
+    assert public_text(text) == text
+
+
+def test_public_name_of_a_teacher(tmp_path):
+    (tmp_path / "my-teacher").mkdir()
+    assert public_name(tmp_path / "my-teacher") == "my-teacher"
+    assert public_name(f"{tmp_path}/my-teacher/") == "my-teacher"
+    assert public_name("stabilityai/sdxl-turbo") == "stabilityai/sdxl-turbo"  # a hub id
+    snapshot = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-schnell" / "snapshots" / "741f7c3"
+    assert public_name(snapshot) == "black-forest-labs/FLUX.1-schnell"
+    assert public_name("s3://bucket/teacher?X-Amz-Signature=ab") == "s3://bucket/teacher?X-Amz-Signature=***"
+
+
+def test_scrub_is_the_one_path_for_the_run_folder_and_for_what_is_published():
+    config = {"scale.storage_path": "s3://b/r?secret_key=SK", "data.path": "/home/alice/d/train.parquet",
+              "model.teacher": "/home/alice/sdxl", "train.lr": 1e-5, "generator.timesteps": [999],
+              "MLFLOW_TRACKING_TOKEN": "tok", "nested": {"uri": "http://u:pw@h/x", "dirs": ("/home/alice/a",)}}
+    before = repr(config)
+    assert scrub(config) == {**config, "scale.storage_path": "s3://b/r?secret_key=***", "MLFLOW_TRACKING_TOKEN": "***",
+                             "nested": {"uri": "http://u:***@h/x", "dirs": ("/home/alice/a",)}}
+    assert scrub(config) == redact_mapping(config)  # the run folder and the journal keep local paths
+    assert scrub(config, public=True) == {
+        "scale.storage_path": "s3://b/r?secret_key=***", "data.path": "train.parquet", "model.teacher": "sdxl",
+        "train.lr": 1e-5, "generator.timesteps": [999], "MLFLOW_TRACKING_TOKEN": "***",
+        "nested": {"uri": "http://u:***@h/x", "dirs": ("a",)}}
+    assert repr(config) == before
+    assert scrub("/home/alice/x?token=t", public=True) == "x?token=***"
