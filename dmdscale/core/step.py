@@ -34,7 +34,14 @@ from dmdscale.config import Config
 from dmdscale.core import seeds
 from dmdscale.core.augment import augment
 from dmdscale.core.ema import GeneratorEMA
-from dmdscale.core.losses import denoising_loss, dm_loss, gan_critic_loss, gan_generator_loss, regression_loss
+from dmdscale.core.losses import (
+    denoising_loss,
+    dm_loss,
+    f_divergence_weight,
+    gan_critic_loss,
+    gan_generator_loss,
+    regression_loss,
+)
 from dmdscale.core.optim import OptimizedModule
 from dmdscale.core.sampling import NoiseStream, backward_simulate, draw_k, simulation_seed, teacher_sample
 from dmdscale.core.schedule import TimestepSampler
@@ -114,6 +121,9 @@ class DMD2Step:
         self.dm_timesteps = TimestepSampler(self.schedule, lc.dm_timesteps).to(self.device)
         self.gan_timesteps = TimestepSampler(self.schedule, lc.gan_timesteps).to(self.device)
         self.gan_on_generator = lc.gan_generator_weight > 0 or lc.gan_grad_ratio is not None
+        # The discriminator's running accuracy (loss.gan_gate_accuracy); None until measured.
+        self.d_accuracy: float | None = None
+        self.iteration = 0  # the iteration being run (the regression weight's annealing reads it)
         self.rank, self.world_size = rank, world_size
         # Every rank draws this rank's rows of one global stream, so a global batch gets the
         # same noise however it is split over workers. Backward-simulation noise is seeded per
@@ -177,6 +187,7 @@ class DMD2Step:
     def __call__(self, batch: Batch, step: int) -> dict[str, float]:
         update_generator = step % self.cfg.train.ttur_ratio == 0
         diagnose = step % self.cfg.train.log_every == 0
+        self.iteration = step
         x_in, t_in = self.generator_input(batch, step)
         # This iteration's augmentation draws (each gan_input call takes fresh ones from it).
         self.augment_rng = torch.Generator(self.device).manual_seed(
@@ -239,7 +250,12 @@ class DMD2Step:
             if diagnose:
                 gap = (x0_real.float() - x0_fake.float()).abs().flatten(1).mean(1)
                 metrics |= by_noise_level("diag_x0_gap", gap, self.schedule.sigmas[t])
-            losses = {"loss_dm": dm_loss(x, x0_real, x0_fake)}
+            weight = None
+            if lc.divergence != "reverse_kl":  # f-divergence: the discriminator's density ratio at x_t
+                with torch.no_grad():
+                    weight = f_divergence_weight(self.critic(x_t, t, batch.cond), lc.divergence)
+                metrics["dm_weight_max"] = float(weight.max())
+            losses = {"loss_dm": dm_loss(x, x0_real, x0_fake, weight)}
             objective, total = losses["loss_dm"], losses["loss_dm"].detach()
             if self.gan_on_generator:
                 x_gan, t_gan = self.gan_input(x)
@@ -247,10 +263,12 @@ class DMD2Step:
                 objective, weight, norms = self._gan_generator_objective(x, losses)
                 total = total + weight * losses["loss_gan_generator"].detach()
                 metrics |= norms
-            if lc.regression_weight > 0 and self.regression_pairs is not None:
+            regression_weight = self.regression_weight()
+            if regression_weight > 0 and self.regression_pairs is not None:
                 losses["loss_regression"] = self._regression(n)
-                objective = objective + lc.regression_weight * losses["loss_regression"]
-                total = total + lc.regression_weight * losses["loss_regression"].detach()
+                objective = objective + regression_weight * losses["loss_regression"]
+                total = total + regression_weight * losses["loss_regression"].detach()
+                metrics["regression_weight"] = regression_weight
             metrics |= self._apply(self.generator_opt, objective, losses, "generator", scores_finite, total)
         if self.ema is not None and metrics["nonfinite_generator"] == 0:
             self.ema.update()
@@ -273,23 +291,47 @@ class DMD2Step:
         weight = lc.gan_generator_weight
         if lc.gan_grad_ratio is not None:
             weight = lc.gan_grad_ratio * norm_dm / norm_gan if norm_gan > 0 and math.isfinite(norm_dm / norm_gan) else 0.0
+        if lc.gan_weight_cap is not None:
+            weight = min(weight, lc.gan_weight_cap)
+        gate = self.gan_gate()
+        weight *= gate
         grad = (g_dm + weight * g_gan).detach()
         objective = (x.float() * grad.float()).sum()  # d/dx = grad: the generator backward starts here
-        return objective, weight, {"gan_weight": weight, "grad_norm_dm_x": norm_dm,
+        return objective, weight, {"gan_weight": weight, "gan_gate": gate, "grad_norm_dm_x": norm_dm,
                                    "grad_norm_gan_x": weight * norm_gan}
+
+    def gan_gate(self) -> float:
+        """loss.gan_gate_accuracy's factor on the GAN weight: 0 while the discriminator is at
+        chance (or not yet measured), rising linearly to 1 at the configured accuracy."""
+        target = self.cfg.loss.gan_gate_accuracy
+        if target is None:
+            return 1.0
+        if self.d_accuracy is None:
+            return 0.0
+        return min(max((self.d_accuracy - 0.5) / (target - 0.5), 0.0), 1.0)
+
+    def regression_weight(self) -> float:
+        """loss.regression_weight, decayed linearly to 0 over loss.regression_anneal_steps."""
+        lc = self.cfg.loss
+        if lc.regression_anneal_steps is None:
+            return lc.regression_weight
+        return lc.regression_weight * max(0.0, 1.0 - self.iteration / lc.regression_anneal_steps)
 
     def _regression(self, n: int) -> Tensor:
         pairs = self.regression_pairs
         idx = self._randint(0, len(pairs.noise), n)
         t0 = torch.full((len(idx),), self.cfg.generator.timesteps[0], dtype=torch.long, device=self.device)
         pred = self.generator(pairs.noise[idx], t0, _index_cond(pairs.cond, idx))
-        return regression_loss(pred, pairs.target[idx], self.cfg.loss.regression_metric)
+        return regression_loss(pred, pairs.target[idx], self.cfg.loss.regression_metric, self.cfg.loss.regression_lowpass)
 
     def update_critic(self, x_fake: Tensor, batch: Batch, diagnose: bool = False) -> dict[str, float]:
         lc, n = self.cfg.loss, len(x_fake)
         fake_score = self.critic.fake_score
         with self._autocast():
-            t = self._randint(0, self.T, n)
+            if lc.fake_score_timesteps == "dm":  # where the DM term reads the fake score
+                t = self.dm_timesteps.draw(lc.dm_min_step, lc.dm_max_step, n, self._randindex)
+            else:
+                t = self._randint(0, self.T, n)
             noise = self._randn(x_fake)
             pred = fake_score.predict(self.schedule.add_noise(x_fake, noise, t), t, batch.cond)
             target = self.schedule.target(x_fake, noise, t, fake_score.prediction_type)
@@ -305,12 +347,24 @@ class DMD2Step:
                 total = total + lc.gan_critic_weight * losses["loss_gan_critic"]
                 extra = {"logits_real": float(real_logits.detach().float().mean()),
                          "logits_fake": float(fake_logits.detach().float().mean())}
+                if lc.gan_gate_accuracy is not None:
+                    extra["d_accuracy"] = self._track_accuracy(real_logits.detach(), fake_logits.detach())
                 if diagnose:  # the discriminator's mean probability of "real", by noise level
                     extra |= by_noise_level("diag_d_real", torch.sigmoid(real_logits.detach().float()),
                                             self.schedule.sigmas[t_real])
                     extra |= by_noise_level("diag_d_fake", torch.sigmoid(fake_logits.detach().float()),
                                             self.schedule.sigmas[t_fake])
             return self._apply(self.critic_opt, total, losses, "critic") | extra
+
+    def _track_accuracy(self, real_logits: Tensor, fake_logits: Tensor, decay: float = 0.9) -> float:
+        """The discriminator's accuracy on this update's global batch, folded into the running
+        one (every rank holds the same, so the GAN gate is the same on every rank)."""
+        correct = (real_logits > 0).float().sum() + (fake_logits < 0).float().sum()
+        total = torch.tensor(float(len(real_logits) + len(fake_logits)), device=correct.device)
+        correct, total = self.sync_sum(torch.stack([correct, total]))
+        accuracy = float(correct / total)
+        self.d_accuracy = accuracy if self.d_accuracy is None else decay * self.d_accuracy + (1 - decay) * accuracy
+        return accuracy
 
     def _apply(self, target: OptimizedModule, objective: Tensor, losses: dict[str, Tensor],
                name: str, inputs_finite: bool = True, total: Tensor | None = None) -> dict[str, float]:
