@@ -93,6 +93,10 @@ class GeneratorConfig(_Section):
     timesteps: list[int] = Field(default_factory=lambda: [999])
     # Multi-step students: train on the student's own rollouts (True) or on noised real data.
     backward_simulation: bool = True
+    # Which student step each row trains: "batch": one step drawn per iteration for the whole
+    # batch; "row": every batch holds rows of every step in equal shares (the DMD2 authors'
+    # later CausVid code), so every critic update sees every step.
+    step_draw: Literal["batch", "row"] = "batch"
 
     @field_validator("timesteps")
     @classmethod
@@ -251,6 +255,10 @@ class LossConfig(_Section):
     regression_lowpass: int = Field(1, ge=1)
     # The regression weight decays linearly to 0 over this many iterations (None: constant).
     regression_anneal_steps: int | None = Field(None, ge=1)
+    # Multi-step students: step k's DM, fake-score and GAN noise levels are drawn in its own band
+    # [t_{k+1}, t_k] (the last step's: [0, t_{K-1}]), intersected with each term's range, as TDM
+    # and Phased DMD confine each step to its part of the trajectory.
+    step_noise_bands: bool = False
     # Multi-step students: the critic learns an embedding of the student's step (added to the
     # fake score's time embedding), so the DM and GAN terms match each step's outputs to the
     # data, not only the mixture of all steps' outputs that a shared critic models.
@@ -507,6 +515,9 @@ class Config(_Section):
         if self.train.ema_decays and self.scale.zero_stage == 3:
             raise ValueError("train.ema_decays: generator EMA needs whole weights on every rank; "
                              "use scale.zero_stage 0-2 or leave train.ema_decays empty")
+        if self.generator.step_draw == "row" and self.rollout.mode == "actors":
+            raise ValueError("generator.step_draw: 'row' simulates every step in each batch inline; rollout actors "
+                             "serve one step per iteration; use rollout.mode=inline or step_draw=batch")
         if self.lora.enabled and self.rollout.mode == "actors":
             raise ValueError("rollout.mode: 'actors' publishes full UNet weights, not LoRA adapters; "
                              "use rollout.mode=inline with lora.enabled")

@@ -43,7 +43,15 @@ from dmdscale.core.losses import (
     regression_loss,
 )
 from dmdscale.core.optim import OptimizedModule
-from dmdscale.core.sampling import NoiseStream, backward_simulate, draw_k, simulation_seed, teacher_sample
+from dmdscale.core.sampling import (
+    NoiseStream,
+    backward_simulate,
+    backward_simulate_rows,
+    draw_k,
+    row_steps,
+    simulation_seed,
+    teacher_sample,
+)
 from dmdscale.core.schedule import TimestepSampler
 from dmdscale.models.base import Cond, Critic, Denoiser, requires_grad
 
@@ -120,10 +128,15 @@ class DMD2Step:
         lc = cfg.loss
         self.dm_timesteps = TimestepSampler(self.schedule, lc.dm_timesteps).to(self.device)
         self.gan_timesteps = TimestepSampler(self.schedule, lc.gan_timesteps).to(self.device)
+        self.uniform_timesteps = TimestepSampler(self.schedule, "uniform").to(self.device)
         self.gan_on_generator = lc.gan_generator_weight > 0 or lc.gan_grad_ratio is not None
         # The discriminator's running accuracy (loss.gan_gate_accuracy); None until measured.
         self.d_accuracy: float | None = None
         self.iteration = 0  # the iteration being run (the regression weight's annealing reads it)
+        # loss.step_noise_bands: this iteration's student step per row, and each step's band.
+        self.band_k: Tensor | None = None
+        times = cfg.generator.timesteps
+        self.bands = [(times[k + 1] if k + 1 < len(times) else 0, times[k]) for k in range(len(times))]
         self.rank, self.world_size = rank, world_size
         # Every rank draws this rank's rows of one global stream, so a global batch gets the
         # same noise however it is split over workers. Backward-simulation noise is seeded per
@@ -173,6 +186,14 @@ class DMD2Step:
             return batch.generator_input
         timesteps = self.cfg.generator.timesteps
         shape, n = tuple(batch.images.shape), len(batch.images)
+        if len(timesteps) > 1 and self.cfg.generator.step_draw == "row":
+            ks = row_steps(step, len(timesteps), self.cfg.train.seed, n, self.rank, self.world_size, self.device)
+            if self.cfg.generator.backward_simulation:
+                with self._autocast():
+                    return backward_simulate_rows(self.generator, self.schedule, timesteps, ks, shape, batch.cond,
+                                                  self.simulation_rng(step), self.device, batch.images.dtype)
+            t = torch.tensor(timesteps, device=self.device)[ks]
+            return self.schedule.add_noise(batch.images, self._randn(batch.images), t), t
         k = draw_k(step, len(timesteps), self.cfg.train.seed) if len(timesteps) > 1 else 0
         if k == 0 or self.cfg.generator.backward_simulation:
             with self._autocast():
@@ -196,8 +217,14 @@ class DMD2Step:
             x = self.generator(x_in, t_in, batch.cond)
         metrics: dict[str, float] = {"generator_updated": float(update_generator)}
         # The critic judges this iteration's outputs as step k's (loss.step_conditioned_critic);
-        # a shared critic needs no k, and reading it from t_in would sync the device.
-        k = self.step_index(t_in) if self.critic.step_embedding is not None else None
+        # a shared critic needs no k, and reading it from t_in would sync the device. Per-row
+        # steps (generator.step_draw: row) and noise bands read each row's k on the device.
+        per_row = self.cfg.generator.step_draw == "row" and len(self.cfg.generator.timesteps) > 1
+        row_k = self.row_steps_of(t_in) if per_row or self.cfg.loss.step_noise_bands else None
+        self.band_k = row_k if self.cfg.loss.step_noise_bands else None
+        k = None
+        if self.critic.step_embedding is not None:
+            k = row_k if per_row else self.step_index(t_in)
         with self.critic.at_step(k):
             if update_generator:
                 metrics |= self.update_generator(x, batch, diagnose)
@@ -213,6 +240,24 @@ class DMD2Step:
             raise ValueError(f"generator input at t={t}, not one of generator.timesteps {timesteps}")
         return timesteps.index(t)
 
+    def row_steps_of(self, t_in: Tensor) -> Tensor:
+        """(B,) the student step of each row: the position of its input timestep."""
+        times = torch.tensor(self.cfg.generator.timesteps, device=t_in.device)
+        return (t_in.view(-1, 1) == times.view(1, -1)).long().argmax(1)
+
+    def draw_t(self, sampler: TimestepSampler, low: int, high: int, n: int) -> Tensor:
+        """Noise levels in [low, high] by `sampler`; with loss.step_noise_bands, row i's within
+        its student step's band too (one uniform index per row, mapped into its band's table)."""
+        if self.band_k is None:
+            return sampler.draw(low, high, n, self._randindex)
+        u = self._randindex(1 << 24, n).to(torch.float64) / (1 << 24)
+        t = torch.empty(n, dtype=torch.long, device=self.device)
+        for k, (band_low, band_high) in enumerate(self.bands):
+            rows = self.band_k == k
+            inside = sampler.within(max(low, band_low), min(high, band_high)).to(self.device)
+            t = torch.where(rows, inside[(u * len(inside)).long().clamp_max(len(inside) - 1)], t)
+        return t
+
     def gan_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(the discriminator's input, its timesteps): x augmented (loss.gan_augment), then
         noised to t in [0, loss.gan_max_step] (0: the clean image at t = 0)."""
@@ -221,7 +266,7 @@ class DMD2Step:
             x = augment(x, lc.gan_augment, self.augment_rng)
         if lc.gan_max_step == 0:
             return x, torch.zeros(n, dtype=torch.long, device=x.device)
-        t = self.gan_timesteps.draw(0, min(lc.gan_max_step, self.T - 1), n, self._randindex)
+        t = self.draw_t(self.gan_timesteps, 0, min(lc.gan_max_step, self.T - 1), n)
         return self.schedule.add_noise(x, self._randn(x), t), t
 
     @torch.no_grad()
@@ -241,7 +286,7 @@ class DMD2Step:
         # The GAN term runs the critic inside the generator's backward: keep the critic's
         # parameters out of that graph (also required by ZeRO-3 with two engines).
         with requires_grad(self.critic, False), self._autocast():
-            t = self.dm_timesteps.draw(lc.dm_min_step, lc.dm_max_step, n, self._randindex)
+            t = self.draw_t(self.dm_timesteps, lc.dm_min_step, lc.dm_max_step, n)
             x_t = self.schedule.add_noise(x.detach(), self._randn(x), t)
             x0_real, x0_fake = self.dm_scores(x_t, t, batch.cond)
             # dm_loss's nan_to_num guards 0/0 only; a score network emitting NaN/inf must
@@ -329,7 +374,9 @@ class DMD2Step:
         fake_score = self.critic.fake_score
         with self._autocast():
             if lc.fake_score_timesteps == "dm":  # where the DM term reads the fake score
-                t = self.dm_timesteps.draw(lc.dm_min_step, lc.dm_max_step, n, self._randindex)
+                t = self.draw_t(self.dm_timesteps, lc.dm_min_step, lc.dm_max_step, n)
+            elif self.band_k is not None:
+                t = self.draw_t(self.uniform_timesteps, 0, self.T - 1, n)
             else:
                 t = self._randint(0, self.T, n)
             noise = self._randn(x_fake)

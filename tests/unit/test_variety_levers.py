@@ -118,3 +118,77 @@ def test_the_regression_weight_anneals_to_zero():
         m = step(Batch(mixture.sample(16)), i)
         weights.append(m.get("regression_weight", 0.0))
     assert weights == [1.0, 0.5, 0.0, 0.0]
+
+
+# -- multi-step students: per-row step draws and per-step noise bands -------------------------------
+FOUR = {"generator.timesteps": [999, 499, 249, 99]}
+
+
+def test_row_steps_hold_every_step_in_equal_shares_and_split_over_ranks():
+    from dmdscale.core.sampling import row_steps
+
+    ks = row_steps(7, 4, 0, 16)
+    assert torch.bincount(ks, minlength=4).tolist() == [4, 4, 4, 4]
+    halves = torch.cat([row_steps(7, 4, 0, 8, rank=r, world_size=2) for r in (0, 1)])
+    assert torch.equal(halves, ks)
+    assert not all(torch.equal(row_steps(s, 4, 0, 16), ks) for s in range(8))  # the offset is drawn per step
+
+
+def test_rows_simulate_to_their_own_depth_calling_the_generator_on_active_rows_only():
+    from dmdscale.core.sampling import backward_simulate_rows
+    from dmdscale.core.schedule import NoiseSchedule
+
+    schedule, times = NoiseSchedule.ddpm(), [999, 499, 249, 99]
+    seen = []
+
+    def generator(x, t, cond):
+        seen.append((len(x), int(t[0])))
+        return torch.zeros_like(x)
+
+    ks = torch.tensor([0, 1, 2, 3, 3, 0])
+    x, t = backward_simulate_rows(generator, schedule, times, ks, (6, 2), rng=torch.Generator().manual_seed(0))
+    assert t.tolist() == [999, 499, 249, 99, 99, 999]
+    assert seen == [(4, 999), (3, 499), (2, 249)]  # depth i runs the rows with k > i
+    # A row at depth k is x0 = 0 re-noised to t_k: sqrt(1 - abar_t) * noise, smaller at lower t.
+    assert x[3].norm() < x[1].norm() < x[0].norm() + 5
+
+
+def test_a_row_step_draw_trains_every_step_in_one_batch_with_a_per_row_critic():
+    step, _, critic, mixture = make_step({**FOUR, **GAN, "generator.step_draw": "row", "train.batch_size": 16})
+    x_in, t_in = step.generator_input(Batch(mixture.sample(16)), 3)
+    assert sorted(set(t_in.tolist())) == [99, 249, 499, 999]
+    assert torch.bincount(step.row_steps_of(t_in), minlength=4).tolist() == [4, 4, 4, 4]
+    m = step(Batch(mixture.sample(16)), 0)
+    assert math.isfinite(m["loss_dm"]) and math.isfinite(m["loss_fake_score"])
+    with pytest.raises(ConfigError, match="generator.step_draw: 'row' .* rollout.mode=inline"):
+        build_config({}, {**FOUR, "generator.step_draw": "row", "rollout.mode": "actors"})
+
+
+def test_a_step_conditioned_critic_takes_one_step_per_row():
+    from dmdscale.core.schedule import NoiseSchedule
+    from dmdscale.models.base import Critic
+    from dmdscale.models.heads import MLPHead
+    from dmdscale.models.toy2d import MLPDenoiser
+
+    torch.manual_seed(0)
+    critic = Critic(MLPDenoiser(NoiseSchedule.ddpm(), 2, 16, 2), MLPHead(16, 16), num_steps=2)
+    torch.nn.init.normal_(critic.step_embedding.weight)
+    x, t = torch.randn(2, 2), torch.tensor([500, 500])
+    with critic.at_step(torch.tensor([0, 1])):
+        both = critic(x, t)
+    for k in (0, 1):
+        with critic.at_step(k):
+            assert torch.allclose(critic(x, t)[k], both[k])
+
+
+def test_noise_bands_keep_each_steps_levels_between_its_timestep_and_the_next():
+    step, _, _, mixture = make_step({**FOUR, "loss.step_noise_bands": True, "train.batch_size": 64})
+    step.band_k = torch.arange(64) % 4
+    t = step.draw_t(step.dm_timesteps, 20, 980, 64)
+    for k, (low, high) in enumerate([(499, 980), (249, 499), (99, 249), (20, 99)]):
+        rows = t[step.band_k == k]
+        assert rows.min() >= low and rows.max() <= high, (k, rows)
+    step.band_k = None
+    assert step.draw_t(step.dm_timesteps, 20, 980, 64).max() > 499  # without bands: the whole range
+    m = make_step({**FOUR, **GAN, "loss.step_noise_bands": True})[0](Batch(mixture.sample(16)), 0)
+    assert math.isfinite(m["loss_dm"]) and math.isfinite(m["loss_gan_critic"])
