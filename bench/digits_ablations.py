@@ -55,6 +55,11 @@ GRIDS = RESULTS / "grids"  # sample grids of the --explore runs
 # each run reports its raw weights too).
 GAN_BEFORE = {"loss.gan_generator_weight": 3e-3, "loss.gan_critic_weight": 1e-2, "loss.gan_timesteps": "uniform",
               "loss.gan_max_step": 999, "loss.gan_head": "conv", "loss.gan_augment": [], "loss.gan_grad_ratio": None}
+# Label-free figures that see lost variety: recall and SWD in pixels, and the spread of each
+# sample's mean colour (brightness on grey data) against the real data's; colour ones for RGB.
+VARIETY_FIGURES = ("recall_pixels", "precision_pixels", "coverage_pixels", "swd_pixels",
+                   "mean_color_spread_ratio_pixels", "channel_std_0_ratio_pixels", "colorfulness_ratio_pixels",
+                   "saturation_bright_ratio_pixels")
 NO_GAN = {"loss.gan_generator_weight": 0.0, "loss.gan_critic_weight": 0.0, "loss.gan_grad_ratio": None}
 FOUR_STEPS = {"generator.timesteps": [999, 749, 499, 249]}
 
@@ -137,14 +142,17 @@ def evaluate(cfg: Config, inputs: Any, images: np.ndarray) -> dict[str, float]:
     spec = eval_spec(cfg)
     fid, kid = compute_fid_kid(images, real, inputs.classifier)
     quality = sample_quality_of("x", real, images, None, spec["seed"])
+    # The variety figures beside FID (issue 34): each lever is judged on both.
+    variety = {k.removesuffix("_x"): v for k, v in quality.items()
+               if k.removesuffix("_x") in VARIETY_FIGURES}
     return {"fid": fid, "kid": kid, "class_accuracy": class_accuracy(inputs.classifier, images, spec["labels"]),
-            "recall_pixels": quality["recall_pixels_x"], "swd_pixels": quality["swd_pixels_x"]}
+            **variety}
 
 
 def teacher_figures(cfg: Config, inputs: Any) -> dict[str, float]:
     """The teacher at eval.teacher_steps with the evaluation's seed (cached: ~2 min of sampling)."""
     spec = eval_spec(cfg)
-    key = f"{Path(inputs.teacher_path).name}-{cfg.eval.num_samples}-{cfg.eval.teacher_steps}-{spec['seed']}"
+    key = f"v2-{Path(inputs.teacher_path).name}-{cfg.eval.num_samples}-{cfg.eval.teacher_steps}-{spec['seed']}"
     cache = Path(cfg.cache_dir).expanduser() / "bench" / f"teacher-{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())

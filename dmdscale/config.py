@@ -93,6 +93,10 @@ class GeneratorConfig(_Section):
     timesteps: list[int] = Field(default_factory=lambda: [999])
     # Multi-step students: train on the student's own rollouts (True) or on noised real data.
     backward_simulation: bool = True
+    # Which student step each row trains: "batch": one step drawn per iteration for the whole
+    # batch; "row": every batch holds rows of every step in equal shares (the DMD2 authors'
+    # later CausVid code), so every critic update sees every step.
+    step_draw: Literal["batch", "row"] = "batch"
 
     @field_validator("timesteps")
     @classmethod
@@ -229,6 +233,32 @@ class LossConfig(_Section):
     # Differentiable augmentation of real and generated discriminator inputs alike (DiffAugment:
     # flip, shift, cutout) against discriminator overfitting on small data sets.
     gan_augment: list[Literal["flip", "shift", "cutout"]] = Field(default_factory=list)
+    # The fake score's own noise levels: "uniform" in t over [0, T) (the authors' SD code), or
+    # "dm": drawn as the DM term draws them (dm_timesteps within [dm_min_step, dm_max_step]),
+    # the authors' EDM recipe: the fake score is trained where the DM term reads it.
+    fake_score_timesteps: Literal["uniform", "dm"] = "uniform"
+    # The divergence the DM gradient descends (Xu et al. 2025, f-distill): "reverse_kl" is DMD's
+    # (mode-seeking); "forward_kl" and "jensen_shannon" weight each sample's DM gradient by
+    # h(r) = r and r / (1 + r) of the density ratio r = p_data / p_student = exp(logit) that the
+    # discriminator estimates at the DM noise level (weights divided by their batch mean), so
+    # regions the student under-covers pull harder. Needs the discriminator (gan_critic_weight > 0).
+    divergence: Literal["reverse_kl", "forward_kl", "jensen_shannon"] = "reverse_kl"
+    # The generator's GAN weight when the discriminator cannot tell real from generated: scaled by
+    # clamp((a - 0.5) / (gan_gate_accuracy - 0.5), 0, 1), a the discriminator's running accuracy
+    # (real logits > 0, generated < 0, averaged over recent critic updates): 0 at chance, full
+    # from gan_gate_accuracy on. None: no gate.
+    gan_gate_accuracy: float | None = Field(None, gt=0.5, le=1)
+    gan_weight_cap: float | None = Field(None, gt=0)  # an upper bound on the (calibrated) GAN weight
+    # DMD1's regression term as a coarse anchor: both images average-pooled by this factor before
+    # the metric (2: 16 px digits compared at 8 px), so the student keeps the teacher's global
+    # statistics (brightness, colour, layout) while the DM and GAN terms shape the detail.
+    regression_lowpass: int = Field(1, ge=1)
+    # The regression weight decays linearly to 0 over this many iterations (None: constant).
+    regression_anneal_steps: int | None = Field(None, ge=1)
+    # Multi-step students: step k's DM, fake-score and GAN noise levels are drawn in its own band
+    # [t_{k+1}, t_k] (the last step's: [0, t_{K-1}]), intersected with each term's range, as TDM
+    # and Phased DMD confine each step to its part of the trajectory.
+    step_noise_bands: bool = False
     # Multi-step students: the critic learns an embedding of the student's step (added to the
     # fake score's time embedding), so the DM and GAN terms match each step's outputs to the
     # data, not only the mixture of all steps' outputs that a shared critic models.
@@ -470,6 +500,9 @@ class Config(_Section):
         if self.lora.enabled and not family.supports_lora:
             lora = ", ".join(name for name, f in FAMILIES.items() if f.supports_lora)
             raise ValueError(f"lora.enabled: LoRA applies to the {lora} families, not {self.model.family!r}")
+        if self.loss.divergence != "reverse_kl" and self.loss.gan_critic_weight == 0:
+            raise ValueError(f"loss.divergence: {self.loss.divergence!r} weights the DM gradient by the discriminator's "
+                             f"density ratio; train the discriminator (loss.gan_critic_weight > 0) or use 'reverse_kl'")
         workers, batch = self.scale.num_workers, self.train.batch_size
         if batch % workers:
             raise ValueError(f"train.batch_size: {batch} does not split evenly over scale.num_workers={workers} "
@@ -482,6 +515,9 @@ class Config(_Section):
         if self.train.ema_decays and self.scale.zero_stage == 3:
             raise ValueError("train.ema_decays: generator EMA needs whole weights on every rank; "
                              "use scale.zero_stage 0-2 or leave train.ema_decays empty")
+        if self.generator.step_draw == "row" and self.rollout.mode == "actors":
+            raise ValueError("generator.step_draw: 'row' simulates every step in each batch inline; rollout actors "
+                             "serve one step per iteration; use rollout.mode=inline or step_draw=batch")
         if self.lora.enabled and self.rollout.mode == "actors":
             raise ValueError("rollout.mode: 'actors' publishes full UNet weights, not LoRA adapters; "
                              "use rollout.mode=inline with lora.enabled")

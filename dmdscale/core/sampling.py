@@ -114,6 +114,46 @@ def backward_simulate(generator: GeneratorFn, schedule: Schedule, timesteps: lis
     return schedule.add_noise(x0, _randn_like(x0, rng), t_k), t_k
 
 
+def row_steps(step: int, num_steps: int, seed: int, n: int, rank: int = 0, world_size: int = 1,
+              device: torch.device | str = "cpu") -> Tensor:
+    """Per-row backward-simulation depths (generator.step_draw: row): the global batch's rows
+    cycle through every student step from a depth drawn per iteration (`draw_k`), so each
+    batch holds every step in equal shares; this rank keeps its rows."""
+    offset = draw_k(step, num_steps, seed)
+    rows = torch.arange(rank * n, (rank + 1) * n, device=device)
+    return (rows + offset) % num_steps
+
+
+@torch.no_grad()
+def backward_simulate_rows(generator: GeneratorFn, schedule: Schedule, timesteps: list[int], ks: Tensor,
+                           shape: tuple[int, ...], cond: Cond = None, rng: Rng = None,
+                           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                           ) -> tuple[Tensor, Tensor]:
+    """`backward_simulate` with a depth per row (`ks`, (B,)): each row runs the generator through
+    its own first k steps from fresh noise and is re-noised to its t_k, as `backward_simulate`
+    does for a whole batch. Noise is drawn for every row at every depth (so a NoiseStream stays
+    the same on every rank); a generator call takes only the rows still simulating."""
+    device = torch.device(device)
+    times = torch.tensor(timesteps, dtype=torch.long, device=device)
+    ks = ks.to(device)
+    x = randn(shape, rng, device, dtype)
+    for i in range(int(ks.max())):
+        active = ks > i
+        noise = randn(shape, rng, device, dtype)
+        rows = active.nonzero().flatten()
+        x0 = generator(x[rows], _full(timesteps[i], len(rows), device), _index_rows(cond, rows))
+        x[rows] = schedule.add_noise(x0.to(dtype), noise[rows], _full(timesteps[i + 1], len(rows), device))
+    return x, times[ks]
+
+
+def _index_rows(cond: Cond, rows: Tensor) -> Cond:
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: v[rows] for k, v in cond.items()}
+    return cond[rows]
+
+
 @torch.no_grad()
 def teacher_sample(teacher: Denoiser, noise: Tensor, num_steps: int, cond: Cond = None,
                    guidance_scale: float = 1.0) -> Tensor:

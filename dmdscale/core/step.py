@@ -34,9 +34,24 @@ from dmdscale.config import Config
 from dmdscale.core import seeds
 from dmdscale.core.augment import augment
 from dmdscale.core.ema import GeneratorEMA
-from dmdscale.core.losses import denoising_loss, dm_loss, gan_critic_loss, gan_generator_loss, regression_loss
+from dmdscale.core.losses import (
+    denoising_loss,
+    dm_loss,
+    f_divergence_weight,
+    gan_critic_loss,
+    gan_generator_loss,
+    regression_loss,
+)
 from dmdscale.core.optim import OptimizedModule
-from dmdscale.core.sampling import NoiseStream, backward_simulate, draw_k, simulation_seed, teacher_sample
+from dmdscale.core.sampling import (
+    NoiseStream,
+    backward_simulate,
+    backward_simulate_rows,
+    draw_k,
+    row_steps,
+    simulation_seed,
+    teacher_sample,
+)
 from dmdscale.core.schedule import TimestepSampler
 from dmdscale.models.base import Cond, Critic, Denoiser, requires_grad
 
@@ -113,7 +128,15 @@ class DMD2Step:
         lc = cfg.loss
         self.dm_timesteps = TimestepSampler(self.schedule, lc.dm_timesteps).to(self.device)
         self.gan_timesteps = TimestepSampler(self.schedule, lc.gan_timesteps).to(self.device)
+        self.uniform_timesteps = TimestepSampler(self.schedule, "uniform").to(self.device)
         self.gan_on_generator = lc.gan_generator_weight > 0 or lc.gan_grad_ratio is not None
+        # The discriminator's running accuracy (loss.gan_gate_accuracy); None until measured.
+        self.d_accuracy: float | None = None
+        self.iteration = 0  # the iteration being run (the regression weight's annealing reads it)
+        # loss.step_noise_bands: this iteration's student step per row, and each step's band.
+        self.band_k: Tensor | None = None
+        times = cfg.generator.timesteps
+        self.bands = [(times[k + 1] if k + 1 < len(times) else 0, times[k]) for k in range(len(times))]
         self.rank, self.world_size = rank, world_size
         # Every rank draws this rank's rows of one global stream, so a global batch gets the
         # same noise however it is split over workers. Backward-simulation noise is seeded per
@@ -163,6 +186,14 @@ class DMD2Step:
             return batch.generator_input
         timesteps = self.cfg.generator.timesteps
         shape, n = tuple(batch.images.shape), len(batch.images)
+        if len(timesteps) > 1 and self.cfg.generator.step_draw == "row":
+            ks = row_steps(step, len(timesteps), self.cfg.train.seed, n, self.rank, self.world_size, self.device)
+            if self.cfg.generator.backward_simulation:
+                with self._autocast():
+                    return backward_simulate_rows(self.generator, self.schedule, timesteps, ks, shape, batch.cond,
+                                                  self.simulation_rng(step), self.device, batch.images.dtype)
+            t = torch.tensor(timesteps, device=self.device)[ks]
+            return self.schedule.add_noise(batch.images, self._randn(batch.images), t), t
         k = draw_k(step, len(timesteps), self.cfg.train.seed) if len(timesteps) > 1 else 0
         if k == 0 or self.cfg.generator.backward_simulation:
             with self._autocast():
@@ -177,6 +208,7 @@ class DMD2Step:
     def __call__(self, batch: Batch, step: int) -> dict[str, float]:
         update_generator = step % self.cfg.train.ttur_ratio == 0
         diagnose = step % self.cfg.train.log_every == 0
+        self.iteration = step
         x_in, t_in = self.generator_input(batch, step)
         # This iteration's augmentation draws (each gan_input call takes fresh ones from it).
         self.augment_rng = torch.Generator(self.device).manual_seed(
@@ -185,8 +217,14 @@ class DMD2Step:
             x = self.generator(x_in, t_in, batch.cond)
         metrics: dict[str, float] = {"generator_updated": float(update_generator)}
         # The critic judges this iteration's outputs as step k's (loss.step_conditioned_critic);
-        # a shared critic needs no k, and reading it from t_in would sync the device.
-        k = self.step_index(t_in) if self.critic.step_embedding is not None else None
+        # a shared critic needs no k, and reading it from t_in would sync the device. Per-row
+        # steps (generator.step_draw: row) and noise bands read each row's k on the device.
+        per_row = self.cfg.generator.step_draw == "row" and len(self.cfg.generator.timesteps) > 1
+        row_k = self.row_steps_of(t_in) if per_row or self.cfg.loss.step_noise_bands else None
+        self.band_k = row_k if self.cfg.loss.step_noise_bands else None
+        k = None
+        if self.critic.step_embedding is not None:
+            k = row_k if per_row else self.step_index(t_in)
         with self.critic.at_step(k):
             if update_generator:
                 metrics |= self.update_generator(x, batch, diagnose)
@@ -202,6 +240,24 @@ class DMD2Step:
             raise ValueError(f"generator input at t={t}, not one of generator.timesteps {timesteps}")
         return timesteps.index(t)
 
+    def row_steps_of(self, t_in: Tensor) -> Tensor:
+        """(B,) the student step of each row: the position of its input timestep."""
+        times = torch.tensor(self.cfg.generator.timesteps, device=t_in.device)
+        return (t_in.view(-1, 1) == times.view(1, -1)).long().argmax(1)
+
+    def draw_t(self, sampler: TimestepSampler, low: int, high: int, n: int) -> Tensor:
+        """Noise levels in [low, high] by `sampler`; with loss.step_noise_bands, row i's within
+        its student step's band too (one uniform index per row, mapped into its band's table)."""
+        if self.band_k is None:
+            return sampler.draw(low, high, n, self._randindex)
+        u = self._randindex(1 << 24, n).to(torch.float64) / (1 << 24)
+        t = torch.empty(n, dtype=torch.long, device=self.device)
+        for k, (band_low, band_high) in enumerate(self.bands):
+            rows = self.band_k == k
+            inside = sampler.within(max(low, band_low), min(high, band_high)).to(self.device)
+            t = torch.where(rows, inside[(u * len(inside)).long().clamp_max(len(inside) - 1)], t)
+        return t
+
     def gan_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(the discriminator's input, its timesteps): x augmented (loss.gan_augment), then
         noised to t in [0, loss.gan_max_step] (0: the clean image at t = 0)."""
@@ -210,7 +266,7 @@ class DMD2Step:
             x = augment(x, lc.gan_augment, self.augment_rng)
         if lc.gan_max_step == 0:
             return x, torch.zeros(n, dtype=torch.long, device=x.device)
-        t = self.gan_timesteps.draw(0, min(lc.gan_max_step, self.T - 1), n, self._randindex)
+        t = self.draw_t(self.gan_timesteps, 0, min(lc.gan_max_step, self.T - 1), n)
         return self.schedule.add_noise(x, self._randn(x), t), t
 
     @torch.no_grad()
@@ -230,7 +286,7 @@ class DMD2Step:
         # The GAN term runs the critic inside the generator's backward: keep the critic's
         # parameters out of that graph (also required by ZeRO-3 with two engines).
         with requires_grad(self.critic, False), self._autocast():
-            t = self.dm_timesteps.draw(lc.dm_min_step, lc.dm_max_step, n, self._randindex)
+            t = self.draw_t(self.dm_timesteps, lc.dm_min_step, lc.dm_max_step, n)
             x_t = self.schedule.add_noise(x.detach(), self._randn(x), t)
             x0_real, x0_fake = self.dm_scores(x_t, t, batch.cond)
             # dm_loss's nan_to_num guards 0/0 only; a score network emitting NaN/inf must
@@ -239,7 +295,12 @@ class DMD2Step:
             if diagnose:
                 gap = (x0_real.float() - x0_fake.float()).abs().flatten(1).mean(1)
                 metrics |= by_noise_level("diag_x0_gap", gap, self.schedule.sigmas[t])
-            losses = {"loss_dm": dm_loss(x, x0_real, x0_fake)}
+            weight = None
+            if lc.divergence != "reverse_kl":  # f-divergence: the discriminator's density ratio at x_t
+                with torch.no_grad():
+                    weight = f_divergence_weight(self.critic(x_t, t, batch.cond), lc.divergence)
+                metrics["dm_weight_max"] = float(weight.max())
+            losses = {"loss_dm": dm_loss(x, x0_real, x0_fake, weight)}
             objective, total = losses["loss_dm"], losses["loss_dm"].detach()
             if self.gan_on_generator:
                 x_gan, t_gan = self.gan_input(x)
@@ -247,10 +308,12 @@ class DMD2Step:
                 objective, weight, norms = self._gan_generator_objective(x, losses)
                 total = total + weight * losses["loss_gan_generator"].detach()
                 metrics |= norms
-            if lc.regression_weight > 0 and self.regression_pairs is not None:
+            regression_weight = self.regression_weight()
+            if regression_weight > 0 and self.regression_pairs is not None:
                 losses["loss_regression"] = self._regression(n)
-                objective = objective + lc.regression_weight * losses["loss_regression"]
-                total = total + lc.regression_weight * losses["loss_regression"].detach()
+                objective = objective + regression_weight * losses["loss_regression"]
+                total = total + regression_weight * losses["loss_regression"].detach()
+                metrics["regression_weight"] = regression_weight
             metrics |= self._apply(self.generator_opt, objective, losses, "generator", scores_finite, total)
         if self.ema is not None and metrics["nonfinite_generator"] == 0:
             self.ema.update()
@@ -273,23 +336,49 @@ class DMD2Step:
         weight = lc.gan_generator_weight
         if lc.gan_grad_ratio is not None:
             weight = lc.gan_grad_ratio * norm_dm / norm_gan if norm_gan > 0 and math.isfinite(norm_dm / norm_gan) else 0.0
+        if lc.gan_weight_cap is not None:
+            weight = min(weight, lc.gan_weight_cap)
+        gate = self.gan_gate()
+        weight *= gate
         grad = (g_dm + weight * g_gan).detach()
         objective = (x.float() * grad.float()).sum()  # d/dx = grad: the generator backward starts here
-        return objective, weight, {"gan_weight": weight, "grad_norm_dm_x": norm_dm,
+        return objective, weight, {"gan_weight": weight, "gan_gate": gate, "grad_norm_dm_x": norm_dm,
                                    "grad_norm_gan_x": weight * norm_gan}
+
+    def gan_gate(self) -> float:
+        """loss.gan_gate_accuracy's factor on the GAN weight: 0 while the discriminator is at
+        chance (or not yet measured), rising linearly to 1 at the configured accuracy."""
+        target = self.cfg.loss.gan_gate_accuracy
+        if target is None:
+            return 1.0
+        if self.d_accuracy is None:
+            return 0.0
+        return min(max((self.d_accuracy - 0.5) / (target - 0.5), 0.0), 1.0)
+
+    def regression_weight(self) -> float:
+        """loss.regression_weight, decayed linearly to 0 over loss.regression_anneal_steps."""
+        lc = self.cfg.loss
+        if lc.regression_anneal_steps is None:
+            return lc.regression_weight
+        return lc.regression_weight * max(0.0, 1.0 - self.iteration / lc.regression_anneal_steps)
 
     def _regression(self, n: int) -> Tensor:
         pairs = self.regression_pairs
         idx = self._randint(0, len(pairs.noise), n)
         t0 = torch.full((len(idx),), self.cfg.generator.timesteps[0], dtype=torch.long, device=self.device)
         pred = self.generator(pairs.noise[idx], t0, _index_cond(pairs.cond, idx))
-        return regression_loss(pred, pairs.target[idx], self.cfg.loss.regression_metric)
+        return regression_loss(pred, pairs.target[idx], self.cfg.loss.regression_metric, self.cfg.loss.regression_lowpass)
 
     def update_critic(self, x_fake: Tensor, batch: Batch, diagnose: bool = False) -> dict[str, float]:
         lc, n = self.cfg.loss, len(x_fake)
         fake_score = self.critic.fake_score
         with self._autocast():
-            t = self._randint(0, self.T, n)
+            if lc.fake_score_timesteps == "dm":  # where the DM term reads the fake score
+                t = self.draw_t(self.dm_timesteps, lc.dm_min_step, lc.dm_max_step, n)
+            elif self.band_k is not None:
+                t = self.draw_t(self.uniform_timesteps, 0, self.T - 1, n)
+            else:
+                t = self._randint(0, self.T, n)
             noise = self._randn(x_fake)
             pred = fake_score.predict(self.schedule.add_noise(x_fake, noise, t), t, batch.cond)
             target = self.schedule.target(x_fake, noise, t, fake_score.prediction_type)
@@ -305,12 +394,24 @@ class DMD2Step:
                 total = total + lc.gan_critic_weight * losses["loss_gan_critic"]
                 extra = {"logits_real": float(real_logits.detach().float().mean()),
                          "logits_fake": float(fake_logits.detach().float().mean())}
+                if lc.gan_gate_accuracy is not None:
+                    extra["d_accuracy"] = self._track_accuracy(real_logits.detach(), fake_logits.detach())
                 if diagnose:  # the discriminator's mean probability of "real", by noise level
                     extra |= by_noise_level("diag_d_real", torch.sigmoid(real_logits.detach().float()),
                                             self.schedule.sigmas[t_real])
                     extra |= by_noise_level("diag_d_fake", torch.sigmoid(fake_logits.detach().float()),
                                             self.schedule.sigmas[t_fake])
             return self._apply(self.critic_opt, total, losses, "critic") | extra
+
+    def _track_accuracy(self, real_logits: Tensor, fake_logits: Tensor, decay: float = 0.9) -> float:
+        """The discriminator's accuracy on this update's global batch, folded into the running
+        one (every rank holds the same, so the GAN gate is the same on every rank)."""
+        correct = (real_logits > 0).float().sum() + (fake_logits < 0).float().sum()
+        total = torch.tensor(float(len(real_logits) + len(fake_logits)), device=correct.device)
+        correct, total = self.sync_sum(torch.stack([correct, total]))
+        accuracy = float(correct / total)
+        self.d_accuracy = accuracy if self.d_accuracy is None else decay * self.d_accuracy + (1 - decay) * accuracy
+        return accuracy
 
     def _apply(self, target: OptimizedModule, objective: Tensor, losses: dict[str, Tensor],
                name: str, inputs_finite: bool = True, total: Tensor | None = None) -> dict[str, float]:

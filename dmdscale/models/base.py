@@ -163,8 +163,9 @@ class Critic(nn.Module):
         return self.head(self.fake_score.features(x_t, t, cond)).flatten(1).mean(1)
 
     @contextlib.contextmanager
-    def at_step(self, k: int | None) -> Iterator[None]:
-        """Forwards inside judge the student's step k (a no-op without a step embedding or k)."""
+    def at_step(self, k: int | Tensor | None) -> Iterator[None]:
+        """Forwards inside judge the student's step k, one for the batch or a (B,) tensor of one
+        per row (a no-op without a step embedding or k)."""
         previous, self.step = self.step, k
         try:
             yield
@@ -174,7 +175,8 @@ class Critic(nn.Module):
     def _add_step_embedding(self, layer: nn.Module, inputs: Any, out: Tensor) -> Tensor | None:
         if self.step is None:
             return None
-        index = torch.tensor([self.step], device=out.device)
+        # One step for the batch, or (generator.step_draw: row) one per row.
+        index = self.step.to(out.device) if isinstance(self.step, Tensor) else torch.tensor([self.step], device=out.device)
         step_embedding = self.step_embedding(index) * STEP_EMBEDDING_GAIN  # a module call: ZeRO-3 gathers it
         return out + step_embedding.to(out.dtype)
 
