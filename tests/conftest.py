@@ -134,3 +134,18 @@ def mlflow_server(tmp_path):
         yield srv
     finally:
         srv.kill()
+
+
+def exported_text_student(tiny: dict, root: Path, prompts: list[str]) -> dict:
+    """An exported 1-step SD1.5 student (the tiny teacher's own UNet) in `root`, a tiny CLIP and
+    a prompt file: what the evaluate command's tests measure."""
+    from diffusers import UNet2DConditionModel
+
+    from dmdscale.export import export_pipeline
+    from dmdscale.tools.tiny_sd import build_tiny_clip
+
+    unet = UNet2DConditionModel.from_pretrained(tiny["sd15"], subfolder="unet")
+    student = export_pipeline(tiny["sd15"], "sd15", unet, [999], root / "student")
+    (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return {"root": root, "student": student, "clip": str(build_tiny_clip(root / "clip")),
+            "prompts": root / "prompts.txt", "unet": unet}

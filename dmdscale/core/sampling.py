@@ -141,12 +141,13 @@ def backward_simulate_rows(generator: GeneratorFn, schedule: Schedule, timesteps
         active = ks > i
         noise = randn(shape, rng, device, dtype)
         rows = active.nonzero().flatten()
-        x0 = generator(x[rows], _full(timesteps[i], len(rows), device), _index_rows(cond, rows))
+        x0 = generator(x[rows], _full(timesteps[i], len(rows), device), index_cond(cond, rows))
         x[rows] = schedule.add_noise(x0.to(dtype), noise[rows], _full(timesteps[i + 1], len(rows), device))
     return x, times[ks]
 
 
-def _index_rows(cond: Cond, rows: Tensor) -> Cond:
+def index_cond(cond: Cond, rows: Tensor) -> Cond:
+    """The conditioning of `rows` (labels, a text-embedding dict, or None)."""
     if cond is None:
         return None
     if isinstance(cond, dict):

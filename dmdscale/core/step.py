@@ -48,6 +48,7 @@ from dmdscale.core.sampling import (
     backward_simulate,
     backward_simulate_rows,
     draw_k,
+    index_cond,
     row_steps,
     simulation_seed,
     teacher_sample,
@@ -95,14 +96,6 @@ class RegressionPairs:
 
 class NonFiniteLossError(FloatingPointError):
     """Raised by the training loop after too many consecutive non-finite iterations."""
-
-
-def _index_cond(cond: Cond, idx: Tensor) -> Cond:
-    if cond is None:
-        return None
-    if isinstance(cond, dict):
-        return {k: v[idx] for k, v in cond.items()}
-    return cond[idx]
 
 
 class DMD2Step:
@@ -366,7 +359,7 @@ class DMD2Step:
         pairs = self.regression_pairs
         idx = self._randint(0, len(pairs.noise), n)
         t0 = torch.full((len(idx),), self.cfg.generator.timesteps[0], dtype=torch.long, device=self.device)
-        pred = self.generator(pairs.noise[idx], t0, _index_cond(pairs.cond, idx))
+        pred = self.generator(pairs.noise[idx], t0, index_cond(pairs.cond, idx))
         return regression_loss(pred, pairs.target[idx], self.cfg.loss.regression_metric, self.cfg.loss.regression_lowpass)
 
     def update_critic(self, x_fake: Tensor, batch: Batch, diagnose: bool = False) -> dict[str, float]:

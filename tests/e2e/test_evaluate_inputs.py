@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import exported_text_student, free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,17 +24,8 @@ PROMPTS = [f"a handwritten digit {i}" for i in range(4)]
 @pytest.fixture(scope="module")
 def world(tiny, tmp_path_factory):
     """An exported 1-step student (the tiny teacher's own UNet), a tiny CLIP, a prompt file."""
-    from diffusers import UNet2DConditionModel
-
-    from dmdscale.export import export_pipeline
-    from dmdscale.tools.tiny_sd import build_tiny_clip
-
-    root = tmp_path_factory.mktemp("evaluate-inputs")
-    unet = UNet2DConditionModel.from_pretrained(tiny["sd15"], subfolder="unet")
-    student = export_pipeline(tiny["sd15"], "sd15", unet, [999], root / "student")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return {"root": root, "student": str(student), "clip": str(build_tiny_clip(root / "clip")),
-            "prompts": str(root / "prompts.txt")}
+    world = exported_text_student(tiny, tmp_path_factory.mktemp("evaluate-inputs"), PROMPTS)
+    return world | {"student": str(world["student"]), "prompts": str(world["prompts"])}
 
 
 def evaluate(world: dict, tmp_path: Path, *args: str, ray_address: str | None = None,

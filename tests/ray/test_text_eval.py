@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmdscale.tools.tiny_sd import build_tiny_clip
+from conftest import exported_text_student
 
 pytestmark = pytest.mark.slow
 PROMPTS = [f"a handwritten digit {i}" for i in range(8)]
@@ -19,16 +19,7 @@ PROMPTS = [f"a handwritten digit {i}" for i in range(8)]
 @pytest.fixture(scope="module")
 def world(tiny, tmp_path_factory):
     """An exported 1-step student (the tiny teacher's own UNet), a tiny CLIP, a prompt file."""
-    from diffusers import UNet2DConditionModel
-
-    from dmdscale.export import export_pipeline
-
-    root = tmp_path_factory.mktemp("text-eval")
-    unet = UNet2DConditionModel.from_pretrained(tiny["sd15"], subfolder="unet")
-    student = export_pipeline(tiny["sd15"], "sd15", unet, [999], root / "student")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return {"root": root, "student": student, "clip": str(build_tiny_clip(root / "clip")),
-            "prompts": root / "prompts.txt", "unet": unet}
+    return exported_text_student(tiny, tmp_path_factory.mktemp("text-eval"), PROMPTS)
 
 
 def test_checkpoint_evaluator_measures_as_the_exported_student_is_measured(tiny, world, captioned_parquet):
