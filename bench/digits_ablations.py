@@ -78,6 +78,31 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
 DEFAULT_VARIANTS = ["defaults", "no_gan", "gan_before", "ttur_1", "four_step_backsim", "four_step_noised_real"]
 
 
+SHAPES_TRAIN, SHAPES_HELD_OUT = 3000, 1000  # coloured shapes (--data shapes): images per split
+
+
+def shapes_overrides(cache_dir: str) -> dict[str, Any]:
+    """--data shapes: RGB circles, squares and triangles on black, hue spread over the whole
+    wheel and free of the class (`dmdscale.data.shapes`), written once as two image folders
+    (metadata.jsonl with labels) and read through the image-folder path, as a user's data is."""
+    from dmdscale.data.shapes import colored_shapes
+    from dmdscale.data.sources import build_imagefolder
+
+    root = Path(cache_dir).expanduser() / "bench" / f"shapes-{SHAPES_TRAIN}-{SHAPES_HELD_OUT}"
+    folders = {}
+    for split, n, seed in (("train", SHAPES_TRAIN, 0), ("held_out", SHAPES_HELD_OUT, 1000)):
+        folders[split] = root / split
+        if not (folders[split] / "metadata.jsonl").is_file():
+            images, labels = colored_shapes(n, seed)
+            names = ["circle", "square", "triangle"]
+            build_imagefolder(folders[split], list(images), [f"a {names[y]}" for y in labels], labels=labels.tolist())
+    return {"data.path": str(folders["train"]), "data.eval_path": str(folders["held_out"]), "data.channels": 3,
+            "data.num_classes": 3}
+
+
+DATA_SETS = {"digits": lambda cache_dir: {}, "shapes": shapes_overrides}
+
+
 def prepare(cfg: Config) -> Any:
     """Data, classifier and teacher, as the demo prepares them (cached under cache_dir)."""
     family = family_of(cfg)
@@ -297,6 +322,8 @@ def main() -> None:
     ap.add_argument("--then", nargs="*", default=None,
                     help="with --explore: a second stage from the first's players, with these overrides on top")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--data", choices=sorted(DATA_SETS), default="digits",
+                    help="digits, or shapes: coloured shapes built here and read as an image folder")
     args = ap.parse_args()
     POWER_GAMMAS.extend(args.power_ema)
     torch.set_num_threads(args.threads)
@@ -307,7 +334,8 @@ def main() -> None:
     if args.explore is not None:
         from dmdscale.config import parse_override
 
-        overrides = dict(map(parse_override, args.explore)) | {"train.max_steps": steps}
+        data = DATA_SETS[args.data](base.cache_dir)
+        overrides = data | dict(map(parse_override, args.explore)) | {"train.max_steps": steps}
         then = dict(map(parse_override, args.then)) if args.then is not None else None
         stages = [{}, then] if then is not None else None
         for seed in args.seeds:
@@ -315,7 +343,8 @@ def main() -> None:
             # The process id too: runs started in parallel in the same second keep their own grids.
             grids = GRIDS / f"explore-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-s{seed}"
             r = run(overrides, seed, inputs_cache, stages, evaluate_stages=True, grids=grids)
-            line = {"overrides": overrides, "then": then, "seed": seed, "seconds": time.perf_counter() - t0,
+            line = {"data": args.data, "overrides": {k: v for k, v in overrides.items() if k not in data},
+                    "then": then, "seed": seed, "seconds": time.perf_counter() - t0,
                     "grids": str(grids.relative_to(ROOT)),
                     **{k: r[k] for k in ("teacher", "student", "stage_students", "student_at_first_stage_steps",
                                          "train_seconds")},
