@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 # The unit tier alone: minutes, no Ray cluster.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
+
+# docs/configuration.md is generated from dmdscale/config.py (tests/unit/test_docs.py checks it).
+docs: $(STAMP)
+	$(PY) -m dmdscale.tools.config_reference > docs/configuration.md.tmp
+	mv docs/configuration.md.tmp docs/configuration.md
 
 bench: $(STAMP)
 	$(PY) bench/toy2d_ablations.py

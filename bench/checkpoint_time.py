@@ -28,7 +28,7 @@ from dmdscale.core.sampling import NoiseStream
 from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.distributed.checkpoint import TrainingState, load_training_state, rng_states, save_training_state
 from dmdscale.distributed.engine import DeepSpeedOptimizedModule
-from dmdscale.models.base import Critic
+from dmdscale.core.networks import Critic
 from dmdscale.models.heads import ConvHead
 from dmdscale.models.unet2d import ClassConditionalUNet, tiny_unet_config
 

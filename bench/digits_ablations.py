@@ -42,7 +42,7 @@ from dmdscale.distributed.evalpool import eval_spec
 from dmdscale.distributed.worker import build_players
 from dmdscale.eval.metrics import class_accuracy, compute_fid_kid, generate, sample_quality_of, sample_student
 from dmdscale.eval.plots import first_per_class, save_grid
-from dmdscale.families import family_of
+from dmdscale.families import resolve
 from dmdscale.models.unet2d import load_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ DATA_SETS = {"digits": lambda cache_dir: {}, "shapes": shapes_overrides}
 
 def prepare(cfg: Config) -> Any:
     """Data, classifier and teacher, as the demo prepares them (cached under cache_dir)."""
-    family = family_of(cfg)
+    family = resolve(cfg)
     return family.prepare(cfg, family.preflight(cfg))
 
 
@@ -142,7 +142,7 @@ POWER_GAMMAS: list[float] = []  # --power-ema
 def train(cfg: Config, inputs: Any, init: dict[str, Any] | None = None) -> dict[str, Any]:
     """One plain-process DMD2 run; returns the players (for a next stage) and the loop's log."""
     torch.manual_seed(cfg.train.seed)
-    teacher, generator, critic = build_players(cfg, inputs.teacher_path, torch.device("cpu"))
+    teacher, generator, critic = build_players(cfg, resolve(cfg), inputs.teacher_path, torch.device("cpu"))
     if init is not None:  # a second stage starts from the first's generator, critic and EMA
         generator.load_state_dict(init["generator"].state_dict() if cfg.train.init_ema is None
                                   else init["ema"].full_state_dict(cfg.train.init_ema))
@@ -153,7 +153,7 @@ def train(cfg: Config, inputs: Any, init: dict[str, Any] | None = None) -> dict[
     step = DMD2Step(cfg, teacher, TorchOptimizedModule(generator, cfg.train, role="generator"),
                     TorchOptimizedModule(critic, cfg.train, role="critic"),
                     ema=WithPowerEMAs(ema, generator, POWER_GAMMAS),
-                    regression_pairs=family_of(cfg).regression_pairs(cfg, teacher, "cpu"))
+                    regression_pairs=resolve(cfg).regression_pairs(cfg, teacher, "cpu"))
     result = train_loop(step, batches(inputs, cfg.train.batch_size, cfg.train.seed), cfg.train.max_steps,
                         log_every=cfg.train.log_every, progress=sys.stderr.isatty())
     logged = [m | {"step": i} for i, m in enumerate(result.history) if i % cfg.train.log_every == 0]
@@ -287,14 +287,14 @@ def table(results: dict[str, Any]) -> str:
 # Staged runs, each stage from the previous one's generator, critic and EMA.
 # two_stage (the paper's best ImageNet result): half the iterations without the GAN at the base
 # LR, then the other half from there with the GAN on at 1/4 of it.
-# four_step_*_staged: the 1-step defaults, then README's 4-step recipe ("Stages"): a
+# four_step_*_staged: the 1-step defaults, then the 4-step recipe of docs/families.md ("Stages"): a
 # step-conditioned critic at 4x the base LR, the generator from stage 1's EMA at 1/5 of it, twice
 # the iterations. A 4-step student trained from the teacher at the full LR stays far behind 1
 # step, and with a shared critic a 4-step stage wrecks a good 1-step student: the first step's
 # output drifts off while the later steps train (bench/README.md, "A step-conditioned critic").
 STAGED = {"two_stage": "stage 1 no GAN, then GAN at 1/4 LR (same total iterations)",
-          "four_step_backsim_staged": "1-step defaults, then README's 4-step recipe with backward simulation",
-          "four_step_noised_real_staged": "1-step defaults, then README's 4-step recipe on noised real inputs"}
+          "four_step_backsim_staged": "1-step defaults, then the docs' 4-step recipe with backward simulation",
+          "four_step_noised_real_staged": "1-step defaults, then the docs' 4-step recipe on noised real inputs"}
 FOUR_STEP_RECIPE = {"generator.timesteps": [999, 249, 99, 49], "loss.step_conditioned_critic": True,
                     "train.init_ema": 0.97}
 

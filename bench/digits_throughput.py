@@ -29,7 +29,7 @@ from dmdscale.core.optim import TorchOptimizedModule
 from dmdscale.core.sampling import sample, teacher_sample
 from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.distributed.worker import build_players
-from dmdscale.families import family_of
+from dmdscale.families import resolve
 from dmdscale.models.unet2d import load_unet
 from dmdscale.tracking import Tracker
 
@@ -41,7 +41,7 @@ def plain_loop_images_per_s(cfg, teacher_path: Path, images: np.ndarray, labels:
     """The same DMD2 step in one process, batches already in memory: the ceiling for P2.
     With `deepspeed`, through the ZeRO engines the Ray workers use (splits P2's gap)."""
     torch.manual_seed(cfg.train.seed)
-    teacher, generator, critic = build_players(cfg, str(teacher_path), torch.device("cpu"))
+    teacher, generator, critic = build_players(cfg, resolve(cfg), str(teacher_path), torch.device("cpu"))
     if deepspeed:
         from dmdscale.distributed.engine import DeepSpeedOptimizedModule
 
@@ -88,7 +88,7 @@ def main() -> None:
     cfg = load_config(ROOT / "pipelines" / "configs" / "digits.yaml",
                       {"train.max_steps": args.steps, "train.batch_size": args.batch,
                        "train.checkpoint_every": 10**6, "train.log_every": 10})
-    family = family_of(cfg)
+    family = resolve(cfg)
     inputs = family.prepare(cfg, family.preflight(cfg))
     (images, labels), teacher_path = inputs.train, Path(inputs.teacher_path)
     # Checkpoints are not evaluated here: the figure is training throughput alone.

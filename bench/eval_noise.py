@@ -29,7 +29,7 @@ from dmdscale.config import load_config
 from dmdscale.core.sampling import teacher_sample
 from dmdscale.distributed.evalpool import eval_spec
 from dmdscale.eval.metrics import compute_fid_kid, generate, sample_student
-from dmdscale.families import family_of
+from dmdscale.families import resolve
 from dmdscale.models.unet2d import load_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def main() -> None:
         sys.exit(f"--student: {args.student} is not an exported student folder (no unet/ inside)")
     torch.set_num_threads(args.threads)
     cfg = load_config(CONFIG, {"train.seed": args.seed})
-    family = family_of(cfg)
+    family = resolve(cfg)
     inputs = family.prepare(cfg, family.preflight(cfg))
     spec, real = eval_spec(cfg), inputs.held_out[0]
     results = json.loads(RESULT.read_text()) if RESULT.is_file() else {}

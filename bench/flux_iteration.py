@@ -41,7 +41,7 @@ def one_run(size: str, double: int, single: int, steps: int) -> dict:
     from dmdscale.core.schedule import FlowMatchSchedule
     from dmdscale.core.step import Batch, DMD2Step
     from dmdscale.distributed.engine import DeepSpeedOptimizedModule, ensure_single_process_env
-    from dmdscale.models.base import Critic
+    from dmdscale.core.networks import Critic
     from dmdscale.models.flow import FlowTransformer, image_seq_len
     from dmdscale.models.heads import TokenHead
     from dmdscale.tools.memory import model_config

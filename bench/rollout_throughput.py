@@ -36,7 +36,7 @@ from dmdscale.core.optim import TorchOptimizedModule
 from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.distributed.resources import cpu_threads
 from dmdscale.distributed.rollouts import RolloutPool
-from dmdscale.models.base import Critic
+from dmdscale.core.networks import Critic
 from dmdscale.models.heads import ConvHead
 from dmdscale.models.unet2d import load_unet, tiny_unet_config
 from dmdscale.tools.teacher import ddpm_scheduler, save_teacher

@@ -38,7 +38,7 @@ def one_setup(setup: str, size: str, steps: int) -> dict:
     from dmdscale.core.step import Batch, DMD2Step
     from dmdscale.distributed.engine import DeepSpeedOptimizedModule, ensure_single_process_env
     from dmdscale.families.sd import lora_config
-    from dmdscale.models.base import Critic
+    from dmdscale.core.networks import Critic
     from dmdscale.models.heads import ConvHead
     from dmdscale.models.sd import TextConditionalUNet
     from dmdscale.tools.memory import unet_config

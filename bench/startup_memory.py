@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 from readme_table import update_readme_table
+from dmdscale.families import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -106,9 +107,9 @@ def rank_main(rank: int, setup: str, teacher: str, port: int, out: str) -> None:
     torch.distributed.barrier()
     baseline = resident_mib()
     if options["lean"]:  # build_engines: each copy wrapped as soon as it is made
-        teacher_module, gen, critic = build_players(cfg, teacher, cpu, wrap=engine)
+        teacher_module, gen, critic = build_players(cfg, resolve(cfg), teacher, cpu, wrap=engine)
     else:  # the former order: three full copies, then the engines partition two of them
-        teacher_module, generator, critic_module = build_players(cfg, teacher, cpu)
+        teacher_module, generator, critic_module = build_players(cfg, resolve(cfg), teacher, cpu)
         gen, critic = engine(generator, "generator"), engine(critic_module, "critic")
         del generator, critic_module
     mark("players built")

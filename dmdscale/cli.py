@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from dmdscale.config import Config, ConfigError, load_config
 from dmdscale.errors import user_error_in
+from dmdscale.families import resolve
 from dmdscale.redact import redact
 
 DEBUG_ENV = "DMDSCALE_DEBUG"
@@ -41,6 +42,7 @@ def parse(argv: list[str], default_config: str | Path | None, description: str,
         parser.exit(2, f"{parser.prog}: error: --out: {out} is a file, not a folder; give a folder for the run\n")
     try:
         cfg = load_config(args.config, args.overrides, quick=args.quick)
+        resolve(cfg)  # the keys that depend on the family, before anything else
         if family is not None and cfg.model.family != family:
             raise ConfigError(f"model.family: {parser.prog} distils {family} teachers, but {args.config} "
                               f"(with its overrides) says {cfg.model.family!r}; run that config with "

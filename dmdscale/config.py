@@ -20,83 +20,98 @@ class ConfigError(UserError, ValueError):
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo in a sweep must not silently train the default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Each field's docstring is its description (docs/configuration.md is generated from them).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(_Section):
-    family: str = "toy2d"  # a name in dmdscale.families.FAMILIES
-    # Local diffusers folder or hub id (loaded with from_pretrained); "analytic" for toy2d;
-    # "train" for unet2d: dmdscale trains a teacher on data.path (cached by its config).
+    family: str = "toy2d"
+    """The teacher family: a name in `dmdscale.families.FAMILIES` (toy2d, unet2d, sd15, sdxl, sd3, flux), checked
+    there (`families.resolve`); see docs/families.md."""
     teacher: str = "analytic"
-
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, name: str) -> str:
-        from dmdscale.families import FAMILIES
-
-        if name not in FAMILIES:
-            raise ValueError(f"unknown family; choose from {', '.join(FAMILIES)}")
-        return name
+    """Local diffusers folder or hub id (loaded with `from_pretrained`); `analytic` for toy2d; `train` for unet2d:
+    dmdscale trains a teacher on `data.path` (cached by its config)."""
 
 
 class TeacherTrainingConfig(_Section):
     """How dmdscale trains its own class-conditional UNet teacher (model.teacher: train)."""
 
-    # Measured on 2 CPU cores: width 32, 800 steps of batch 64 take ~3.5 min and give clean
-    # 16x16 digits from 50 DDIM steps; width 16, 250 steps (~30 s) recognisable ones.
     steps: int = Field(800, ge=1)
+    """Training steps of the UNet teacher dmdscale trains (DDPM schedule, EMA weights) when `model.teacher: train`.
+    Measured on 2 CPU cores: width 32, 800 steps of batch 64 take ~3.5 min and give clean 16x16 digits from 50 DDIM
+    steps; width 16, 250 steps (~30 s) recognisable ones."""
     batch_size: int = Field(64, ge=1)
+    """Batch size of the teacher's training."""
     lr: float = Field(2e-3, gt=0)
-    width: int = Field(32, ge=8)  # first UNet block's channels
-    # v_prediction by default: an eps teacher this small gave pure noise on 32% of 1-step seeds
-    # at t=999 (eps -> x0 divides by sqrt(alpha_bar) ~ 0.006), which the student inherits.
+    """Learning rate of the teacher's training."""
+    width: int = Field(32, ge=8)
+    """The teacher UNet's first block's channels."""
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    """`v_prediction` by default: an eps teacher this small gave pure noise on 32% of 1-step seeds at t=999 (eps ->
+    x0 divides by sqrt(alpha_bar) ~ 0.006), which the student inherits."""
 
 
 class Toy2dConfig(_Section):
     """The analytic harness: a mixture of isotropic Gaussians with means on a circle."""
 
     num_modes: int = Field(8, ge=2)
+    """Gaussians in the mixture."""
     mode_std: float = Field(0.1, gt=0)
+    """Standard deviation of each Gaussian."""
     radius: float = Field(2.0, gt=0)
-    # diffusers beta schedule. The cosine schedule spends more timesteps at the noise levels
-    # (sigma ~ mode spacing) where a 2-D mixture's structure is decided than DDPM's linear one.
+    """Radius of the circle the Gaussians' means lie on."""
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    """The diffusers beta schedule of the toy. The cosine schedule spends more timesteps at the noise levels (sigma
+    ~ mode spacing) where a 2-D mixture's structure is decided than DDPM's linear one."""
     hidden_dim: int = Field(128, ge=8)
+    """Width of the generator and fake-score MLPs (toy2d.yaml: 256)."""
     num_layers: int = Field(3, ge=1)
-    # DMD2 initialises generator and fake score from the teacher network. The toy teacher is
-    # a formula, so an MLP is first fitted to it for this many steps (0: random init).
+    """Layers of the generator and fake-score MLPs (toy2d.yaml: 4)."""
     init_steps: int = Field(1500, ge=0)
+    """DMD2 initialises generator and fake score from the teacher network. The toy teacher is a formula, so an MLP
+    is first fitted to it for this many steps (0: random init)."""
 
 
 class DataConfig(_Section):
-    # Parquet file/folder or image folder (metadata.jsonl); "digits" builds scikit-learn's
-    # digits as Parquet with a held-out split under cache_dir.
     path: str = "digits"
-    eval_path: str | None = None  # held-out real images for FID (digits: its test split)
+    """Parquet file/folder or image folder (`metadata.jsonl`); `digits` builds scikit-learn's digits as Parquet with
+    a held-out split under `cache_dir`. Text-to-image stages without the GAN also take prompts alone (a `.txt` file,
+    one prompt per line, or Parquet with a `prompt` column). On a cluster: a path every node can read."""
+    eval_path: str | None = None
+    """Held-out real images for FID (default: `data.path`; digits: its test split)."""
     resolution: int = Field(16, ge=4)
+    """Images are resized to this side."""
     channels: Literal[1, 3] = 1
+    """Images are converted to 1 (L) or 3 (RGB) channels."""
     num_classes: int = Field(10, ge=1)
-    # Keep the decoded data set in Ray's object store across epochs: "auto" when it takes at
-    # most a quarter of the store (digits: 1.5 MB); otherwise each epoch streams from the source.
+    """Class-conditional models: labels in [0, num_classes)."""
     materialize: Literal["auto", "always", "never"] = "auto"
-    # Latent families (sd15, sdxl): VAE latents and text embeddings are computed by a Ray Data
-    # actor pool (a GPU each when scale.use_gpu). With latent_cache set, they are written there
-    # as Parquet once and streamed from it afterwards (the VAE and text encoders never reload).
+    """Keep the decoded data set in Ray's object store across epochs: `auto` when it takes at most a quarter of the
+    store (digits: 1.5 MB), `always`, or `never` (each epoch streams from the source). Text-to-image families
+    without `data.latent_cache` keep their encoded rows there (always on GPUs, so the encoders are done before the
+    trainers take the GPUs)."""
     latent_cache: str | None = None
+    """Text-to-image families: a folder the VAE latents and text embeddings are written to as Parquet once and
+    streamed from afterwards (the VAE and text encoders never reload); a cache made for another teacher, data set or
+    resolution is refused by name. Set one for data sets larger than the object store."""
     encode_actors: int = Field(1, ge=1)
+    """Text-to-image families: the Ray Data actor pool that holds the VAE and text encoders and computes the latents
+    and text embeddings (a GPU each when `scale.use_gpu`)."""
     encode_batch_size: int = Field(16, ge=1)
+    """Rows per batch on the encoding actors."""
 
 
 class GeneratorConfig(_Section):
-    # Timesteps the student is conditioned on, in sampling order: [999] or [999, 749, 499, 249].
     timesteps: list[int] = Field(default_factory=lambda: [999])
-    # Multi-step students: train on the student's own rollouts (True) or on noised real data.
+    """Timesteps the student is conditioned on, in sampling order: 1 to 4, strictly decreasing, each in [0, 999],
+    e.g. `[999]` or `[999, 749, 499, 249]`."""
     backward_simulation: bool = True
-    # Which student step each row trains: "batch": one step drawn per iteration for the whole
-    # batch; "row": every batch holds rows of every step in equal shares (the DMD2 authors'
-    # later CausVid code), so every critic update sees every step.
+    """Multi-step students: train on the student's own rollouts (true) or on noised real data."""
     step_draw: Literal["batch", "row"] = "batch"
+    """Which student step each row trains: `batch`: one step drawn per iteration for the whole batch; `row`: every
+    batch holds rows of every step in equal shares (each row simulated to its own depth, a step-conditioned critic
+    told each row's step; the DMD2 authors' later CausVid code), so every critic update sees every step. Inline
+    rollouts only."""
 
     @field_validator("timesteps")
     @classmethod
@@ -115,56 +130,80 @@ class LoraConfig(_Section):
     DMD2 authors' SDXL LoRA run. Targets: the authors' list (attention, convs, ff, time proj)."""
 
     enabled: bool = False
+    """Train a peft LoRA adapter on the generator instead of a full fine-tune (text-to-image families); its base
+    stays frozen, the critic trains in full. Not with `rollout.mode: actors`."""
     rank: int = Field(64, ge=1)
+    """LoRA rank r."""
     alpha: float = Field(8.0, gt=0)
+    """LoRA alpha."""
     targets: list[str] = Field(default_factory=lambda: [
         "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
         "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"])
+    """Module names the adapter wraps: the authors' list (attention projections, feed-forward, resnet convs,
+    samplers, time projections); sd3.yaml and flux.yaml list transformer targets."""
 
 
 class TrainConfig(_Section):
     max_steps: int = Field(2000, ge=1)
-    batch_size: int = Field(256, ge=1)  # global, across workers
-    ttur_ratio: int = Field(5, ge=1)  # critic updates per generator update
-    lr: float = Field(1e-4, gt=0)  # the generator's, and the critic's unless critic_lr is set
-    critic_lr: float | None = Field(None, gt=0)  # None: lr (the paper sets both equal)
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam's, each in [0, 1)
+    """Iterations (critic updates)."""
+    batch_size: int = Field(256, ge=1)
+    """Global batch, split across workers: a multiple of `scale.num_workers`."""
+    ttur_ratio: int = Field(5, ge=1)
+    """Critic updates per generator update (two time-scale update rule)."""
+    lr: float = Field(1e-4, gt=0)
+    """AdamW learning rate of the generator, and of the critic unless `train.critic_lr` is set."""
+    critic_lr: float | None = Field(None, gt=0)
+    """The critic's (fake score + discriminator head) own learning rate; none: `train.lr` (the paper sets both
+    equal)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's betas, each in [0, 1)."""
     weight_decay: float = Field(0.01, ge=0)
-    # Linear LR warm-up over this many iterations for both players; the generator's clock
-    # counts iterations, not its own updates (the authors step its scheduler every iteration).
+    """AdamW weight decay."""
     warmup_steps: int = Field(500, ge=0)
-    # Then "constant" (the paper's) or "cosine": a half cosine to 0 at max_steps, for both players.
+    """Linear LR warm-up over this many iterations for both players, then `train.lr_decay`; the generator's clock
+    counts iterations, not its own updates (the authors step its scheduler every iteration)."""
     lr_decay: Literal["constant", "cosine"] = "constant"
+    """After the warm-up: `constant` (the paper's) or `cosine`: a half cosine to 0 at `train.max_steps`, for both
+    players, on the iteration clock (settles a short run's last weights)."""
     grad_clip: float = Field(10.0, gt=0)
-    # bf16: forwards under bf16 autocast on fp32 generator/critic weights (fp32 DeepSpeed engines),
-    # the frozen teacher stored in bf16, the DM loss's fake-score pass in fp32 (as the DMD2 authors).
-    # "fp32" (and YAML's `no`, which it reads as false) mean "no".
+    """Gradient-norm clipping."""
     mixed_precision: Literal["no", "bf16"] = "no"
-    # Recompute the generator's and fake score's activations in backward (UNet2DConditionModel).
+    """`no` (also written `fp32`, or `false`, as YAML reads an unquoted `no`) or `bf16`: forwards under bf16
+    autocast on fp32 generator/critic weights (fp32 DeepSpeed engines), the frozen teacher stored in bf16, the DM
+    loss's fake-score pass in fp32, as the DMD2 authors do (docs/scaling.md, "Precision")."""
     gradient_checkpointing: bool = False
+    """Recompute the generator's and fake score's activations in backward."""
     seed: int = 0
-    # Exponential moving averages of the generator's weights, one per decay (per generator
-    # update, warmed up as min(decay, (1 + k) / (10 + k))): kept in checkpoints, evaluated next
-    # to the raw weights; export.ema picks the one exported as the student.
+    """Seeds everything, including the backward-simulation k shared by all ranks."""
     ema_decays: list[float] = Field(default_factory=list)
-    # The EMAs' warm-up: None for (1 + k) / (10 + k); a power p for EDM2's power-function
-    # profile (1 - 1 / (k + 1))^(p + 1), which weighs update j as about j^p (both capped at each decay).
+    """Exponential moving averages of the generator's weights, one per decay (per generator update, warmed up as
+    min(decay, (1 + k) / (10 + k))): kept in checkpoints, evaluated at each checkpoint and at the end next to the
+    raw weights (`fid_student_ema_0.97`, `fid_student_raw`); `export.ema` picks the one exported as the student.
+    ZeRO 0-2. A decay the warm-up never reaches in the run (0.97 needs 290 updates) gives the warm-up's own average,
+    and the driver says so."""
     ema_power: float | None = Field(None, ge=0)
-    # Start from another run: its folder (final student or latest checkpoint) or an exported
-    # student folder. Generator, critic and EMA weights are loaded where present; optimizer,
-    # LR warm-up and data position start afresh (a new stage with new settings).
+    """The EMAs' warm-up: none for (1 + k) / (10 + k); a power p for EDM2's power-function profile min(decay, (1 - 1
+    / (k + 1))^(p + 1)), which weighs update j as about j^p: an average over a share of the run (digits.yaml: 3)."""
     init: str | None = None
-    # Start the generator from train.init's EMA of this decay (its exported student's weights)
-    # instead of its raw weights: on digits a 1-step run's EMA ends 1-9 FID ahead of them.
+    """Start a new stage from another run: its folder (`stage/`: the raw generator, the critic and the EMAs, which
+    continue) or an exported student folder (the generator only). Optimizers, LR warm-up and data position start
+    afresh with this run's settings; a folder that is neither stops before any work."""
     init_ema: float | None = Field(None, gt=0, lt=1)
-    # Consecutive non-finite iterations tolerated (each is skipped) before the run stops.
+    """With `train.init` a run folder: the generator starts from that run's EMA of this decay (e.g. 0.97, what it
+    exported) instead of its raw weights; the critic and EMAs load as before. On digits a 1-step run's EMA ends 1-9
+    FID ahead of its raw weights."""
     max_nonfinite_steps: int = Field(10, ge=0)
+    """Consecutive non-finite iterations tolerated (each is skipped) before the run stops."""
     log_every: int = Field(50, ge=1)
+    """Metrics to MLflow and Ray Train every this many iterations."""
     checkpoint_every: int = Field(200, ge=1)
+    """Iterations between Ray Train checkpoints (DeepSpeed engines of generator and critic, RNG, data position);
+    each is also evaluated on the evaluation actors."""
     checkpoints_to_keep: int = Field(2, ge=1)
-    # Worker-group restarts Ray Train makes after a failure (each resumes from the latest
-    # checkpoint) before the run fails: FailureConfig(max_failures).
+    """Checkpoints Ray keeps (the latest ones)."""
     max_failures: int = Field(2, ge=0)
+    """Worker-group restarts Ray Train makes after a failure (each resumes from the latest checkpoint) before the
+    run fails: `FailureConfig(max_failures)`."""
 
     @field_validator("betas")
     @classmethod
@@ -176,7 +215,7 @@ class TrainConfig(_Section):
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _full_precision_aliases(cls, v: Any) -> Any:
-        # `train.mixed_precision=no` as README writes it: YAML 1.1 reads an unquoted no as false.
+        # `train.mixed_precision=no` as the docs write it: YAML 1.1 reads an unquoted no as false.
         if v is False or (isinstance(v, str) and v.lower() in ("no", "fp32", "false")):
             return "no"
         if isinstance(v, str) and v.lower() == "bf16":
@@ -201,68 +240,86 @@ class TrainConfig(_Section):
 
 
 class LossConfig(_Section):
-    guidance_scale: float = Field(1.0, ge=0)  # CFG on the real score only
+    guidance_scale: float = Field(1.0, ge=0)
+    """CFG scale on the teacher (real score) only; the fake score is never guided. FLUX.1-dev: the teacher's
+    embedded guidance (one forward)."""
     gan_generator_weight: float = Field(0.0, ge=0)
+    """w_g, the generator's GAN loss weight (with `loss.gan_grad_ratio` it only switches the term on)."""
     gan_critic_weight: float = Field(0.0, ge=0)
+    """w_d, the discriminator loss in the critic's objective."""
     regression_weight: float = Field(0.0, ge=0)
+    """DMD1's regression loss (off in DMD2) on fixed teacher ODE pairs, for the unet2d and toy2d families (text
+    families: the regression stage, `regression.enabled`); digits: 0.01-0.03 puts it at 0.3-1x the DM gradient;
+    toy2d.yaml: 1 on 8192 pairs. Every train worker builds the pairs at start (1024 x 50 teacher steps: minutes on
+    CPU)."""
     regression_metric: Literal["pseudo_huber", "mse"] = "pseudo_huber"
+    """The regression term's distance: `pseudo_huber` or `mse`."""
     regression_pairs: int = Field(1024, ge=1)
+    """(noise, teacher DDIM output) pairs for the regression term."""
     regression_sampler_steps: int = Field(50, ge=2)
-    # DM loss noise levels: t in [dm_min_step, dm_max_step] = [0.02 T, 0.98 T], drawn by dm_timesteps.
+    """The teacher's DDIM steps per regression pair."""
     dm_min_step: int = Field(20, ge=0, le=999)
+    """DM loss noise levels: t in [dm_min_step, dm_max_step] = [0.02 T, 0.98 T], drawn by `loss.dm_timesteps`."""
     dm_max_step: int = Field(980, ge=0, le=999)
-    # How noise levels are drawn within a range: "uniform" in t, or "karras": uniformly by index
-    # on EDM's sigma grid (rho 7, sigma 0.002..80) mapped onto this schedule's timesteps, which
-    # puts far more draws at low noise (the authors' pixel-space ImageNet code).
+    """Upper end of the DM loss's timesteps (see `loss.dm_min_step`)."""
     dm_timesteps: Literal["uniform", "karras"] = "uniform"
+    """How the DM noise levels are drawn within their range: `uniform` in t, or `karras`: uniformly by index on
+    EDM's sigma grid (rho 7, sigma 0.002..80) mapped onto this schedule's timesteps, which puts far more draws at
+    low noise (25% of draws below sigma 0.17 on a linear-beta schedule, against 5%; the authors' pixel-space
+    ImageNet code)."""
     gan_timesteps: Literal["uniform", "karras"] = "uniform"
-    # Real and generated images are noised to t in [0, gan_max_step] before the discriminator
-    # (the authors' diffusion_gan_max_timestep); 0: clean images.
+    """How the GAN terms' noise levels are drawn: `uniform` or `karras`, as for `loss.dm_timesteps`."""
     gan_max_step: int = Field(999, ge=0, le=999)
-    # When set, the generator's GAN weight is recomputed every generator update so that
-    # |w_g * d GAN / dx| = gan_grad_ratio * |d DM / dx| at the generator's output (gradient
-    # norms over the global batch); gan_generator_weight then only switches the term on.
+    """Real and generated images are noised to t in [0, gan_max_step] before the discriminator (the authors'
+    diffusion_gan_max_timestep); 0: clean images."""
     gan_grad_ratio: float | None = Field(None, gt=0)
-    # The discriminator head on the fake score's bottleneck: "conv" (one strided conv + 1x1) or
-    # "full" (the authors': two full-width 4x4 stride-2 convs, then a 1x1 to one logit).
+    """When set, the generator's GAN weight is recomputed every generator update so that |w_g * dGAN/dx| =
+    gan_grad_ratio * |dDM/dx| at the generator's output (gradient norms over the global batch; both logged:
+    `grad_norm_dm_x`, `grad_norm_gan_x`, `gan_weight`); `loss.gan_generator_weight` then only switches the term on."""
     gan_head: Literal["conv", "full"] = "conv"
-    # Transformer teachers (sd3, flux): the blocks (1-based) whose image tokens the discriminator
-    # reads, one head per depth (`TokenHead`); empty: the middle block. Several depths: NVIDIA
-    # FastGen's tip for transformer teachers. UNet families read their mid block and refuse it.
+    """The discriminator head on the fake score's bottleneck: `conv` (one strided 3x3 conv + 1x1) or `full` (the
+    authors': two full-width 4x4 stride-2 convs with GroupNorm + SiLU, then a 1x1 to one logit)."""
     gan_feature_depths: list[int] = Field(default_factory=list)
-    # Differentiable augmentation of real and generated discriminator inputs alike (DiffAugment:
-    # flip, shift, cutout) against discriminator overfitting on small data sets.
+    """Transformer teachers (sd3, flux): the blocks (1-based) whose image tokens the discriminator reads, one small
+    MLP head per depth (`TokenHead`, every token's logit averaged); empty: the middle block. Several depths: NVIDIA
+    FastGen's tip for transformer teachers. UNet families read their mid block and refuse it."""
     gan_augment: list[Literal["flip", "shift", "cutout"]] = Field(default_factory=list)
-    # The fake score's own noise levels: "uniform" in t over [0, T) (the authors' SD code), or
-    # "dm": drawn as the DM term draws them (dm_timesteps within [dm_min_step, dm_max_step]),
-    # the authors' EDM recipe: the fake score is trained where the DM term reads it.
+    """Differentiable augmentation (DiffAugment: `flip`, `shift`, `cutout`) of the discriminator's real and
+    generated inputs alike, against discriminator overfitting on small data sets (for digits `[shift, cutout]`: a
+    mirrored digit is another digit; digits.yaml leaves it off)."""
     fake_score_timesteps: Literal["uniform", "dm"] = "uniform"
-    # The divergence the DM gradient descends (Xu et al. 2025, f-distill): "reverse_kl" is DMD's
-    # (mode-seeking); "forward_kl" and "jensen_shannon" weight each sample's DM gradient by
-    # h(r) = r and r / (1 + r) of the density ratio r = p_data / p_student = exp(logit) that the
-    # discriminator estimates at the DM noise level (weights divided by their batch mean), so
-    # regions the student under-covers pull harder. Needs the discriminator (gan_critic_weight > 0).
+    """The fake score's own noise levels: `uniform` in t over [0, T) (the authors' SD code), or `dm`: drawn as the
+    DM term draws them (`loss.dm_timesteps` within [dm_min_step, dm_max_step]), the authors' EDM recipe: the fake
+    score is trained where the DM term reads it."""
     divergence: Literal["reverse_kl", "forward_kl", "jensen_shannon"] = "reverse_kl"
-    # The generator's GAN weight when the discriminator cannot tell real from generated: scaled by
-    # clamp((a - 0.5) / (gan_gate_accuracy - 0.5), 0, 1), a the discriminator's running accuracy
-    # (real logits > 0, generated < 0, averaged over recent critic updates): 0 at chance, full
-    # from gan_gate_accuracy on. None: no gate.
+    """The divergence the DM gradient descends (Xu et al. 2025, f-distill): `reverse_kl` is DMD's (mode-seeking);
+    `forward_kl` and `jensen_shannon` weight each sample's DM gradient by h(r) = r and r / (1 + r) of the density
+    ratio r = p_data / p_student = exp(logit) that the discriminator estimates at the DM noise level (weights
+    divided by their batch mean; `dm_weight_max` logged), so regions the student under-covers pull harder. Needs the
+    discriminator (`loss.gan_critic_weight` > 0)."""
     gan_gate_accuracy: float | None = Field(None, gt=0.5, le=1)
-    gan_weight_cap: float | None = Field(None, gt=0)  # an upper bound on the (calibrated) GAN weight
-    # DMD1's regression term as a coarse anchor: both images average-pooled by this factor before
-    # the metric (2: 16 px digits compared at 8 px), so the student keeps the teacher's global
-    # statistics (brightness, colour, layout) while the DM and GAN terms shape the detail.
+    """Gates the generator's GAN weight while the discriminator cannot tell real from generated: scaled by clamp((a
+    - 0.5) / (gan_gate_accuracy - 0.5), 0, 1), a the discriminator's running accuracy (real logits > 0, generated <
+    0, averaged over recent critic updates; logged as `d_accuracy`, the factor as `gan_gate`): 0 at chance, full
+    from gan_gate_accuracy on. None: no gate."""
+    gan_weight_cap: float | None = Field(None, gt=0)
+    """An upper bound on the (calibrated) GAN weight."""
     regression_lowpass: int = Field(1, ge=1)
-    # The regression weight decays linearly to 0 over this many iterations (None: constant).
+    """DMD1's regression term as a coarse anchor: both images average-pooled by this factor before the metric (2: 16
+    px digits compared at 8 px), so the student keeps the teacher's global statistics (brightness, colour, layout)
+    while the DM and GAN terms shape the detail."""
     regression_anneal_steps: int | None = Field(None, ge=1)
-    # Multi-step students: step k's DM, fake-score and GAN noise levels are drawn in its own band
-    # [t_{k+1}, t_k] (the last step's: [0, t_{K-1}]), intersected with each term's range, as TDM
-    # and Phased DMD confine each step to its part of the trajectory.
+    """The regression weight decays linearly to 0 over this many iterations (none: constant)."""
     step_noise_bands: bool = False
-    # Multi-step students: the critic learns an embedding of the student's step (added to the
-    # fake score's time embedding), so the DM and GAN terms match each step's outputs to the
-    # data, not only the mixture of all steps' outputs that a shared critic models.
+    """Multi-step students: step k's DM, fake-score and GAN noise levels are drawn in its own band [t_{k+1}, t_k]
+    (the last step's: [0, t_{K-1}]), intersected with each term's range, as TDM and Phased DMD confine each step to
+    its part of the trajectory."""
     step_conditioned_critic: bool = False
+    """Multi-step students: the critic learns an embedding of the student's step (zero at the start, added to the
+    fake score's time embedding), so the DM and GAN terms match each step's outputs to the data, not only the
+    mixture of all steps' outputs that a shared critic models (matching that mixture lets single steps drift). On
+    digits, with `train.critic_lr` 2e-3 in a second stage of 500 iterations: 4-step FID 26.6 -> 11.2 (seed 0) and
+    31.1 -> 14.5 (seed 1); the full recipe in docs/families.md."""
 
     @model_validator(mode="after")
     def _check_range(self) -> "LossConfig":
@@ -281,20 +338,31 @@ class RegressionConfig(_Section):
     generator.timesteps[0]. The run folder's stage/ is what the DMD2 stage's train.init takes."""
 
     enabled: bool = False
-    # Where the pair shards go (a folder every node can write); None: <run folder>/ode_pairs.
-    # A rerun writes only the shards missing there, so an interrupted generation resumes.
+    """Run the regression stage instead of DMD2 (text-to-image families): teacher ODE pairs, then a 1-step generator
+    regressed on them; its `stage/` is the next stage's `train.init` (docs/families.md, "Recipe stages")."""
     pairs_path: str | None = None
-    num_pairs: int = Field(10_000, ge=1)  # the authors' 10K
-    shard_size: int = Field(256, ge=1)  # pairs per Parquet shard: the unit of work and of resume
-    sampler_steps: int = Field(50, ge=2)  # the teacher's DDIM steps per pair
-    sample_batch_size: int = Field(8, ge=1)  # pairs per teacher forward on an actor
-    num_actors: int = Field(1, ge=1)  # each holds the teacher UNet and text encoder(s)
+    """Where the pair shards go (a folder every node can write); none: `<out>/ode_pairs`. A rerun writes only the
+    shards missing there, so an interrupted generation resumes; pairs made with other settings are refused."""
+    num_pairs: int = Field(10_000, ge=1)
+    """Pairs to make (the authors' 10K); the prompts are cycled."""
+    shard_size: int = Field(256, ge=1)
+    """Pairs per Parquet shard: the unit of work and of resume."""
+    sampler_steps: int = Field(50, ge=2)
+    """The teacher's DDIM steps per pair (with CFG `loss.guidance_scale`)."""
+    sample_batch_size: int = Field(8, ge=1)
+    """Pairs per teacher forward on an actor."""
+    num_actors: int = Field(1, ge=1)
+    """Pair-making Ray actors; each holds the teacher UNet and text encoder(s)."""
     actor_cpus: float = Field(1.0, gt=0)
-    actor_gpus: float = Field(1.0, ge=0)  # per actor when scale.use_gpu
-    # pseudo_huber on latents (no weights needed), or lpips on VAE-decoded images (the authors'
-    # choice), which needs lpips_weights: a local LPIPS state dict (nothing is downloaded).
+    """CPUs per pair-making actor."""
+    actor_gpus: float = Field(1.0, ge=0)
+    """GPU share per pair-making actor when `scale.use_gpu`."""
     metric: Literal["pseudo_huber", "lpips"] = "pseudo_huber"
+    """The regression distance: `pseudo_huber` on latents (no weights needed), or `lpips` on VAE-decoded images (the
+    authors' choice), which needs `regression.lpips_weights`."""
     lpips_weights: str | None = None
+    """A local VGG LPIPS state dict, required by `regression.metric: lpips` (saved once where downloads work:
+    `torch.save(lpips.LPIPS(net="vgg").state_dict(), FILE)`); nothing is downloaded."""
 
     @model_validator(mode="after")
     def _check_lpips(self) -> "RegressionConfig":
@@ -307,47 +375,58 @@ class RegressionConfig(_Section):
 class RolloutConfig(_Section):
     """Where backward simulation runs for multi-step students (one-step students never simulate)."""
 
-    # inline: the trainer simulates with its own generator (the reference). actors: a pool of
-    # Ray actors per train worker, each holding a generator copy, simulates ahead of the trainer.
     mode: Literal["inline", "actors"] = "inline"
-    num_actors: int = Field(1, ge=1)  # per train worker
-    # Rank 0 publishes the generator's weights every this many generator updates.
+    """Where multi-step students' backward simulation runs: `inline`: the trainer simulates with its own generator
+    (the reference); `actors`: a pool of Ray actors per train worker, each holding a generator copy, simulates ahead
+    of the trainer. With staleness 0 both give the same rollouts for the same seeds."""
+    num_actors: int = Field(1, ge=1)
+    """Rollout actors per train worker."""
     publish_every: int = Field(1, ge=1)
-    # A rollout made with weights more than this many versions old is dropped and redone.
+    """Rank 0 publishes the generator's weights every this many generator updates."""
     max_staleness: int = Field(1, ge=0)
-    lookahead: int = Field(2, ge=1)  # iterations requested ahead of the trainer
+    """A rollout made with weights more than this many versions old is dropped and redone."""
+    lookahead: int = Field(2, ge=1)
+    """Iterations requested ahead of the trainer."""
     actor_cpus: float = Field(0.5, gt=0)
-    actor_gpus: float = Field(0.25, ge=0)  # fraction of a GPU per actor when scale.use_gpu
+    """CPUs per rollout actor."""
+    actor_gpus: float = Field(0.25, ge=0)
+    """Fraction of its worker's GPU per rollout actor when `scale.use_gpu`."""
 
 
 class ScaleConfig(_Section):
     num_workers: int = Field(1, ge=1)
+    """Ray Train workers, one GPU each when `scale.use_gpu`; resuming needs the same number."""
     use_gpu: bool = False
+    """Train on GPUs: one per train worker; side actors take the GPU fractions their sections set."""
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage (0-3) of the generator's and the critic's engines."""
     offload_optimizer: bool = False
-    # Partition the frozen teacher over the ranks as ZeRO-3 partitions generator and critic
-    # (gathered block by block in its forwards), instead of a whole copy on every rank: a
-    # teacher larger than one GPU (8-12B flow transformers) then fits. Costs an all-gather of
-    # the teacher's weights per forward. Needs zero_stage 3.
+    """Offload the optimizer states to CPU (DeepSpeed)."""
     shard_teacher: bool = False
-    # CPUs left to Ray Data on each node; train workers share the rest (no deadlock on 2 CPUs).
+    """Partition the frozen teacher over the ranks as ZeRO-3 partitions generator and critic (ZeRO-3 inference:
+    gathered block by block in its forwards), instead of a whole copy on every rank: a teacher larger than one GPU
+    (8-12B flow transformers) then fits. Costs an all-gather of the teacher's weights per forward. Needs
+    `scale.zero_stage` 3. The run reports `teacher_parameters_per_rank`."""
     data_cpus: float = Field(1.0, gt=0)
-    # Torch threads per CPU train worker; None: the node's cores / workers on the node. Ray sets
-    # OMP_NUM_THREADS to the logical CPU reservation (1 here), which would idle half a 2-core box.
+    """CPUs left to Ray Data on each node; the train workers share the rest (no deadlock on 2 CPUs: one each)."""
     cpu_threads_per_worker: int | None = Field(None, ge=1)
-    # Batches each worker keeps ready in a background thread, across epoch boundaries (where
-    # Ray Data restarts its stream); 0 turns the thread off.
+    """Torch threads per CPU train worker; none: the node's cores / workers on the node. Ray sets OMP_NUM_THREADS to
+    the logical CPU reservation (1 here), which would idle half a 2-core box."""
     prefetch_batches: int = Field(8, ge=0)
-    # Rows mixed in each worker's local shuffle buffer (Ray Data iter_torch_batches); 0: off.
+    """Batches each worker keeps ready in a background thread, across epoch boundaries (where Ray Data restarts its
+    stream); 0 turns the thread off."""
     shuffle_buffer: int = Field(512, ge=0)
-    storage_path: str | None = None  # Ray Train checkpoints; default <out>/ray
-    # CPUs the run plans its train workers and side actors within; None: the whole Ray
-    # cluster's. A sweep sets each trial's share, so concurrent trials do not oversubscribe.
+    """Rows mixed in each worker's local shuffle buffer (Ray Data `iter_torch_batches`); 0: off."""
+    storage_path: str | None = None
+    """Ray Train storage for checkpoints: a local path or `s3://`, `gs://` (one every node reaches once a run spans
+    nodes); none: `<out>/ray`."""
     cluster_cpus: float | None = Field(None, gt=0)
-    # A run asks Ray for more than its cluster holds: a cluster this process started fails at
-    # once; one joined by address may autoscale, so the request is asked of the autoscaler and
-    # waited for this long (announced, with what is pending) before the run fails.
+    """CPUs the run plans its train workers and side actors within; none: the whole Ray cluster's. A sweep sets each
+    trial's share, so concurrent trials do not oversubscribe."""
     resource_wait_s: float = Field(600.0, ge=0)
+    """When a run asks Ray for more than its cluster holds, a cluster this process started fails at once; one joined
+    by address may autoscale, so the request is asked of the autoscaler and waited for this long (announced, with
+    what is pending) before the run fails."""
 
     @field_validator("shard_teacher")
     @classmethod
@@ -362,40 +441,46 @@ class ScaleConfig(_Section):
 class ExportConfig(_Section):
     """The exported student (DIR/student): always fp32 safetensors weights a stock diffusers loads."""
 
-    # The generator EMA exported as the student (one of train.ema_decays); None: the raw weights.
     ema: float | None = None
+    """The generator EMA exported as the student, `<out>/student` (one of `train.ema_decays`); none: the raw
+    weights. The other weights go to `<out>/alternates/<name>/student` and are evaluated beside it."""
 
-    # Also fp16 weights beside them, loaded with from_pretrained(..., variant="fp16").
     fp16_variant: bool = False
+    """Also write fp16 weights beside the fp32 ones, loaded with `from_pretrained(..., variant="fp16")`."""
 
 
 class EvalConfig(_Section):
-    # FID needs a covariance and the k-NN figures (k up to 5) more images than neighbours.
     num_samples: int = Field(5000, ge=8)
-    teacher_steps: int = Field(100, ge=1)  # the teacher's deterministic many-step sampler
-    # FID features: a digit classifier dmdscale trains (unet2d; the text families read it as
-    # "Inception where its weights are on disk, else no FID"), clean-fid's Inception (local
-    # weights only), or "clip": eval.clip_model's image embeddings (FD_CLIP, as clip-FID papers).
+    """Samples for FID, class accuracy and the quality figures. FID needs a covariance and the k-NN figures (k up to
+    5) more images than neighbours: at least 8."""
+    teacher_steps: int = Field(100, ge=1)
+    """The teacher's deterministic many-step (DDIM) sampler steps for the comparison."""
     feature_extractor: Literal["classifier", "inception", "clip"] = "classifier"
-    # clean-fid's TorchScript Inception file (inception-2015-12-05.pt); None: where clean-fid
-    # itself keeps it (/tmp). Never downloaded: a missing file is an error naming the path.
+    """FID features: `classifier`, a digit classifier dmdscale trains (unet2d; the text families read it as
+    "Inception where its weights are on disk, else no FID"), `inception` (clean-fid's, from local weights only), or
+    `clip`: `eval.clip_model`'s image embeddings (FD_CLIP, as clip-FID papers)."""
     inception_weights: str | None = None
-    # A local transformers CLIPModel folder (with its processor and tokenizer) for the text
-    # families' CLIP score and "clip" FID features; a hub id only works when already cached
-    # (nothing downloads). None: no CLIP score.
+    """clean-fid's TorchScript Inception file (`inception-2015-12-05.pt`); none: where clean-fid itself keeps it
+    (`/tmp`). Never downloaded: a missing file is an error naming the path."""
     clip_model: str | None = None
+    """A local transformers CLIPModel folder (with its processor and tokenizer) for the text families' CLIP score
+    and `clip` FID features; a hub id only works when already cached (nothing downloads). None: no CLIP score."""
     classifier_steps: int = Field(1500, ge=1)
-    # Evaluate every checkpoint on separate Ray actors while training goes on (FID + a grid,
-    # logged to MLflow at the checkpoint's step); the final evaluation is always run.
+    """Training steps of the digit classifier (FID features, class accuracy)."""
     during_training: bool = True
+    """Evaluate every checkpoint on separate Ray actors while training goes on (FID and a grid, logged to MLflow at
+    the checkpoint's step); the final evaluation is always run."""
     num_actors: int = Field(1, ge=1)
+    """Checkpoint evaluation actors."""
     actor_cpus: float = Field(0.25, gt=0)
-    actor_gpus: float = Field(0.25, ge=0)  # fraction of a GPU per actor when scale.use_gpu
-    # Checkpoints waiting on each evaluation actor (each holds a full copy of the generator's
-    # weights in host memory: ~3.4 GB for SD1.5's UNet in fp32). A submit to a full queue drops
-    # the OLDEST waiting checkpoint (the newest weights say more; the drop is counted and
-    # logged as eval_dropped_checkpoints), so training never waits for an evaluation.
+    """CPUs per evaluation actor."""
+    actor_gpus: float = Field(0.25, ge=0)
+    """Fraction of a GPU per evaluation actor when `scale.use_gpu`."""
     max_queued: int = Field(2, ge=1)
+    """Checkpoints waiting on each evaluation actor (each holds a full copy of the generator's weights in host
+    memory: ~3.4 GB for SD1.5's UNet in fp32). A submit to a full queue drops the OLDEST waiting checkpoint (the
+    newest weights say more; the drop is counted and logged as `eval_dropped_checkpoints`), so training never waits
+    for an evaluation."""
 
     @model_validator(mode="after")
     def _clip_needs_a_model(self) -> "EvalConfig":
@@ -409,10 +494,15 @@ class SearchDimension(_Section):
     `log`, whole numbers with `integer`)."""
 
     values: list[Any] | None = None
+    """The values to try; give either `values` or `low` and `high`."""
     low: float | None = None
+    """Lower end of a range (above 0 with `log`)."""
     high: float | None = None
+    """Upper end of a range (above `low`)."""
     log: bool = False
+    """Draw the range log-uniformly."""
     integer: bool = False
+    """Draw whole numbers."""
 
     @model_validator(mode="after")
     def _check(self) -> "SearchDimension":
@@ -444,25 +534,41 @@ class SweepConfig(_Section):
     """Ray Tune over dotted config keys (pipelines/sweep.py). `space` is set in the YAML file:
     its keys hold dots, so dotted command-line overrides cannot address them."""
 
-    # grid: every combination of `values` (ranges not allowed); random: sampled; bayesian:
-    # Optuna's TPE, which proposes each trial from the figures of the finished ones.
     search: Literal["grid", "random", "bayesian"] = "random"
-    num_samples: int = Field(8, ge=1)  # trials (grid: repeats of the whole grid)
+    """`grid`: every combination of `values` (ranges not allowed); `random`: sampled; `bayesian`: Optuna's TPE,
+    which proposes each trial from the figures of the finished ones. random and bayesian try the file's own values
+    first."""
+    num_samples: int = Field(8, ge=1)
+    """Trials (grid: repeats of the whole grid); digits.yaml's `--quick`: 3."""
     space: dict[str, SearchDimension] = Field(default_factory=_default_space)
+    """The swept dotted config keys, each `{values: [...]}` or `{low, high, log, integer}` (`sweep.space.<key>`
+    below); set in the YAML file, since its keys hold dots. The default: the knobs DMD2 users tune by hand, around
+    the authors' values (GAN weights 3e-3 / 1e-2, TTUR 5, lr 1e-4 to 5e-4 depending on the data set). Every value is
+    checked before any cluster work."""
     metric: str = "fid_student"
+    """What ranks the trials: any number the family's runs put in metrics.json (checked before the sweep starts; a
+    name no run reports is refused with the close ones); for early stopping, one the checkpoint evaluations report
+    too, e.g. `swd_pixels_student` (min), `recall_pixels_student` (max)."""
     mode: Literal["min", "max"] = "min"
-    # asha: stop trials whose intermediate `metric` (each checkpoint's evaluation) trails the
-    # others' at the same step; needs checkpoints evaluated during training (families with evaluation actors).
+    """Whether `sweep.metric` is better low (`min`) or high (`max`)."""
     early_stopping: Literal["asha", "none"] = "asha"
-    grace_period: int | None = Field(None, ge=1)  # training steps before a stop; None: 2 checkpoints
+    """`asha`: stop trials whose intermediate `sweep.metric` (each checkpoint's evaluation, reported to Tune as the
+    evaluation actors finish it) trails the others' at the same training step; needs checkpoints evaluated during
+    training (families with evaluation actors). `none`: no early stopping."""
+    grace_period: int | None = Field(None, ge=1)
+    """ASHA's first rung: training steps before a trial can be stopped; none: 2 checkpoints."""
     reduction_factor: int = Field(3, ge=2)
-    # Trials at a time; None: as many as the Ray cluster holds (set it on autoscaling clusters).
+    """ASHA's cut at each rung."""
     max_concurrent_trials: int | None = Field(None, ge=1)
+    """Trials at a time; none: as many whole trials (workers, Ray Data's CPUs, the evaluation actor) as fit the
+    cluster's resources now. Set it on autoscaling clusters."""
 
 
 class Config(_Section):
     name: str = "dmdscale"
-    cache_dir: str = "~/.cache/dmdscale"  # data sets, teachers, classifiers, keyed by config
+    """MLflow experiment name."""
+    cache_dir: str = "~/.cache/dmdscale"
+    """Built data sets, trained teachers and FID classifiers, keyed by their config."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     teacher_training: TeacherTrainingConfig = Field(default_factory=TeacherTrainingConfig)
     toy2d: Toy2dConfig = Field(default_factory=Toy2dConfig)
@@ -477,29 +583,12 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
-    # Dotted overrides applied by `--quick` (a reduced configuration for smoke tests).
     quick: dict[str, Any] = Field(default_factory=dict)
+    """Dotted overrides that `--quick` applies (a reduced configuration for smoke tests)."""
 
     @model_validator(mode="after")
-    def _check_family(self) -> "Config":
-        from dmdscale.families import FAMILIES
-
-        family = FAMILIES[self.model.family]  # the name was checked by ModelConfig
-        family.check_config(self)
-        if self.loss.regression_weight > 0 and not family.supports_regression_loss:
-            names = ", ".join(name for name, f in FAMILIES.items() if f.supports_regression_loss)
-            raise ValueError(f"loss.regression_weight: the regression term in DMD2 is for the {names} families, not "
-                             f"{self.model.family!r}; SD1.5/SDXL teachers pretrain on ODE pairs in a regression "
-                             f"stage instead (regression.enabled)")
-        if self.regression.enabled and not family.supports_regression_stage:
-            names = ", ".join(name for name, f in FAMILIES.items() if f.supports_regression_stage)
-            raise ValueError(f"regression.enabled: the regression stage (teacher ODE pairs from prompts) is for the "
-                             f"{names} families, not {self.model.family!r}; leave regression.enabled false"
-                             + (" (loss.regression_weight adds DMD1's regression term to DMD2 instead)"
-                                if family.supports_regression_loss else ""))
-        if self.lora.enabled and not family.supports_lora:
-            lora = ", ".join(name for name, f in FAMILIES.items() if f.supports_lora)
-            raise ValueError(f"lora.enabled: LoRA applies to the {lora} families, not {self.model.family!r}")
+    def _check_across_sections(self) -> "Config":
+        """Checks that span sections; what depends on the family is checked by `families.resolve`."""
         if self.loss.divergence != "reverse_kl" and self.loss.gan_critic_weight == 0:
             raise ValueError(f"loss.divergence: {self.loss.divergence!r} weights the DM gradient by the discriminator's "
                              f"density ratio; train the discriminator (loss.gan_critic_weight > 0) or use 'reverse_kl'")

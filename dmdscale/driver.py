@@ -21,8 +21,8 @@ import numpy as np
 
 from dmdscale.config import Config
 from dmdscale.distributed.checkpoint import RunJournal, check_init, check_init_fits, parse_fail_at_step
-from dmdscale.families import family_of
-from dmdscale.families.base import Trained
+from dmdscale.families import resolve
+from dmdscale.contracts import Trained
 from dmdscale.redact import scrub
 from dmdscale.tracking import Tracker, absolute_tracking_uri, check_tracking_server
 
@@ -89,8 +89,8 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
     if cfg.regression.enabled:  # the regression stage: teacher ODE pairs, then regression, no DMD2
         from dmdscale.distributed.regression import run_regression_stage
 
-        return run_regression_stage(cfg, out)
-    family = family_of(cfg)
+        return run_regression_stage(cfg, resolve(cfg), out)
+    family = resolve(cfg)  # the one lookup by name: the family is handed down from here
     fail_at_step = parse_fail_at_step(os.environ.get("DMDSCALE_FAIL_AT_STEP"))
     out.mkdir(parents=True, exist_ok=True)
     # A missing, truncated or other family's start fails here, before any work; how its weights
@@ -111,7 +111,7 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
         from dmdscale.distributed.cluster import connect, ensure_fits
 
         connect(log_to_driver=True)
-        ensure_fits(cfg)
+        ensure_fits(cfg, family)
     if state == "resume":
         print(f"dmdscale: {journal.directory} holds an unfinished run of this config; resuming it")
     elif state == "evaluate":

@@ -59,7 +59,7 @@ class Protocol:
 # Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2,
 # NeurIPS 2024), text-to-image evaluation: SD1.5 students on 30K COCO-2014 captions at 256 px,
 # SDXL students on a 10K COCO-2014 subset at 512 px (with patch FID and CLIP score). The COCO
-# captions and images are the user's to provide (README: "Evaluating text-to-image students").
+# captions and images are the user's to provide (docs/evaluation.md: "Evaluating text-to-image students").
 PROTOCOLS = {
     "sd15-coco30k": Protocol(resolution=256, num_samples=30_000),
     "sdxl-coco10k": Protocol(resolution=512, num_samples=10_000),
@@ -178,9 +178,9 @@ class _Generator:
                               or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
 
     def generate(self, prompts: list[str], seed: int) -> np.ndarray:
-        from dmdscale.families.sd import _generate
+        from dmdscale.eval.text import pipeline_images
 
-        return _generate(self.pipe, prompts, self.resolution, seed, batch=len(prompts), **self.call)
+        return pipeline_images(self.pipe, prompts, self.resolution, seed, batch=len(prompts), **self.call)
 
 
 def _check_student(student: Path, given: str) -> dict[str, Any]:

@@ -279,7 +279,7 @@ def flow_student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from dmdscale.core.schedule import FlowMatchSchedule
-    from dmdscale.models.flow import flow_variant
+    from dmdscale.models.variants import flow_variant
 
     variant = flow_variant(family)
     config = config_for(FlowMatchEulerDiscreteScheduler, dict(teacher_scheduler_config)) | {"stochastic_sampling": True}
@@ -321,14 +321,9 @@ def export_flow_pipeline(teacher: str | os.PathLike, family: str, student_transf
     `load_lora_weights` (peft keys, transformer prefix)."""
     from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
-    from dmdscale.models.flow import (
-        FLUX_DEFAULT_GUIDANCE,
-        check_flow_folder,
-        flow_variant,
-        image_seq_len,
-        transformer_class,
-    )
+    from dmdscale.models.flow import check_flow_folder, image_seq_len, transformer_class
     from dmdscale.models.flow import vae_scale_factor as scale_of
+    from dmdscale.models.variants import FLUX_DEFAULT_GUIDANCE, flow_variant
 
     if (lora_state_dict is None) != (lora_config is None):
         raise ValueError("pass lora_state_dict and lora_config together (the config carries lora_alpha and r)")

@@ -25,7 +25,7 @@ import yaml
 
 from dmdscale.config import Config, ConfigError, SearchDimension, build_config
 from dmdscale.distributed.resources import run_resources, uses_eval_actors
-from dmdscale.families import FAMILIES, family_of
+from dmdscale.families import FAMILIES, resolve
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
@@ -59,7 +59,8 @@ def check_sweep(cfg: Config) -> None:
     """Every swept key and value must make a valid run config, and the search and early
     stopping must fit the family: ConfigError naming `sweep.*` keys, before any cluster work."""
     sweep = cfg.sweep
-    if not family_of(cfg).trains_on_ray:
+    family = resolve(cfg)
+    if not family.trains_on_ray:
         on_ray = ", ".join(name for name, family in FAMILIES.items() if family.trains_on_ray)
         raise ConfigError(f"model.family: sweeps run Ray Train families ({on_ray}), not {cfg.model.family!r}")
     if not sweep.space:
@@ -75,16 +76,16 @@ def check_sweep(cfg: Config) -> None:
             candidates = [math.ceil(dim.low), math.floor(dim.high)]
         for value in candidates:
             try:
-                trial_config(cfg, {key: value})
+                resolve(trial_config(cfg, {key: value}))
             except ConfigError as exc:
                 raise ConfigError(f"sweep.space.{key}: value {value!r} does not make a valid run: {exc}") from None
-    reported = family_of(cfg).metric_names(cfg)
+    reported = family.metric_names(cfg)
     if sweep.metric not in reported:  # else every trial would train in full before Tune refused it
         close = difflib.get_close_matches(sweep.metric, sorted(reported), n=3)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise ConfigError(f"sweep.metric: {sweep.metric!r} is not a figure {cfg.model.family} runs report; {hint}"
                           f"they report {', '.join(sorted(reported))}")
-    if sweep.early_stopping == "asha" and not uses_eval_actors(cfg):
+    if sweep.early_stopping == "asha" and not uses_eval_actors(cfg, family):
         evaluated = ", ".join(name for name, family in FAMILIES.items() if family.has_eval_actors)
         raise ConfigError(f"sweep.early_stopping: asha stops trials on the FID of checkpoints evaluated during "
                           f"training, which needs a family with evaluation actors ({evaluated}) and "
@@ -143,7 +144,7 @@ def scheduler(cfg: Config) -> Any:
 def trial_resources(cfg: Config) -> dict[str, float]:
     """What one trial takes from the cluster: its run's (the resource planner's figure) and
     the trial's own driver."""
-    need = run_resources(cfg)
+    need = run_resources(cfg, resolve(cfg))
     return need | {"CPU": need["CPU"] + TRIAL_DRIVER_CPUS}
 
 
@@ -174,7 +175,8 @@ class TrialRun:
         cfg = build_config(cfg_tree)
         from dmdscale.driver import run
 
-        return run(cfg, Path(out), run_tags=tags, on_evaluation=self._keep if uses_eval_actors(cfg) else None)
+        keep = self._keep if uses_eval_actors(cfg, resolve(cfg)) else None
+        return run(cfg, Path(out), run_tags=tags, on_evaluation=keep)
 
     def _keep(self, result: dict[str, Any]) -> None:
         with self._lock:
@@ -226,11 +228,11 @@ def prepare(cfg: Config) -> None:
     from dmdscale.distributed.cluster import connect, ensure_fits
     from dmdscale.tracking import absolute_tracking_uri, check_tracking_server
 
-    family = family_of(cfg)
+    family = resolve(cfg)
     inputs = family.preflight(cfg)
     check_tracking_server(absolute_tracking_uri())
     connect(log_to_driver=True)
-    ensure_fits(cfg)
+    ensure_fits(cfg, family)
     family.prepare(cfg, inputs)
 
 

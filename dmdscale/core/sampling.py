@@ -8,7 +8,7 @@ from torch import Tensor
 
 from dmdscale.core import seeds
 from dmdscale.core.schedule import Schedule
-from dmdscale.models.base import Cond, Denoiser
+from dmdscale.core.networks import Cond, Denoiser
 
 # x0 = G(x_t, t, cond): the generator as the step sees it.
 GeneratorFn = Callable[[Tensor, Tensor, Cond], Tensor]

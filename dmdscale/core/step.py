@@ -54,7 +54,7 @@ from dmdscale.core.sampling import (
     teacher_sample,
 )
 from dmdscale.core.schedule import TimestepSampler
-from dmdscale.models.base import Cond, Critic, Denoiser, requires_grad
+from dmdscale.core.networks import Cond, Critic, Denoiser, requires_grad
 
 
 @dataclass

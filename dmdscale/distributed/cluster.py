@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from dmdscale.config import Config, ConfigError
+from dmdscale.contracts import Family
 
 _started_here = False  # this process started the local cluster it is connected to
 
@@ -89,18 +90,17 @@ class Demand:
     keys: str
 
 
-def run_demands(cfg: Config) -> list[Demand]:
+def run_demands(cfg: Config, family: Family) -> list[Demand]:
     """The stages of a Ray run, each of which must fit the cluster on its own: the family's data
     encoding (if any), then training with its side actors."""
     from dmdscale.distributed.resources import MIN_WORKER_CPUS, SideActors, run_resources
-    from dmdscale.families import family_of
 
-    need = run_resources(cfg)
+    need = run_resources(cfg, family)
     if not cfg.scale.use_gpu:  # CPU workers share what the rest leaves (worker_resources), a minimum each
-        need["CPU"] = cfg.scale.num_workers * MIN_WORKER_CPUS + cfg.scale.data_cpus + SideActors.of(cfg).cpus(cfg)
+        need["CPU"] = cfg.scale.num_workers * MIN_WORKER_CPUS + cfg.scale.data_cpus + SideActors.of(cfg, family).cpus(cfg)
     training = Demand("training", need,
                       "scale.num_workers, scale.use_gpu, scale.data_cpus, eval.num_actors, rollout.num_actors")
-    return [*family_of(cfg).data_demands(cfg), training]
+    return [*family.data_demands(cfg), training]
 
 
 def missing(need: dict[str, float], have: dict[str, float]) -> dict[str, float]:
@@ -112,7 +112,7 @@ def _describe(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items())) or "nothing"
 
 
-def ensure_fits(cfg: Config, *, cluster: Callable[[], dict[str, float]] | None = None,
+def ensure_fits(cfg: Config, family: Family, *, cluster: Callable[[], dict[str, float]] | None = None,
                 autoscales: bool | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
     """Raise ConfigError when a stage of the run can never be scheduled (see the module docstring).
     `cluster` (the cluster's total resources) and `autoscales` are injectable for tests."""
@@ -124,7 +124,7 @@ def ensure_fits(cfg: Config, *, cluster: Callable[[], dict[str, float]] | None =
         cluster = ray.cluster_resources
     autoscales = may_autoscale() if autoscales is None else autoscales
     deadline = time.monotonic() + cfg.scale.resource_wait_s
-    for demand in run_demands(cfg):
+    for demand in run_demands(cfg, family):
         short = missing(demand.resources, cluster())
         if short and autoscales and cfg.scale.resource_wait_s > 0:
             print(f"dmdscale: {demand.stage} needs {_describe(demand.resources)}; the cluster lacks "

@@ -237,12 +237,12 @@ class TextCheckpointEvaluator:
         from dmdscale.eval.metrics import image_features
         from dmdscale.eval.text import clip_score, fid_kid
         from dmdscale.export import guidance_free_unet, merged_unet
-        from dmdscale.families.sd import _generate
+        from dmdscale.eval.text import pipeline_images
 
         self.unet.load_state_dict({k.removeprefix("unet."): v for k, v in state_dict.items()})
         self.pipe.register_modules(unet=guidance_free_unet(merged_unet(self.unet) if self.lora else self.unet))
         spec = self.spec
-        images = _generate(self.pipe, spec["prompts"], spec["resolution"], spec["seed"], **self.call)
+        images = pipeline_images(self.pipe, spec["prompts"], spec["resolution"], spec["seed"], **self.call)
         if self.extractor is not None:
             result[f"fid_{who}"], result[f"kid_{who}"] = fid_kid(image_features(images, self.extractor),
                                                                  self.real_features, self.fid_kind)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dmdscale.config import Config
+from dmdscale.contracts import Family
 from dmdscale.distributed.checkpoint import STAGE_DIR
 from dmdscale.distributed.resources import worker_resources
 from dmdscale.distributed.worker import ALTERNATES_DIR, TRAIN_LOG, TRAIN_METRICS, train_worker
@@ -61,7 +62,7 @@ def trainer_class() -> type:
     return Trainer
 
 
-def fit_on_ray(cfg: Config, train_data: Any, teacher_path: str | Path, out: Path, tracker: Any,
+def fit_on_ray(cfg: Config, family: Family, train_data: Any, teacher_path: str | Path, out: Path, tracker: Any,
                student_parts: Sequence[str], eval_pool: Any = None,
                fail_at_step: int | None = None) -> dict[str, Any]:
     """Ray Train workers running DMD2 under DeepSpeed over the `train_data` stream.
@@ -75,10 +76,10 @@ def fit_on_ray(cfg: Config, train_data: Any, teacher_path: str | Path, out: Path
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     storage, name = run_storage(cfg, out)
-    resources = worker_resources(cfg, cfg.scale.cluster_cpus or ray.cluster_resources().get("CPU", 1.0))
+    resources = worker_resources(cfg, family, cfg.scale.cluster_cpus or ray.cluster_resources().get("CPU", 1.0))
     trainer = trainer_class()(
         train_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "teacher_path": str(teacher_path),
+        train_loop_config={"cfg": cfg.model_dump(), "family": family, "teacher_path": str(teacher_path),
                            "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id,
                            "eval_pool": eval_pool, "fail_at_step": fail_at_step},
         scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dmdscale.config import Config
+from dmdscale.contracts import Family
 from dmdscale.data.sources import DataError
 
 PAIRS_MARKER = "_dmdscale_pairs.json"  # what the folder's pairs were made from
@@ -71,14 +72,13 @@ def missing_shards(folder: Path, num_pairs: int, shard_size: int) -> list[tuple[
 class PairMaker:
     """A Ray actor: the teacher (with CFG) and its prompt encoder, writing whole shards."""
 
-    def __init__(self, cfg: dict[str, Any], use_gpu: bool):
+    def __init__(self, cfg: dict[str, Any], family: Family, use_gpu: bool):
         from dmdscale.data.latents import latent_shape
-        from dmdscale.families import family_of
         from dmdscale.models.text_encoders import PromptEncoder
 
         self.cfg = cfg = Config.model_validate(cfg)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.teacher = family_of(cfg).load_teacher(cfg, cfg.model.teacher).to(self.device)
+        self.teacher = family.load_teacher(cfg, cfg.model.teacher).to(self.device)
         self.text = PromptEncoder.load(cfg.model.teacher, cfg.model.family, self.device)
         self.shape = latent_shape(cfg.model.teacher, cfg.data.resolution)
 
@@ -118,7 +118,7 @@ def _shard_table(columns: dict[str, list[np.ndarray]], prompts: list[str], start
                              "index": pa.array(np.arange(start, start + len(prompts), dtype=np.int64))})
 
 
-def make_pairs(cfg: Config, prompts_path: str, folder: Path) -> dict[str, int]:
+def make_pairs(cfg: Config, family: Family, prompts_path: str, folder: Path) -> dict[str, int]:
     """Write every missing shard of `folder` on `regression.num_actors` actors; returns
     {"pair_shards_written": ..., "pair_shards_reused": ...}."""
     import ray
@@ -138,7 +138,7 @@ def make_pairs(cfg: Config, prompts_path: str, folder: Path) -> dict[str, int]:
         if not prompts:
             raise DataError(f"data.path: {prompts_path} holds no prompts")
         remote = ray.remote(num_cpus=rc.actor_cpus, num_gpus=rc.actor_gpus if cfg.scale.use_gpu else 0)(PairMaker)
-        actors = [remote.remote(cfg.model_dump(), cfg.scale.use_gpu) for _ in range(min(rc.num_actors, len(todo)))]
+        actors = [remote.remote(cfg.model_dump(), family, cfg.scale.use_gpu) for _ in range(min(rc.num_actors, len(todo)))]
         try:
             jobs = [(s, start, [prompts[i % len(prompts)] for i in range(start, end)]) for s, start, end in todo]
             for path in ActorPool(actors).map_unordered(

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from dmdscale.config import Config
+from dmdscale.contracts import Family
 from dmdscale.distributed.checkpoint import STAGE_DIR, check_init, check_init_fits, save_stage
 from dmdscale.distributed.ode_pairs import PAIR_INFO_COLUMNS
 from dmdscale.redact import scrub
@@ -25,13 +26,11 @@ from dmdscale.redact import scrub
 STAGE_NAME = "regression"  # the Ray Train run's name: <name>-regression-<out folder>
 
 
-def regression_generator(cfg: Config, teacher_path: str) -> torch.nn.Module:
+def regression_generator(cfg: Config, family: Family, teacher_path: str) -> torch.nn.Module:
     """The regression stage's generator on the host: a trainable copy of the teacher (adapted
     by the family, e.g. LoRA), or train.init's generator."""
     from dmdscale.distributed.worker import _load_part
-    from dmdscale.families import family_of
 
-    family = family_of(cfg)
     generator = copy.deepcopy(family.load_teacher(cfg, teacher_path)).train().requires_grad_(True)
     family.adapt_generator(cfg, generator)
     _load_part(generator, cfg, "generator")
@@ -59,7 +58,7 @@ def regression_worker(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg, ctx.get_local_world_size()))
     torch.manual_seed(cfg.train.seed)
-    generator = regression_generator(cfg, config["teacher_path"]).to(device)
+    generator = regression_generator(cfg, config["family"], config["teacher_path"]).to(device)
     vae = None
     if cfg.regression.metric == "lpips":
         from diffusers import AutoencoderKL
@@ -102,7 +101,7 @@ def regression_worker(config: dict[str, Any]) -> None:
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
-def fit_regression(cfg: Config, pairs: Path, teacher_path: str, out: Path, tracker: Any) -> dict[str, Any]:
+def fit_regression(cfg: Config, family: Family, pairs: Path, teacher_path: str, out: Path, tracker: Any) -> dict[str, Any]:
     """Ray Train workers over the pair shards (Ray Data); copies stage/ and the log into `out`."""
     import ray
     import ray.data
@@ -117,11 +116,11 @@ def fit_regression(cfg: Config, pairs: Path, teacher_path: str, out: Path, track
     data = ray.data.read_parquet(str(pairs), file_extensions=["parquet"]).drop_columns(list(PAIR_INFO_COLUMNS))
     trainer = trainer_class()(  # a user error on a worker is not retried
         regression_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "teacher_path": teacher_path,
+        train_loop_config={"cfg": cfg.model_dump(), "family": family, "teacher_path": teacher_path,
                            "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id},
         scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
                                      resources_per_worker=worker_resources(
-                                         cfg, cfg.scale.cluster_cpus or ray.cluster_resources().get("CPU", 1.0))),
+                                         cfg, family, cfg.scale.cluster_cpus or ray.cluster_resources().get("CPU", 1.0))),
         # A run of its own beside the DMD2 runs' names; a failed attempt starts the stage afresh
         # (it is short next to the pairs, which a rerun does not remake).
         run_config=RunConfig(name=f"{name}-{STAGE_NAME}", storage_path=storage,
@@ -135,17 +134,15 @@ def fit_regression(cfg: Config, pairs: Path, teacher_path: str, out: Path, track
         return json.loads((Path(ckpt) / TRAIN_METRICS).read_text())
 
 
-def run_regression_stage(cfg: Config, out: Path) -> dict[str, Any]:
+def run_regression_stage(cfg: Config, family: Family, out: Path) -> dict[str, Any]:
     """The whole stage into `out` (see the module docstring); returns metrics.json's figures."""
     from dmdscale.core.regression import load_lpips
     from dmdscale.distributed.cluster import connect, ensure_fits
     from dmdscale.distributed.ode_pairs import check_pairs_target, make_pairs, pairs_folder, pairs_key
     from dmdscale.distributed.worker import TRAIN_LOG
     from dmdscale.eval.plots import curves_from_log, plot_curves
-    from dmdscale.families import family_of
     from dmdscale.tracking import Tracker, absolute_tracking_uri, check_tracking_server
 
-    family = family_of(cfg)
     out.mkdir(parents=True, exist_ok=True)
     check_init(cfg.train.init, cfg.train.init_ema, cfg.model.family)  # a missing or wrong start fails here
     inputs = family.preflight(cfg)  # teacher folder, prompts (images optional)
@@ -156,10 +153,10 @@ def run_regression_stage(cfg: Config, out: Path) -> dict[str, Any]:
         load_lpips(cfg.regression.lpips_weights)  # a missing or wrong file fails here, before any work
     check_tracking_server(absolute_tracking_uri())
     connect(log_to_driver=True)
-    ensure_fits(cfg)
+    ensure_fits(cfg, family)
     with Tracker(cfg.name, run_name=f"{family.run_label}-{STAGE_NAME}-{out.name}", params=cfg.flat()) as tracker:
-        metrics = make_pairs(cfg, inputs.train_path, folder)
-        metrics |= fit_regression(cfg, folder, str(inputs.teacher_path), out, tracker)
+        metrics = make_pairs(cfg, family, inputs.train_path, folder)
+        metrics |= fit_regression(cfg, family, folder, str(inputs.teacher_path), out, tracker)
         (out / "metrics.json").write_text(json.dumps(scrub(metrics), indent=2))
         plot_curves(curves_from_log(json.loads((out / TRAIN_LOG).read_text()), "loss_"), out / "losses.png")
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},

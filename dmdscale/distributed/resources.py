@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from dmdscale.config import Config, ConfigError
-from dmdscale.families import family_of
+from dmdscale.contracts import Family
 
 # A CPU train worker below this share of a CPU is not a plan but an accident (64 workers on
 # 2 CPUs got 0.012 each).
@@ -23,10 +23,10 @@ def uses_rollout_actors(cfg: Config) -> bool:
             and cfg.generator.backward_simulation)
 
 
-def uses_eval_actors(cfg: Config) -> bool:
+def uses_eval_actors(cfg: Config, family: Family) -> bool:
     """Checkpoints are evaluated on actors during training, for families that have such an
     evaluation (unet2d: FID and class accuracy; sd15/sdxl: FID and CLIP score on held-out prompts)."""
-    return cfg.eval.during_training and family_of(cfg).has_eval_actors
+    return cfg.eval.during_training and family.has_eval_actors
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,15 @@ class SideActors:
     evaluation: int
 
     @classmethod
-    def of(cls, cfg: Config) -> "SideActors":
+    def of(cls, cfg: Config, family: Family) -> "SideActors":
         per_worker = cfg.rollout.num_actors if uses_rollout_actors(cfg) else 0
-        return cls(per_worker * cfg.scale.num_workers, cfg.eval.num_actors if uses_eval_actors(cfg) else 0)
+        return cls(per_worker * cfg.scale.num_workers, cfg.eval.num_actors if uses_eval_actors(cfg, family) else 0)
 
     def cpus(self, cfg: Config) -> float:
         return self.rollout * cfg.rollout.actor_cpus + self.evaluation * cfg.eval.actor_cpus
 
 
-def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float]:
+def worker_resources(cfg: Config, family: Family, cluster_cpus: float) -> dict[str, float]:
     """Resources per train worker, leaving room for what runs beside the workers.
 
     CPU: `scale.data_cpus` stay with Ray Data and the rollout and evaluation actors get
@@ -53,7 +53,7 @@ def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float]:
     leaves Ray Data 0 CPUs and deadlocks). GPU: each worker's rollout actors share its GPU,
     and the evaluation actors take their fraction spread over the workers' GPUs.
     """
-    side, workers = SideActors.of(cfg), cfg.scale.num_workers
+    side, workers = SideActors.of(cfg, family), cfg.scale.num_workers
     if cfg.scale.use_gpu:
         gpu = (1.0 - side.rollout / workers * cfg.rollout.actor_gpus
                - side.evaluation * cfg.eval.actor_gpus / workers)
@@ -73,11 +73,11 @@ def worker_resources(cfg: Config, cluster_cpus: float) -> dict[str, float]:
     return {"CPU": min(1.0, share)}
 
 
-def run_resources(cfg: Config) -> dict[str, float]:
+def run_resources(cfg: Config, family: Family) -> dict[str, float]:
     """What one whole run takes from the cluster: its workers (a GPU each, or a CPU each at
     most), Ray Data's CPUs, and the rollout and evaluation actors."""
     scale = cfg.scale
-    need = {"CPU": scale.num_workers + scale.data_cpus + SideActors.of(cfg).cpus(cfg)}
+    need = {"CPU": scale.num_workers + scale.data_cpus + SideActors.of(cfg, family).cpus(cfg)}
     return need | ({"GPU": float(scale.num_workers)} if scale.use_gpu else {})
 
 

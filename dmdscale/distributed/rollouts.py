@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from dmdscale.config import Config
 from dmdscale.core.sampling import NoiseStream, backward_simulate, draw_k, simulation_seed
 from dmdscale.core.step import Batch
-from dmdscale.models.base import Cond
+from dmdscale.core.networks import Cond
 
 StateDict = dict[str, Tensor]
 STORE_NAMESPACE = "dmdscale"

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from dmdscale.config import Config, ConfigError
+from dmdscale.contracts import Family
 from dmdscale.core import seeds
 from dmdscale.core.ema import GeneratorEMA, ema_name
 from dmdscale.core.loop import LoopResult, prefetched, train_loop
@@ -47,8 +48,7 @@ from dmdscale.distributed.checkpoint import (
 )
 from dmdscale.distributed.resources import cpu_threads, uses_rollout_actors
 from dmdscale.errors import UserError
-from dmdscale.families import family_of
-from dmdscale.models.base import Critic, Denoiser
+from dmdscale.core.networks import Denoiser
 
 TRAIN_LOG = "train_log.json"  # rank 0's logged reports (losses by step), a JSON list
 TRAIN_METRICS = "train_metrics.json"  # the workers' final figures, in the final checkpoint
@@ -57,7 +57,7 @@ TRAIN_METRICS = "train_metrics.json"  # the workers' final figures, in the final
 ALTERNATES_DIR = "alternates"
 
 
-def build_players(cfg: Config, teacher_path: str, device: torch.device,
+def build_players(cfg: Config, family: Family, teacher_path: str, device: torch.device,
                   wrap: Callable[[torch.nn.Module, Role], Any] | None = None) -> tuple[Denoiser, Any, Any]:
     """(frozen teacher, generator, critic) with generator and fake score copied from the teacher.
 
@@ -75,7 +75,6 @@ def build_players(cfg: Config, teacher_path: str, device: torch.device,
     `device`, or partitioned with scale.shard_teacher before the critic's engine adds its
     optimizer states.
     """
-    family = family_of(cfg)
     wrap = wrap or (lambda module, role: module)
     teacher = family.load_teacher(cfg, teacher_path)  # host: each copy moves to device on its own
     generator = copy.deepcopy(teacher).to(device).train().requires_grad_(True)
@@ -110,7 +109,7 @@ def _place_teacher(cfg: Config, teacher: Denoiser, device: torch.device) -> Deno
     return teacher.to(device)
 
 
-def build_engines(cfg: Config, teacher_path: str, device: torch.device, micro_batch: int) -> tuple[Denoiser, Any, Any]:
+def build_engines(cfg: Config, family: Family, teacher_path: str, device: torch.device, micro_batch: int) -> tuple[Denoiser, Any, Any]:
     """The train worker's players: (frozen teacher, generator engine, critic engine), each
     trainable player in its DeepSpeed engine (`DeepSpeedOptimizedModule`) as `build_players` makes it."""
     from dmdscale.distributed.engine import DeepSpeedOptimizedModule
@@ -118,7 +117,7 @@ def build_engines(cfg: Config, teacher_path: str, device: torch.device, micro_ba
     def engine(module: torch.nn.Module, role: Role) -> DeepSpeedOptimizedModule:
         return DeepSpeedOptimizedModule(module, cfg.train, cfg.scale, micro_batch, role=role)
 
-    return build_players(cfg, teacher_path, device, wrap=engine)
+    return build_players(cfg, family, teacher_path, device, wrap=engine)
 
 
 def _load_part(module: torch.nn.Module, cfg: Config, part: str) -> None:
@@ -215,6 +214,7 @@ class TrainWorker:
         from dmdscale.tracking import MlflowSink
 
         self.cfg = cfg = Config.model_validate(config["cfg"])
+        self.family = family = config["family"]  # resolved once on the driver
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -223,14 +223,14 @@ class TrainWorker:
         torch.manual_seed(cfg.train.seed)
         self.micro = cfg.train.batch_size // self.world
         self.teacher_path = config["teacher_path"]
-        teacher, self.generator_engine, self.critic_engine = build_engines(cfg, self.teacher_path, self.device,
-                                                                           self.micro)
+        teacher, self.generator_engine, self.critic_engine = build_engines(cfg, family, self.teacher_path,
+                                                                           self.device, self.micro)
         self.generator, self.teacher = self.generator_engine.module, teacher
         self.ema = init_ema(cfg, self.generator)
         self.engines = {"generator": self.generator_engine, "critic": self.critic_engine}
         if self.ema is not None:
             self.engines["ema"] = EMACheckpoint(self.ema, self.rank)
-        pairs = family_of(cfg).regression_pairs(cfg, self.teacher, self.device)
+        pairs = family.regression_pairs(cfg, self.teacher, self.device)
         self.step_fn = DMD2Step(cfg, self.teacher, self.generator_engine, self.critic_engine, ema=self.ema,
                                 regression_pairs=pairs,
                                 sync_flag=all_ranks_agree, sync_sum=all_ranks_sum, rank=self.rank,
@@ -291,7 +291,7 @@ class TrainWorker:
         if uses_rollout_actors(cfg):
             from dmdscale.distributed.rollouts import RolloutPool
 
-            rollouts = RolloutPool.create(cfg, functools.partial(family_of(cfg).load_teacher, cfg, self.teacher_path),
+            rollouts = RolloutPool.create(cfg, functools.partial(self.family.load_teacher, cfg, self.teacher_path),
                                           self.rank, self.world, self.device)
             rollouts.start(self.start_step, self.generator_engine.full_state_dict)
             self.rollouts = rollouts
@@ -384,7 +384,7 @@ class TrainWorker:
     def _save_students(self, folder: Path) -> None:
         """The exported student (export.ema's average, or the raw weights), and each other set
         of weights under ALTERNATES_DIR/<name>/ for the final evaluation to compare."""
-        family, cfg, exported = family_of(self.cfg), self.cfg, self.cfg.export.ema
+        family, cfg, exported = self.family, self.cfg, self.cfg.export.ema
         decays = self.ema.decays if self.ema is not None else []
         if exported is None:
             family.save_student(cfg, self.generator, folder)

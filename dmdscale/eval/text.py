@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from dmdscale.errors import UserError
 
 __all__ = ["Clip", "ClipImageFeatures", "ClipModelNotFound", "InceptionNotFound", "ReferenceStatsError", "load_clip",
-           "check_clip_model", "inception_file", "load_inception",
+           "check_clip_model", "inception_file", "load_inception", "pipeline_images",
            "clip_image_embeddings", "clip_text_embeddings", "clip_score", "fid_features", "fid_kid",
            "feature_stats", "frechet_distance", "reference_stats", "read_stats", "regular_crops", "resize_images",
            "real_image_chunks", "save_prompt_grid", "INCEPTION_SIZE"]
@@ -452,3 +452,12 @@ def save_prompt_grid(images_uint8_nhwc: np.ndarray, prompts: Sequence[str], path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def pipeline_images(pipe: Any, prompts: list[str], resolution: int, seed: int, batch: int = 8, **call: Any) -> np.ndarray:
+    """uint8 NHWC images from a diffusers text-to-image pipeline, in fixed-seed chunks: what the
+    final evaluation, the checkpoint evaluation and the evaluate command sample a student with."""
+    generator = torch.Generator().manual_seed(seed)
+    images = [pipe(prompts[i:i + batch], height=resolution, width=resolution, generator=generator,
+                   output_type="np", **call).images for i in range(0, len(prompts), batch)]
+    return (np.concatenate(images) * 255).round().clip(0, 255).astype(np.uint8)

@@ -1,15 +1,17 @@
 """Teacher families: one module each, one line each in `FAMILIES`.
 
-A family (`base.Family`) answers everything that differs between teachers: its config checks,
-preflight, teacher loading, critic head, data stream, evaluation and student export. Nothing
-else in dmdscale compares `model.family` to a name; it asks `family_of(cfg)`.
+A family (the contract `dmdscale.contracts.Family`, implemented on `base.FamilyBase`) answers everything that
+differs between teachers: its config checks, preflight, teacher loading, critic head, data
+stream, evaluation and student export. The commands (driver, sweep, evaluate) look the family up
+once, `resolve(cfg)`, and hand it down; nothing below them compares `model.family` to a name.
 Adding a family: write its module, add its line below.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dmdscale.families.base import Evaluation, Family, RunInputs, Trained
+from dmdscale.config import ConfigError
+from dmdscale.contracts import Evaluation, Family, RunInputs, Trained
 from dmdscale.families.flow import FlowFamily
 from dmdscale.families.sd import SDFamily
 from dmdscale.families.toy2d import Toy2dFamily
@@ -28,9 +30,34 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
 )}
 
 
-def family_of(cfg: Config) -> Family:
-    """The family a config names (`model.family`, validated against FAMILIES)."""
-    return FAMILIES[cfg.model.family]
+def resolve(cfg: Config) -> Family:
+    """The family `model.family` names, once the keys that depend on it are checked (the
+    family's own `check_config` and what it supports); a ConfigError naming the key otherwise."""
+    family = FAMILIES.get(cfg.model.family)
+    if family is None:
+        raise ConfigError(f"config key 'model.family': unknown family {cfg.model.family!r}; "
+                          f"choose from {', '.join(FAMILIES)}")
+    try:
+        family.check_config(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+    def supporting(flag: str) -> str:
+        return ", ".join(name for name, f in FAMILIES.items() if getattr(f, flag))
+
+    if cfg.loss.regression_weight > 0 and not family.supports_regression_loss:
+        raise ConfigError(f"loss.regression_weight: the regression term in DMD2 is for the "
+                          f"{supporting('supports_regression_loss')} families, not {family.name!r}; SD1.5/SDXL "
+                          f"teachers pretrain on ODE pairs in a regression stage instead (regression.enabled)")
+    if cfg.regression.enabled and not family.supports_regression_stage:
+        raise ConfigError(f"regression.enabled: the regression stage (teacher ODE pairs from prompts) is for the "
+                          f"{supporting('supports_regression_stage')} families, not {family.name!r}; leave "
+                          f"regression.enabled false" + (" (loss.regression_weight adds DMD1's regression term to "
+                                                         "DMD2 instead)" if family.supports_regression_loss else ""))
+    if cfg.lora.enabled and not family.supports_lora:
+        raise ConfigError(f"lora.enabled: LoRA applies to the {supporting('supports_lora')} families, "
+                          f"not {family.name!r}")
+    return family
 
 
-__all__ = ["FAMILIES", "Evaluation", "Family", "RunInputs", "Trained", "family_of"]
+__all__ = ["FAMILIES", "Evaluation", "Family", "RunInputs", "Trained", "resolve"]

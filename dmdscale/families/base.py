@@ -10,25 +10,26 @@ family that trains on Ray Train (`fit`); a family that trains in one process ove
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from dmdscale.contracts import Evaluation, Family, Trained
+
 if TYPE_CHECKING:
     from torch import nn
 
     from dmdscale.config import Config
-    from dmdscale.models.base import Critic, Denoiser
+    from dmdscale.core.networks import Critic, Denoiser
 
 
 def check_teacher_steps(cfg: Config, teacher: str, trained_here: int | None = None) -> None:
     """eval.teacher_steps must fit the teacher's schedule (its length: `trained_here` for a
     teacher dmdscale trains, else a local folder's scheduler config; a hub id is not read)."""
     from dmdscale.config import ConfigError
-    from dmdscale.models.base import is_local
+    from dmdscale.models.hub import is_local
 
     length = trained_here
     config = Path(teacher).expanduser() / "scheduler" / "scheduler_config.json"
@@ -37,33 +38,6 @@ def check_teacher_steps(cfg: Config, teacher: str, trained_here: int | None = No
     if length is not None and cfg.eval.teacher_steps > length:
         raise ConfigError(f"eval.teacher_steps: {cfg.eval.teacher_steps} sampler steps, but the teacher's schedule "
                           f"has {length} timesteps; use at most {length}")
-
-
-@dataclasses.dataclass
-class RunInputs:
-    """What a run needs before training: its data paths and its teacher (path or hub id)."""
-
-    train_path: str
-    held_out_path: str
-    teacher_path: str
-
-
-@dataclasses.dataclass
-class Trained:
-    """What training hands to the evaluation and the run folder."""
-
-    student: Any  # the exported student's folder, or (in-process families) the trained model
-    metrics: dict[str, Any]  # the training figures (steps, throughput, data rows, ...)
-    log: list[dict[str, Any]]  # what was logged, by "step" (losses.png)
-    evaluations: list[dict[str, Any]] | None = None  # checkpoint evaluations (fid.png), if any
-
-
-@dataclasses.dataclass
-class Evaluation:
-    """The final evaluation: flat figures for metrics.json, and the arrays of samples.npz."""
-
-    metrics: dict[str, Any]
-    samples: dict[str, np.ndarray]
 
 
 # What a Ray-trained run's metrics.json holds besides its evaluation's figures: the train
@@ -86,8 +60,9 @@ def student_names(cfg: Config) -> list[str]:
     return ["student", *(f"student_{name}" for name in others)]
 
 
-class Family:
-    """A teacher family (see the module docstring); subclasses set the class attributes."""
+class FamilyBase(Family):
+    """A teacher family (see the module docstring and `dmdscale.contracts.Family`) with the
+    defaults of one that trains on Ray; subclasses set the class attributes."""
 
     name: str = ""
     run_label: str = ""  # MLflow run names: "<run_label>-<out folder>"
@@ -121,7 +96,7 @@ class Family:
         from dmdscale.distributed.resources import uses_eval_actors
 
         names = set(TRAINING_FIGURES) | self.evaluation_figures(cfg)
-        if uses_eval_actors(cfg):
+        if uses_eval_actors(cfg, self):
             names |= set(EVAL_ACTOR_FIGURES)
         if len(cfg.generator.timesteps) > 1:
             names |= set(ROLLOUT_FIGURES)
@@ -144,7 +119,7 @@ class Family:
     def critic(self, cfg: Config, fake_score: Denoiser) -> Critic:
         """The fake score with its discriminator head, told the student's step when
         loss.step_conditioned_critic."""
-        from dmdscale.models.base import Critic
+        from dmdscale.core.networks import Critic
 
         steps = len(cfg.generator.timesteps) if cfg.loss.step_conditioned_critic else 0
         return Critic(fake_score, self.critic_head(cfg, fake_score), steps)
@@ -194,10 +169,10 @@ class Family:
 
         connect(log_to_driver=True)
         train_data, stats = self.train_data(cfg, inputs)
-        eval_pool = self.start_eval_pool(cfg, inputs, tracker) if uses_eval_actors(cfg) else None
+        eval_pool = self.start_eval_pool(cfg, inputs, tracker) if uses_eval_actors(cfg, self) else None
 
         def fit() -> dict[str, Any]:
-            return fit_on_ray(cfg, train_data, inputs.teacher_path, out, tracker, self.student_parts,
+            return fit_on_ray(cfg, self, train_data, inputs.teacher_path, out, tracker, self.student_parts,
                               eval_pool, fail_at_step)
 
         evaluations = None

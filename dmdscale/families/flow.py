@@ -52,7 +52,7 @@ class FlowFamily(SDFamily):
     def _check_resolution(self, cfg: Config, teacher: str) -> None:
         from diffusers import AutoencoderKL
 
-        from dmdscale.models.base import is_local
+        from dmdscale.models.hub import is_local
         from dmdscale.models.flow import vae_scale_factor
 
         if not is_local(teacher):

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from dmdscale.config import Config
-from dmdscale.families.base import Evaluation, Family, RunInputs, Trained, check_teacher_steps
+from dmdscale.contracts import Evaluation, RunInputs, Trained
+from dmdscale.families.base import FamilyBase, check_teacher_steps
 
 STUDENT_UNET_DIR = "student_unet"  # the final checkpoint's UNet; finish_student builds the pipeline around it
 STUDENT_LORA = "student_lora.safetensors"
@@ -38,14 +39,6 @@ def lora_config(cfg: Config) -> Any:
 
     return LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.targets,
                       init_lora_weights="gaussian")
-
-
-def _generate(pipe: Any, prompts: list[str], resolution: int, seed: int, batch: int = 8, **call: Any) -> np.ndarray:
-    """uint8 NHWC images from a diffusers pipeline, in fixed-seed chunks."""
-    generator = torch.Generator().manual_seed(seed)
-    images = [pipe(prompts[i:i + batch], height=resolution, width=resolution, generator=generator,
-                   output_type="np", **call).images for i in range(0, len(prompts), batch)]
-    return (np.concatenate(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def check_prompt_only(cfg: Config, train_path: str) -> None:
@@ -95,7 +88,7 @@ def held_out_images(inputs: Inputs, resolution: int) -> np.ndarray:
     return load_arrays(inputs.held_out_path, resolution, 3)[0][:len(inputs.prompts)]
 
 
-class SDFamily(Family):
+class SDFamily(FamilyBase):
     """One Stable Diffusion variant (`dmdscale.models.sd.SD_VARIANTS`) as a family."""
 
     student_parts = (STUDENT_UNET_DIR, STUDENT_LORA)
@@ -137,7 +130,7 @@ class SDFamily(Family):
         captions in the data, the latent cache target."""
         from dmdscale.data.latents import check_cache_target
         from dmdscale.data.sources import check_source, is_prompt_only, load_prompts, source_paths
-        from dmdscale.models.base import check_hub_teacher
+        from dmdscale.models.hub import check_hub_teacher
 
         teacher = self.check_teacher_folder(cfg.model.teacher)
         check_hub_teacher(teacher)
@@ -280,7 +273,7 @@ image = pipe("a photo of a cat", {", ".join(f"{k}={v}" for k, v in call.items())
 
         from dmdscale.data.sources import is_prompt_only
         from dmdscale.eval.metrics import image_features, sample_quality_of
-        from dmdscale.eval.text import clip_score, fid_features, fid_kid, inception_file, load_clip
+        from dmdscale.eval.text import clip_score, fid_features, fid_kid, inception_file, load_clip, pipeline_images
         from dmdscale.export import STUDENT_INFO
 
         res, seed, prompts = cfg.data.resolution, cfg.train.seed, inputs.prompts
@@ -298,7 +291,7 @@ image = pipe("a photo of a cat", {", ".join(f"{k}={v}" for k, v in call.items())
         student_call = json.loads((Path(trained.student) / STUDENT_INFO).read_text())["call"]  # as the card says
         for name, pipe, call in (("student", student, student_call), ("teacher", teacher, teacher_call)):
             t0 = time.perf_counter()
-            images[name] = _generate(pipe, prompts, res, seed, **call)
+            images[name] = pipeline_images(pipe, prompts, res, seed, **call)
             timed[name] = time.perf_counter() - t0
         metrics: dict[str, Any] = {"student_steps": len(cfg.generator.timesteps), "teacher_steps": cfg.eval.teacher_steps,
                                    "sampling_speedup": timed["teacher"] / timed["student"],

@@ -22,8 +22,9 @@ from dmdscale.core.optim import TorchOptimizedModule
 from dmdscale.core.sampling import sample, teacher_sample
 from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.core.step import Batch, DMD2Step, RegressionPairs
-from dmdscale.families.base import Evaluation, Family, Trained
-from dmdscale.models.base import Denoiser
+from dmdscale.contracts import Evaluation, Trained
+from dmdscale.families.base import FamilyBase
+from dmdscale.core.networks import Denoiser
 from dmdscale.models.heads import MLPHead
 from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
 
@@ -157,7 +158,7 @@ def train(cfg: Config, progress: bool = True, on_log=None) -> tuple[Toy2D, LoopR
     return toy, result
 
 
-class Toy2dFamily(Family):
+class Toy2dFamily(FamilyBase):
     """The analytic harness: trains in this process (no Ray), in seconds."""
 
     name = run_label = "toy2d"

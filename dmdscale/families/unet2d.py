@@ -20,7 +20,13 @@ import numpy as np
 import torch
 
 from dmdscale.config import Config
-from dmdscale.families.base import Evaluation, Family, RunInputs, Trained, check_teacher_steps, student_names
+from dmdscale.contracts import Evaluation, RunInputs, Trained
+from dmdscale.families.base import FamilyBase, check_teacher_steps, student_names
+
+
+# The teacher's evaluation sampler, as a cache key: change it when `teacher_sample` changes what
+# it draws, so cached teacher samples are drawn anew.
+TEACHER_SAMPLER = "core.sampling.teacher_sample, v1"
 
 
 @dataclasses.dataclass
@@ -52,7 +58,7 @@ def check_teacher_shape(cfg: Config) -> None:
     """A local teacher folder's UNet takes data.resolution x data.channels images (a hub id is
     not read here): a mismatch fails at preflight, not after the classifier has trained."""
     from dmdscale.config import ConfigError
-    from dmdscale.models.base import is_local
+    from dmdscale.models.hub import is_local
 
     config = Path(cfg.model.teacher).expanduser() / "unet" / "config.json"
     if not (is_local(cfg.model.teacher) and config.is_file()):
@@ -78,7 +84,7 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
-class UNet2DFamily(Family):
+class UNet2DFamily(FamilyBase):
     name = "unet2d"
     run_label = "digits"
     has_eval_actors = True
@@ -106,7 +112,7 @@ class UNet2DFamily(Family):
     def preflight(self, cfg: Config) -> Inputs:
         """(train path, held-out path), validated on the driver before any cluster work."""
         from dmdscale.data.sources import check_source, source_paths
-        from dmdscale.models.base import check_hub_teacher
+        from dmdscale.models.hub import check_hub_teacher
         from dmdscale.models.unet2d import check_unet_folder
         from dmdscale.tools.teacher import TRAIN_TIMESTEPS
 
@@ -210,6 +216,7 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
             sample_quality_of,
             sample_student,
         )
+        from dmdscale.eval.cache import cached_arrays, folder_fingerprint
         from dmdscale.export import STUDENT_DIR
         from dmdscale.models.unet2d import load_unet
 
@@ -231,8 +238,22 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
             return sample(student, student.schedule, z, steps, y)
 
         extractor = fid_extractor(cfg, classifier)
-        images = {name: generate(fn, labels, spec["shape"], spec["seed"], desc=f"evaluate: {name}")
-                  for name, fn in [("teacher", teacher_many), ("teacher_1step", teacher_one)]}
+
+        def teacher_images() -> dict[str, np.ndarray]:
+            return {name: generate(fn, labels, spec["shape"], spec["seed"], desc=f"evaluate: {name}")
+                    for name, fn in [("teacher", teacher_many), ("teacher_1step", teacher_one)]}
+
+        # The teacher's samples do not depend on the student: a rerun with the same teacher (its
+        # weights' hash), sampler, steps, guidance, labels, shape and seed reads them back.
+        local = Path(inputs.teacher_path).is_dir()
+        key = {"teacher": folder_fingerprint(inputs.teacher_path) if local else None,
+               "sampler": TEACHER_SAMPLER, "teacher_steps": cfg.eval.teacher_steps, "guidance_scale": gs,
+               "labels": labels, "shape": list(spec["shape"]), "seed": spec["seed"]}
+        images, cached = cached_arrays(Path(cfg.cache_dir) / "teacher_samples" if local else None, key,
+                                       teacher_images)
+        if cached:
+            print(f"dmdscale: evaluate: the teacher's {len(labels)} samples come from the cache "
+                  f"({Path(cfg.cache_dir) / 'teacher_samples'})", flush=True)
         images["student"] = sample_student(student, steps, labels, spec["shape"], spec["seed"],
                                            desc="evaluate: student")
         for folder in alternates:

@@ -1,7 +1,4 @@
-"""Score networks behind one interface, x0 = model(x_t, t, cond, guidance_scale) (base), the
-critic and its discriminator heads (heads), and one adapter per kind of teacher network:
+"""One adapter per kind of teacher network behind the `core.networks.Denoiser` interface:
 toy2d (MLP and the exact mixture denoiser), unet2d (class-conditional diffusers UNet2DModel),
-sd (SD1.5/SDXL UNet2DConditionModel) with its prompt encoding (text_encoders)."""
-from dmdscale.models.base import Critic, Denoiser
-
-__all__ = ["Critic", "Denoiser"]
+sd (SD1.5/SDXL UNet2DConditionModel), flow (SD3/FLUX transformers), their prompt encoding
+(text_encoders), the critic's discriminator heads (heads) and where a teacher comes from (hub)."""

@@ -15,54 +15,16 @@ The discriminator reads the image tokens after chosen blocks (`features`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from dmdscale.core.schedule import FlowMatchSchedule
-from dmdscale.models.base import Cond, Denoiser
-
-# FluxPipeline's default guidance_scale: a flux student is trained at this embedded guidance, so
-# the exported pipeline samples it with no guidance argument.
-FLUX_DEFAULT_GUIDANCE = 3.5
-
-
-@dataclass(frozen=True)
-class FlowVariant:
-    """What differs between the flow-matching transformer teachers dmdscale knows, as data."""
-
-    name: str
-    pipeline_class: str  # the diffusers pipeline the teacher folder and the exported student are
-    transformer_class: str
-    components: tuple[str, ...]  # what a local pipeline folder must hold
-    # The guidance scale is an input of the network (FLUX.1-dev), not two passes (CFG); such a
-    # student keeps the pipeline's default guidance, a CFG one is sampled at guidance_scale 1.
-    embedded_guidance: bool
-    # The pipeline passes its own linear sigmas for a step count (FluxPipeline) rather than
-    # letting the scheduler space them (StableDiffusion3Pipeline).
-    pipeline_spaces_sigmas: bool
-
-
-_SD3_PARTS = ("transformer/config.json", "scheduler/scheduler_config.json", "vae/config.json",
-              "text_encoder/config.json", "text_encoder_2/config.json", "text_encoder_3/config.json",
-              "tokenizer", "tokenizer_2", "tokenizer_3")
-FLOW_VARIANTS = {v.name: v for v in (
-    FlowVariant("sd3", "StableDiffusion3Pipeline", "SD3Transformer2DModel", _SD3_PARTS, embedded_guidance=False,
-                pipeline_spaces_sigmas=False),
-    FlowVariant("flux", "FluxPipeline", "FluxTransformer2DModel",
-                ("transformer/config.json", "scheduler/scheduler_config.json", "vae/config.json",
-                 "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer", "tokenizer_2"),
-                embedded_guidance=True, pipeline_spaces_sigmas=True),
-)}
-
-
-def flow_variant(name: str) -> FlowVariant:
-    if name not in FLOW_VARIANTS:
-        raise ValueError(f"unknown flow-matching family {name!r}; known: {', '.join(FLOW_VARIANTS)}")
-    return FLOW_VARIANTS[name]
-
+from dmdscale.core.networks import Cond, Denoiser
+from dmdscale.models.sd import check_pipeline_folder
+from dmdscale.models.text_encoders import PromptEncoder
+from dmdscale.models.variants import FLUX_DEFAULT_GUIDANCE, flow_variant
 
 def transformer_class(family: str) -> type:
     import diffusers
@@ -194,8 +156,6 @@ class FlowTransformer(Denoiser):
 
 def check_flow_folder(path: str | os.PathLike, family: str) -> str:
     """A local teacher folder holds what `family` needs (a hub id passes through)."""
-    from dmdscale.models.sd import check_pipeline_folder
-
     return check_pipeline_folder(path, family, flow_variant(family).components)
 
 
@@ -206,8 +166,6 @@ def load_flow_teacher(path_or_hub_id: str | os.PathLike, family: str, resolution
     scheduler's config; for sd3 encodes the empty prompt once (CFG's unconditional input), after
     which the text encoders are dropped: training reads precomputed embeddings."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-
-    from dmdscale.models.text_encoders import PromptEncoder
 
     p = check_flow_folder(path_or_hub_id, family)
     try:

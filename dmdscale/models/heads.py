@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmdscale.models.base import Denoiser
+from dmdscale.core.networks import Denoiser
 
 
 class MLPHead(nn.Sequential):

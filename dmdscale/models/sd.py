@@ -11,7 +11,6 @@ the empty prompt's embedding for SD1.5 and zeros for SDXL, as in the DMD2 author
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,40 +19,10 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor
 
 from dmdscale.core.schedule import NoiseSchedule
-from dmdscale.models.base import Cond, Denoiser, is_local
-
-
-@dataclass(frozen=True)
-class SDVariant:
-    """What differs between the Stable Diffusion UNet teachers dmdscale knows, as data."""
-
-    name: str
-    # A second CLIP encoder (penultimate states of both concatenated; encoder 2's pooled output).
-    dual_text_encoder: bool
-    # Zeros as the unconditional input (SDXL, as in the DMD2 authors' code); else the empty
-    # prompt's embedding.
-    zero_uncond: bool
-    # SDXL's micro-conditioning: pooled text embeds and add_time_ids (H, W, 0, 0, H, W).
-    micro_conditioning: bool
-
-    @property
-    def components(self) -> list[str]:
-        """What a local pipeline folder must hold for this variant."""
-        parts = ["unet/config.json", "scheduler/scheduler_config.json", "vae/config.json",
-                 "text_encoder/config.json", "tokenizer"]
-        return parts + (["text_encoder_2/config.json", "tokenizer_2"] if self.dual_text_encoder else [])
-
-
-SD_VARIANTS = {v.name: v for v in (
-    SDVariant("sd15", dual_text_encoder=False, zero_uncond=False, micro_conditioning=False),
-    SDVariant("sdxl", dual_text_encoder=True, zero_uncond=True, micro_conditioning=True),
-)}
-
-
-def sd_variant(name: str) -> SDVariant:
-    if name not in SD_VARIANTS:
-        raise ValueError(f"unknown Stable Diffusion variant {name!r}; known: {', '.join(SD_VARIANTS)}")
-    return SD_VARIANTS[name]
+from dmdscale.core.networks import Cond, Denoiser
+from dmdscale.models.hub import is_local
+from dmdscale.models.text_encoders import PromptEncoder
+from dmdscale.models.variants import sd_variant
 
 
 def check_pipeline_folder(path: str | os.PathLike, family: str, components: Sequence[str] | None = None) -> str:
@@ -144,8 +113,6 @@ def load_sd_teacher(path_or_hub_id: str | os.PathLike, family: str,
     Loads the UNet, the scheduler's config and, for SD1.5, encodes the empty prompt once (the
     unconditional input); the text encoders are not kept: training reads precomputed embeddings.
     """
-    from dmdscale.models.text_encoders import PromptEncoder
-
     p = check_pipeline_folder(path_or_hub_id, family)
     try:
         unet = UNet2DConditionModel.from_pretrained(p, subfolder="unet", torch_dtype=dtype)

@@ -12,6 +12,8 @@ import os
 import torch
 from torch import Tensor
 
+from dmdscale.models.variants import FLOW_VARIANTS, flow_variant, sd_variant
+
 
 class PromptEncoder:
     """Tokenizer(s) + frozen text encoder(s) of a pipeline: `encode(prompts) -> cond dict`."""
@@ -23,13 +25,9 @@ class PromptEncoder:
     @classmethod
     def load(cls, path: str | os.PathLike, family: str, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> "PromptEncoder":
-        from dmdscale.models.flow import FLOW_VARIANTS
-
         if family in FLOW_VARIANTS:
             return PipelinePromptEncoder.load(path, family, device, dtype)
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        from dmdscale.models.sd import sd_variant
 
         p = os.fspath(path)
         tokenizers = [CLIPTokenizer.from_pretrained(p, subfolder="tokenizer")]
@@ -73,8 +71,6 @@ class PipelinePromptEncoder(PromptEncoder):
     def load(cls, path: str | os.PathLike, family: str, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> "PipelinePromptEncoder":
         import diffusers
-
-        from dmdscale.models.flow import flow_variant
 
         pipeline_class = getattr(diffusers, flow_variant(family).pipeline_class)
         # Components passed as None are not loaded: no transformer or VAE weights are read.

@@ -12,7 +12,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
 from dmdscale.core.schedule import NoiseSchedule
-from dmdscale.models.base import Cond, Denoiser
+from dmdscale.core.networks import Cond, Denoiser
 
 
 class GaussianMixture2D:

@@ -15,7 +15,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor
 
 from dmdscale.core.schedule import NoiseSchedule
-from dmdscale.models.base import Cond, Denoiser, is_local
+from dmdscale.core.networks import Cond, Denoiser
+from dmdscale.models.hub import is_local
 from dmdscale.models.heads import group_count
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dmdscale.models.flow import FLOW_VARIANTS, flow_variant
+from dmdscale.models.variants import FLOW_VARIANTS, flow_variant
 from dmdscale.tools.tiny_sd import POOLED_DIM, TEXT_DIM, text_encoder, tiny_tokenizer
 
 LATENT_CHANNELS = 16  # both real VAEs

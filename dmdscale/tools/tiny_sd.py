@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dmdscale.models.sd import SD_VARIANTS, sd_variant
+from dmdscale.models.variants import SD_VARIANTS, sd_variant
 
 TEXT_DIM = 32  # each CLIP encoder's hidden size
 POOLED_DIM = 32  # SDXL encoder 2's projection

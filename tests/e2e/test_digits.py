@@ -101,6 +101,9 @@ def test_quick_digits_run_end_to_end_through_an_injected_failure(tmp_path, mlflo
     assert m["sampling_speedup"] > 1 and 0 <= m["data_wait_fraction"] < 1
     assert m["classifier_accuracy_held_out"] > 0.9
     assert np.isfinite([m["fid_teacher"], m["fid_student"]]).all()
+    # The teacher's evaluation samples are kept for the next run with this teacher (issue 36).
+    keys = [json.loads(p.read_text()) for p in (cache / "teacher_samples").glob("*.json")]
+    assert any(k["teacher_steps"] == m["teacher_steps"] and k["teacher"] for k in keys), keys
 
     arrays = np.load(out / "samples.npz")
     assert arrays["images"].dtype == np.uint8 and arrays["images"].shape[1:] == (16, 16, 1)
@@ -139,11 +142,11 @@ def test_quick_digits_run_end_to_end_through_an_injected_failure(tmp_path, mlflo
     assert m["fid_real_train"] < m["fid_teacher_1step"]  # the floor sits below a 1-step teacher's blur
     # Every figure the run reports is one a sweep may name (sweep.metric is checked against these).
     from dmdscale.config import load_config
-    from dmdscale.families import family_of
+    from dmdscale.families import resolve
 
     cfg = load_config(ROOT / "pipelines" / "configs" / "digits.yaml", quick=True)
     numbers = {k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    assert numbers <= family_of(cfg).metric_names(cfg), numbers - family_of(cfg).metric_names(cfg)
+    assert numbers <= resolve(cfg).metric_names(cfg), numbers - resolve(cfg).metric_names(cfg)
 
     # The exported student is digits.yaml's generator EMA; the raw weights are evaluated beside it,
     # at the end and at every checkpoint, with KID next to FID.

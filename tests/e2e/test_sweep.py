@@ -191,7 +191,7 @@ def test_a_quick_sweep_survives_a_diverging_trial_and_ctrl_c_and_logs(tmp_path, 
     """Two grid trials on quick digits with ASHA on, logged to a real `mlflow server`: a learning
     rate that diverges to NaN (an error; the sweep goes on), then a good one, interrupted with
     Ctrl-C once its first checkpoint exists, which the same command then resumes from that
-    checkpoint. (ASHA stopping a trial is shown in the README's quick sweep; its rungs are
+    checkpoint. (ASHA stopping a trial is shown in bench/README.md's quick sweep; its rungs are
     tested above.)"""
     config = tmp_path / "sweep.yaml"
     tree = yaml.safe_load(DIGITS.read_text())

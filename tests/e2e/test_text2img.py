@@ -12,7 +12,7 @@ import torch
 from dmdscale.config import ConfigError, load_config
 from dmdscale.data.sources import DataError
 from dmdscale.driver import run
-from dmdscale.families import family_of
+from dmdscale.families import resolve
 
 pytestmark = pytest.mark.slow
 CONFIGS = "pipelines/configs"
@@ -62,7 +62,7 @@ def test_sd15_one_step_end_to_end(ray_local, tiny, captioned_parquet, tmp_path, 
     assert np.isfinite(metrics["fid_student"]) and {"clip_score_student", "clip_score_teacher"} <= set(metrics)
     # Every figure the run reports is one a sweep may name (sweep.metric is checked against these).
     numbers = {k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    assert numbers <= family_of(cfg).metric_names(cfg), numbers - family_of(cfg).metric_names(cfg)
+    assert numbers <= resolve(cfg).metric_names(cfg), numbers - resolve(cfg).metric_names(cfg)
     assert metrics["fid_feature_space"] == "clip" and metrics["eval_dropped_checkpoints"] == 0
     assert (out / "clip.png").stat().st_size > 0 and (out / "fid.png").stat().st_size > 0
 

@@ -27,7 +27,7 @@ def _trajectory(config):
     from dmdscale.core.step import Batch, DMD2Step
     from dmdscale.distributed.engine import DeepSpeedOptimizedModule
     from dmdscale.distributed.worker import all_ranks_agree
-    from dmdscale.models.base import Critic
+    from dmdscale.core.networks import Critic
     from dmdscale.models.heads import MLPHead
     from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from dmdscale.config import ConfigError, load_config
 from dmdscale.data.sources import DataError
 from dmdscale.driver import run
+from dmdscale.families import resolve
 
 pytestmark = pytest.mark.slow
 CONFIGS = "pipelines/configs"
@@ -35,7 +36,7 @@ def start_weights(cfg, teacher: str):
     """What a train worker's generator and critic start from (worker.build_players)."""
     from dmdscale.distributed.worker import build_players
 
-    _, generator, critic = build_players(cfg, teacher, torch.device("cpu"))
+    _, generator, critic = build_players(cfg, resolve(cfg), teacher, torch.device("cpu"))
     return generator.state_dict(), critic.state_dict()
 
 
@@ -89,7 +90,7 @@ def sdxl_pairs(ray_local, tiny, prompts_txt, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pairs") / "ode_pairs"
     cfg = quick("sdxl_regression", tiny["sdxl"], folder.parent, f"data.path={prompts_txt}",
                 f"regression.pairs_path={folder}")
-    return cfg, folder, make_pairs(cfg, prompts_txt, folder)
+    return cfg, folder, make_pairs(cfg, resolve(cfg), prompts_txt, folder)
 
 
 def test_ode_pairs_are_resumable(sdxl_pairs, prompts_txt):
@@ -108,7 +109,7 @@ def test_ode_pairs_are_resumable(sdxl_pairs, prompts_txt):
     kept = shards[0].stat()
     before = tensors(shards[1])
     shards[1].unlink()
-    assert make_pairs(cfg, prompts_txt, folder) == {"pair_shards_written": 1, "pair_shards_reused": 1}
+    assert make_pairs(cfg, resolve(cfg), prompts_txt, folder) == {"pair_shards_written": 1, "pair_shards_reused": 1}
     after_stat = shards[0].stat()
     assert (after_stat.st_mtime_ns, after_stat.st_ino) == (kept.st_mtime_ns, kept.st_ino)
     after = tensors(shards[1])

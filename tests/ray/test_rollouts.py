@@ -19,7 +19,7 @@ from dmdscale.distributed.rollouts import (
     simulate_rollout,
     version_at,
 )
-from dmdscale.models.base import Critic
+from dmdscale.core.networks import Critic
 from dmdscale.models.heads import MLPHead
 from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
 

@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 from conftest import text_cfg
+from dmdscale.families import resolve
 
 STEPS = 4
 BATCH = 4
@@ -42,10 +43,10 @@ def _train(config):
     micro, device, out = cfg.train.batch_size // world, torch.device("cpu"), config["out"]
     if rank == 0:  # the plain players' start weights, for the lean start-up's check
         torch.manual_seed(cfg.train.seed)
-        plain = build_players(cfg.model_copy(update={"scale": cfg.scale.model_copy(update={"shard_teacher": False})}),
+        plain = build_players(cfg.model_copy(update={"scale": cfg.scale.model_copy(update={"shard_teacher": False})}), resolve(cfg.model_copy(update={"scale": cfg.scale.model_copy(update={"shard_teacher": False})})),
                               cfg.model.teacher, device)
     torch.manual_seed(cfg.train.seed)
-    teacher, gen, critic = build_engines(cfg, cfg.model.teacher, device, micro)
+    teacher, gen, critic = build_engines(cfg, resolve(cfg), cfg.model.teacher, device, micro)
     start = {"generator": gen.full_state_dict(), "critic": critic.full_state_dict()}  # collective
     same_start = {part: all(torch.equal(v, plain[i + 1].state_dict()[k]) for k, v in start[part].items())
                   for i, part in enumerate(start)} if rank == 0 else {}

@@ -32,7 +32,7 @@ def test_checkpoint_evaluator_measures_as_the_exported_student_is_measured(tiny,
     from dmdscale.distributed.evalpool import TextCheckpointEvaluator, text_eval_spec
     from dmdscale.eval.text import clip_score, load_clip
     from dmdscale.export import STUDENT_INFO
-    from dmdscale.families.sd import _generate
+    from dmdscale.eval.text import pipeline_images
 
     cfg = build_config({}, {"model.family": "sd15", "model.teacher": tiny["sd15"], "data.channels": 3,
                             "data.resolution": 32, "eval.num_samples": 8})
@@ -46,7 +46,7 @@ def test_checkpoint_evaluator_measures_as_the_exported_student_is_measured(tiny,
     pipe = DiffusionPipeline.from_pretrained(str(world["student"]))
     pipe.set_progress_bar_config(disable=True)
     call = json.loads((world["student"] / STUDENT_INFO).read_text())["call"]
-    exported = _generate(pipe, PROMPTS, 32, cfg.train.seed, **call)
+    exported = pipeline_images(pipe, PROMPTS, 32, cfg.train.seed, **call)
     assert result["clip_score_student"] == pytest.approx(clip_score(exported, PROMPTS, load_clip(world["clip"])),
                                                          abs=1e-3)
     assert result["clip_score_student_ema_0.9"] == pytest.approx(result["clip_score_student"], abs=1e-6)

@@ -8,6 +8,7 @@ import pytest
 
 from dmdscale import cli
 from dmdscale.config import ConfigError, build_config, load_config
+from dmdscale.families import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "pipelines" / "configs" / "digits.yaml"
@@ -25,29 +26,29 @@ def test_adam_betas_outside_0_1_name_the_key():
 def test_the_regression_stage_is_refused_for_families_without_prompts():
     with pytest.raises(ConfigError, match=r"regression.enabled: the regression stage .* not 'unet2d'.*"
                                           r"loss.regression_weight"):
-        load_config(DIGITS, ["regression.enabled=true"])
+        resolve(load_config(DIGITS, ["regression.enabled=true"]))
     with pytest.raises(ConfigError, match="regression.enabled: .* not 'toy2d'"):
-        build_config({}, ["regression.enabled=true"])
-    sdxl = {"model.family": "sdxl", "model.teacher": "someone/sdxl", "data.channels": 3}
-    assert build_config({}, sdxl | {"regression.enabled": True}).regression.enabled
+        resolve(build_config({}, ["regression.enabled=true"]))
+    sdxl = build_config({}, {"model.family": "sdxl", "model.teacher": "someone/sdxl", "data.channels": 3,
+                             "regression.enabled": True})
+    assert resolve(sdxl).name == "sdxl" and sdxl.regression.enabled
 
 
 def test_feature_depths_are_refused_where_no_transformer_reads_them():
     with pytest.raises(ConfigError, match="loss.gan_feature_depths: transformer teachers only; the unet2d"):
-        load_config(DIGITS, ["loss.gan_feature_depths=[1]"])
+        resolve(load_config(DIGITS, ["loss.gan_feature_depths=[1]"]))
     with pytest.raises(ConfigError, match="loss.gan_feature_depths"):
-        build_config({}, ["loss.gan_feature_depths=[2]"])  # toy2d
+        resolve(build_config({}, ["loss.gan_feature_depths=[2]"]))  # toy2d
 
 
 def test_a_resolution_the_trained_teacher_cannot_take_fails_before_the_classifier(tmp_path):
     with pytest.raises(ConfigError, match=r"data.resolution: .* multiple of 4 \(got 18\)"):
-        load_config(DIGITS, ["data.resolution=18", f"cache_dir={tmp_path}"], quick=True)
-    assert load_config(DIGITS, ["data.resolution=20"], quick=True).data.resolution == 20
+        resolve(load_config(DIGITS, ["data.resolution=18", f"cache_dir={tmp_path}"], quick=True))
+    cfg = load_config(DIGITS, ["data.resolution=20"], quick=True)
+    assert resolve(cfg).name == "unet2d" and cfg.data.resolution == 20
 
 
 def test_a_local_teachers_image_size_must_match_the_data(tmp_path):
-    from dmdscale.families import family_of
-
     teacher = tmp_path / "teacher"
     for sub, name, content in (("unet", "config.json", {"sample_size": 16, "in_channels": 1}),
                                ("scheduler", "scheduler_config.json", {"num_train_timesteps": 1000})):
@@ -56,10 +57,10 @@ def test_a_local_teachers_image_size_must_match_the_data(tmp_path):
     cfg = load_config(DIGITS, [f"model.teacher={teacher}", "data.resolution=24", f"cache_dir={tmp_path}"], quick=True)
     with pytest.raises(ConfigError, match=r"data.resolution: the teacher .* takes 16x16 images, .* set "
                                           r"data.resolution=16"):
-        family_of(cfg).preflight(cfg)
+        resolve(cfg).preflight(cfg)
     cfg = load_config(DIGITS, [f"model.teacher={teacher}", "data.channels=3", f"cache_dir={tmp_path}"], quick=True)
     with pytest.raises(ConfigError, match="data.channels: the teacher .* takes 1-channel images"):
-        family_of(cfg).preflight(cfg)
+        resolve(cfg).preflight(cfg)
     assert not (tmp_path / "classifiers").exists()
 
 
@@ -106,18 +107,16 @@ def test_a_sweep_metric_no_run_reports_is_refused_with_the_close_names():
 
 
 def test_the_reported_names_follow_the_config():
-    from dmdscale.families import family_of
-
     cfg = load_config(DIGITS, ["train.ema_decays=[0.9,0.97]", "export.ema=0.97", "generator.timesteps=[999,499]"])
-    names = family_of(cfg).metric_names(cfg)
+    names = resolve(cfg).metric_names(cfg)
     assert {"fid_student", "fid_student_raw", "fid_student_ema_0.9", "rollout_served"} <= names
     assert "fid_student_ema_0.97" not in names  # the exported one is `student`
     cfg = load_config(DIGITS, ["train.ema_decays=[]", "export.ema=null", "train.ema_power=null"])
-    names = family_of(cfg).metric_names(cfg)
+    names = resolve(cfg).metric_names(cfg)
     assert "fid_student_raw" not in names and "rollout_served" not in names
     sdxl = build_config({}, {"model.family": "sdxl", "model.teacher": "someone/sdxl", "data.channels": 3,
                              "data.resolution": 64})
-    names = family_of(sdxl).metric_names(sdxl)
+    names = resolve(sdxl).metric_names(sdxl)
     assert {"clip_score_student", "fid_student", "swd64_pixels_student", "colorfulness_pixels_student"} <= names
 
 

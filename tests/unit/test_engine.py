@@ -14,9 +14,10 @@ from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.distributed.engine import DeepSpeedOptimizedModule, deepspeed_config, load_weights_only
 from dmdscale.distributed.resources import worker_resources
-from dmdscale.models.base import Critic
+from dmdscale.core.networks import Critic
 from dmdscale.models.heads import MLPHead
 from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
+from dmdscale.families import resolve
 
 
 def test_deepspeed_config_carries_the_paper_optimizer_settings():
@@ -46,7 +47,7 @@ def test_shard_teacher_is_refused_below_zero3_before_any_work(stage):
 ])
 def test_plan_resources_always_leaves_cpus_for_data(workers, data_cpus, cpus, expected):
     cfg = build_config({}, {"scale.num_workers": workers, "scale.data_cpus": data_cpus, "eval.during_training": False})
-    planned = worker_resources(cfg, cpus)
+    planned = worker_resources(cfg, resolve(cfg), cpus)
     assert planned == {"CPU": expected}
     assert cpus - workers * planned["CPU"] >= data_cpus
 
@@ -54,7 +55,7 @@ def test_plan_resources_always_leaves_cpus_for_data(workers, data_cpus, cpus, ex
 def test_plan_resources_rejects_an_impossible_plan():
     cfg = build_config({}, {"scale.num_workers": 2, "scale.data_cpus": 2.0, "eval.during_training": False})
     with pytest.raises(ValueError, match="scale.num_workers"):
-        worker_resources(cfg, 2)
+        worker_resources(cfg, resolve(cfg), 2)
 
 
 @pytest.mark.slow

@@ -293,8 +293,8 @@ def test_hub_cache_teacher_is_named_by_its_hub_id(tmp_path):
 def test_sd_family_card_names_the_teacher_folder_not_its_path(teachers, tmp_path):
     """The family's writer (teacher = the run's inputs.teacher_path, the usage with the teacher for
     a LoRA run, the whole config) through to the card."""
-    from dmdscale.families import family_of
-    from dmdscale.families.base import RunInputs, Trained
+    from dmdscale.families import resolve
+    from dmdscale.contracts import RunInputs, Trained
     from conftest import text_cfg
 
     teacher = str(teachers["sd15"])
@@ -303,7 +303,7 @@ def test_sd_family_card_names_the_teacher_folder_not_its_path(teachers, tmp_path
     student = tmp_path / "run" / "student"
     student.mkdir(parents=True)
     (student / STUDENT_INFO).write_text(json.dumps({"call": {"num_inference_steps": 4}}))
-    family_of(cfg).write_model_card(cfg, RunInputs("x", "y", teacher), Trained(student, {}, []), {"fid_student": 3.0})
+    resolve(cfg).write_model_card(cfg, RunInputs("x", "y", teacher), Trained(student, {}, []), {"fid_student": 3.0})
     card = (student / "README.md").read_text()
     assert SECRET not in card and str(tmp_path) not in card and teacher not in card
     assert f"student of `{Path(teacher).name}`" in card

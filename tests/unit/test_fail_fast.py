@@ -18,6 +18,7 @@ from dmdscale import cli
 from dmdscale.config import ConfigError, build_config, load_config
 from dmdscale.data.sources import DataError, build_imagefolder, check_source
 from dmdscale.errors import TeacherNotFound, UserError, user_error_in
+from dmdscale.families import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "pipelines" / "configs" / "digits.yaml"
@@ -56,25 +57,25 @@ def test_the_fid_classifier_and_evaluation_take_any_class_count(tmp_path):
 
 
 def test_unet2d_preflight_checks_labels_against_the_class_count(tmp_path):
-    from dmdscale.families import family_of
+    from dmdscale.families import resolve
 
     data = _labelled_parquet(tmp_path / "d.parquet", [0, 1, 99])
     cfg = load_config(DIGITS, [f"data.path={data}", "data.num_classes=100", f"cache_dir={tmp_path}"], quick=True)
-    assert family_of(cfg).preflight(cfg).train_path == str(data)
+    assert resolve(cfg).preflight(cfg).train_path == str(data)
     cfg = load_config(DIGITS, [f"data.path={data}", f"cache_dir={tmp_path}"], quick=True)
     with pytest.raises(DataError, match="set data.num_classes to at least 100"):
-        family_of(cfg).preflight(cfg)
+        resolve(cfg).preflight(cfg)
 
 
 # -- evaluation settings, teacher, tracking server: before anything slow ------------------------
 def test_evaluation_settings_fail_at_preflight_not_after_training(tmp_path):
-    from dmdscale.families import family_of
+    from dmdscale.families import resolve
 
     with pytest.raises(ConfigError, match="eval.num_samples"):
         build_config({}, ["eval.num_samples=1"])
     cfg = load_config(DIGITS, ["eval.teacher_steps=1001", f"cache_dir={tmp_path}"], quick=True)
     with pytest.raises(ConfigError, match="eval.teacher_steps: 1001 sampler steps, but the teacher's schedule has 1000"):
-        family_of(cfg).preflight(cfg)
+        resolve(cfg).preflight(cfg)
     teacher = tmp_path / "teacher"
     for sub, name, content in (("unet", "config.json", {}), ("scheduler", "scheduler_config.json",
                                                             {"num_train_timesteps": 100})):
@@ -83,17 +84,17 @@ def test_evaluation_settings_fail_at_preflight_not_after_training(tmp_path):
     cfg = load_config(DIGITS, [f"model.teacher={teacher}", "eval.teacher_steps=101", f"cache_dir={tmp_path}"],
                       quick=True)
     with pytest.raises(ConfigError, match="has 100 timesteps; use at most 100"):
-        family_of(cfg).preflight(cfg)
+        resolve(cfg).preflight(cfg)
 
 
 def test_a_wrong_teacher_fails_at_preflight_before_the_classifier_trains(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from dmdscale.families import family_of
+    from dmdscale.families import resolve
 
     cfg = load_config(DIGITS, [f"model.teacher={tmp_path / 'nowhere'}", f"cache_dir={tmp_path}"], quick=True)
     with pytest.raises(TeacherNotFound, match="nowhere.*missing unet/, scheduler/"):
-        family_of(cfg).preflight(cfg)
+        resolve(cfg).preflight(cfg)
     assert not (tmp_path / "classifiers").exists()  # nothing slow ran
     # A hub id on an offline machine without it in the cache: at once, not inside a Ray Data actor.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -101,7 +102,7 @@ def test_a_wrong_teacher_fails_at_preflight_before_the_classifier_trains(tmp_pat
     cfg = load_config(DIGITS, ["model.teacher=someone/no-such-teacher", f"cache_dir={tmp_path}"], quick=True)
     started = time.monotonic()
     with pytest.raises(TeacherNotFound, match="not in the local Hugging Face cache and HF_HUB_OFFLINE"):
-        family_of(cfg).preflight(cfg)
+        resolve(cfg).preflight(cfg)
     assert time.monotonic() - started < 5
 
 
@@ -146,7 +147,7 @@ def test_batch_and_workers_are_checked_against_each_other():
     cfg = build_config({}, ["train.batch_size=64", "scale.num_workers=64", "eval.during_training=false"])
     with pytest.raises(ConfigError, match=r"scale.num_workers=64 .* leaves each train worker 0.0156 .* "
                                           r"use scale.num_workers <= 4"):
-        worker_resources(cfg, 2.0)
+        worker_resources(cfg, resolve(cfg), 2.0)
 
 
 def _sdxl(tmp_path, *overrides):
@@ -161,12 +162,12 @@ def test_a_request_the_cluster_can_never_hold_is_an_immediate_error(tmp_path):
     cfg = _sdxl(tmp_path)
     slept = []
     with pytest.raises(ConfigError) as err:
-        ensure_fits(cfg, cluster=lambda: {"CPU": 2.0}, autoscales=False, sleep=slept.append)
+        ensure_fits(cfg, resolve(cfg), cluster=lambda: {"CPU": 2.0}, autoscales=False, sleep=slept.append)
     assert str(err.value) == ("latent encoding needs 8 CPU, 8 GPU but the Ray cluster has 2 CPU, 0 GPU (short of "
                               "6 CPU, 8 GPU); change data.encode_actors, scale.use_gpu, scale.data_cpus, or run on a "
                               "larger cluster")
     assert slept == []  # no waiting without an autoscaler
-    ensure_fits(cfg, cluster=lambda: {"CPU": 16.0, "GPU": 8.0}, autoscales=False)  # fits
+    ensure_fits(cfg, resolve(cfg), cluster=lambda: {"CPU": 16.0, "GPU": 8.0}, autoscales=False)  # fits
 
 
 def test_an_autoscaling_cluster_is_waited_for_with_a_bound(tmp_path, capsys):
@@ -182,10 +183,10 @@ def test_an_autoscaling_cluster_is_waited_for_with_a_bound(tmp_path, capsys):
         nonlocal size
         size = next(sizes)
 
-    ensure_fits(_sdxl(tmp_path), cluster=cluster, autoscales=True, sleep=grow)
+    ensure_fits(_sdxl(tmp_path), resolve(_sdxl(tmp_path)), cluster=cluster, autoscales=True, sleep=grow)
     assert "Asking the autoscaler and waiting up to scale.resource_wait_s=600 s" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="after waiting 0 s"):
-        ensure_fits(_sdxl(tmp_path, "scale.resource_wait_s=0"), cluster=lambda: {"CPU": 2.0}, autoscales=True)
+        ensure_fits(_sdxl(tmp_path, "scale.resource_wait_s=0"), resolve(_sdxl(tmp_path, "scale.resource_wait_s=0")), cluster=lambda: {"CPU": 2.0}, autoscales=True)
 
 
 # -- the Ray cluster a run joins -------------------------------------------------------------------

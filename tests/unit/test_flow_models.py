@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from dmdscale.models.base import Critic
-from dmdscale.models.flow import FLUX_DEFAULT_GUIDANCE, load_flow_teacher
+from dmdscale.core.networks import Critic
+from dmdscale.models.flow import load_flow_teacher
+from dmdscale.models.variants import FLUX_DEFAULT_GUIDANCE
 from dmdscale.models.heads import TokenHead
 from dmdscale.models.text_encoders import PromptEncoder
 

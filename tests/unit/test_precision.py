@@ -18,6 +18,7 @@ from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.distributed.worker import build_players
 from dmdscale.models.sd import load_sd_teacher
 from dmdscale.models.text_encoders import PromptEncoder
+from dmdscale.families import resolve
 
 PROMPTS = ["a cat", "a dog", "digit 3", "a red car"]
 HIGH_T = 980
@@ -50,7 +51,7 @@ def x0_in_float64(model, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, tor
 
 def bf16_players(tiny):
     cfg = text_cfg("sd15", tiny["sd15"], **{"train.mixed_precision": "bf16", "loss.guidance_scale": 1.75})
-    return cfg, *build_players(cfg, tiny["sd15"], torch.device("cpu"))
+    return cfg, *build_players(cfg, resolve(cfg), tiny["sd15"], torch.device("cpu"))
 
 
 def test_players_start_from_fp32_weights_and_only_the_teacher_is_bf16(tiny):
@@ -61,7 +62,7 @@ def test_players_start_from_fp32_weights_and_only_the_teacher_is_bf16(tiny):
         assert all(state[k].dtype == torch.float32 and torch.equal(state[k], v) for k, v in fp32.items())
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
     assert teacher.schedule.alphas_cumprod.dtype == torch.float64  # cast_network leaves the schedule alone
-    plain = build_players(text_cfg("sd15", tiny["sd15"]), tiny["sd15"], torch.device("cpu"))
+    plain = build_players(text_cfg("sd15", tiny["sd15"]), resolve(text_cfg("sd15", tiny["sd15"])), tiny["sd15"], torch.device("cpu"))
     assert {p.dtype for player in plain for p in player.parameters()} == {torch.float32}  # "no": unchanged
 
 
@@ -107,7 +108,7 @@ def test_bf16_deepspeed_engines_keep_fp32_states_and_train_under_autocast(tiny):
 
     cfg = text_cfg("sd15", tiny["sd15"], **{"train.mixed_precision": "bf16", "scale.zero_stage": 2,
                                             "train.batch_size": 2, "train.lr": 1e-3})
-    teacher, generator, critic = build_players(cfg, tiny["sd15"], torch.device("cpu"))
+    teacher, generator, critic = build_players(cfg, resolve(cfg), tiny["sd15"], torch.device("cpu"))
     engines = {name: DeepSpeedOptimizedModule(module, cfg.train, cfg.scale, 2, role=name)
                for name, module in (("generator", generator), ("critic", critic))}
     outputs = collections.defaultdict(set)  # dtypes each UNet's last conv produced

@@ -15,9 +15,10 @@ from dmdscale.core.schedule import NoiseSchedule, TimestepSampler
 from dmdscale.core.step import Batch, DMD2Step, by_noise_level
 from dmdscale.distributed.checkpoint import init_source, load_stage, save_stage
 from dmdscale.eval.plots import plot_diagnostics
-from dmdscale.models.base import Critic
+from dmdscale.core.networks import Critic
 from dmdscale.models.heads import MLPHead
 from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
+from dmdscale.families import resolve
 
 
 def make_step(overrides=None):
@@ -235,7 +236,7 @@ def test_ema_and_gan_config_is_checked():
     with pytest.raises(ConfigError, match="loss.gan_augment"):
         build_config({}, {**digits, "loss.gan_augment": ["rotate"]})
     with pytest.raises(ConfigError, match="toy2d"):  # points have no image augmentation or conv head
-        build_config({}, {"loss.gan_augment": ["shift"]})
+        resolve(build_config({}, {"loss.gan_augment": ["shift"]}))
 
 
 def test_step_updates_the_ema_after_each_generator_update():
@@ -260,7 +261,7 @@ def test_init_starts_generator_critic_and_ema_from_another_runs_stage(tmp_path):
 
     teacher = str(_unet_folder(tmp_path / "teacher"))
     cfg = build_config({}, {"model.family": "unet2d", "model.teacher": teacher, "train.ema_decays": [0.9]})
-    _, generator, critic = build_players(cfg, teacher, torch.device("cpu"))
+    _, generator, critic = build_players(cfg, resolve(cfg), teacher, torch.device("cpu"))
     with torch.no_grad():  # "trained" weights
         for p in [*generator.parameters(), *critic.parameters()]:
             p.add_(0.01)
@@ -272,7 +273,7 @@ def test_init_starts_generator_critic_and_ema_from_another_runs_stage(tmp_path):
 
     stage2 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init": str(tmp_path / "run1"),
                                                                           "ema_decays": [0.9, 0.99]})})
-    _, gen2, critic2 = build_players(stage2, teacher, torch.device("cpu"))
+    _, gen2, critic2 = build_players(stage2, resolve(stage2), teacher, torch.device("cpu"))
     for a, b in [(generator, gen2), (critic, critic2)]:
         for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(p, q), name
@@ -294,7 +295,7 @@ def test_init_ema_starts_the_generator_from_the_first_stages_average(tmp_path):
 
     teacher = str(_unet_folder(tmp_path / "teacher"))
     cfg = build_config({}, {"model.family": "unet2d", "model.teacher": teacher, "train.ema_decays": [0.9]})
-    _, generator, critic = build_players(cfg, teacher, torch.device("cpu"))
+    _, generator, critic = build_players(cfg, resolve(cfg), teacher, torch.device("cpu"))
     ema = init_ema(cfg, generator)
     with torch.no_grad():  # raw weights move away from their average
         for p in generator.parameters():
@@ -305,7 +306,7 @@ def test_init_ema_starts_the_generator_from_the_first_stages_average(tmp_path):
     stage2 = build_config({}, {"model.family": "unet2d", "model.teacher": teacher, "train.ema_decays": [0.9],
                                "train.init": str(tmp_path / "run1"), "train.init_ema": 0.9})
     check_init(stage2.train.init, stage2.train.init_ema)
-    _, gen2, critic2 = build_players(stage2, teacher, torch.device("cpu"))
+    _, gen2, critic2 = build_players(stage2, resolve(stage2), teacher, torch.device("cpu"))
     for (name, p), average in zip(gen2.named_parameters(), ema.averages[0.9]):
         assert torch.equal(p, average), name
     assert not torch.equal(next(gen2.parameters()), next(generator.parameters()))
@@ -332,15 +333,15 @@ def test_the_regression_stage_starts_from_train_init(tmp_path):
 
     teacher = str(_unet_folder(tmp_path / "teacher"))
     cfg = build_config({}, {"model.family": "unet2d", "model.teacher": teacher})
-    generator = regression_generator(cfg, teacher)
+    generator = regression_generator(cfg, resolve(cfg), teacher)
     with torch.no_grad():
         for p in generator.parameters():
             p.mul_(1.5)
     save_stage(tmp_path / "run1", {"generator": generator.state_dict()})
     stage2 = build_config({}, {"model.family": "unet2d", "model.teacher": teacher, "train.init": str(tmp_path / "run1")})
-    for p, q in zip(generator.parameters(), regression_generator(stage2, teacher).parameters()):
+    for p, q in zip(generator.parameters(), regression_generator(stage2, resolve(stage2), teacher).parameters()):
         assert torch.equal(p, q)
-    assert not torch.equal(next(generator.parameters()), next(regression_generator(cfg, teacher).parameters()))
+    assert not torch.equal(next(generator.parameters()), next(regression_generator(cfg, resolve(cfg), teacher).parameters()))
 
 
 def test_a_relative_init_path_is_made_absolute_where_the_config_is_read(tmp_path, monkeypatch):
@@ -357,14 +358,14 @@ def test_init_from_an_exported_student_loads_its_unet(tmp_path):
 
     teacher = str(_unet_folder(tmp_path / "teacher"))
     cfg = build_config({}, {"model.family": "unet2d", "model.teacher": teacher})
-    _, generator, _ = build_players(cfg, teacher, torch.device("cpu"))
+    _, generator, _ = build_players(cfg, resolve(cfg), teacher, torch.device("cpu"))
     with torch.no_grad():
         for p in generator.parameters():
             p.mul_(1.5)
     export_unet_student(generator, [999], tmp_path / "run" / "student")
     assert set(load_stage(tmp_path / "run")) == {"generator"}
     stage2 = build_config({}, {"model.family": "unet2d", "model.teacher": teacher, "train.init": str(tmp_path / "run")})
-    _, gen2, _ = build_players(stage2, teacher, torch.device("cpu"))
+    _, gen2, _ = build_players(stage2, resolve(stage2), teacher, torch.device("cpu"))
     for p, q in zip(generator.parameters(), gen2.parameters()):
         torch.testing.assert_close(p, q)
 
@@ -380,7 +381,7 @@ def test_full_head_and_augmentation_train_on_a_pixel_unet(tmp_path):
                             "train.warmup_steps": 0, "loss.gan_generator_weight": 0.01, "loss.gan_critic_weight": 0.1,
                             "loss.gan_head": "full", "loss.gan_augment": ["shift", "cutout"],
                             "loss.gan_timesteps": "karras", "loss.gan_max_step": 500, "train.log_every": 1})
-    teacher, generator, critic = build_players(cfg, teacher_path, torch.device("cpu"))
+    teacher, generator, critic = build_players(cfg, resolve(cfg), teacher_path, torch.device("cpu"))
     assert isinstance(critic.head, FullHead)
     step = DMD2Step(cfg, teacher, TorchOptimizedModule(generator, cfg.train, role="generator"),
                     TorchOptimizedModule(critic, cfg.train, role="critic"))
@@ -438,14 +439,14 @@ def test_step_conditioned_critic_starts_from_a_shared_critics_weights_and_needs_
 
     teacher = str(_unet_folder(tmp_path / "teacher"))
     cfg = build_config({}, {"model.family": "unet2d", "model.teacher": teacher})
-    _, generator, shared = build_players(cfg, teacher, torch.device("cpu"))
+    _, generator, shared = build_players(cfg, resolve(cfg), teacher, torch.device("cpu"))
     with torch.no_grad():
         for p in shared.parameters():
             p.add_(0.01)
     save_stage(tmp_path / "run1", {"generator": generator.state_dict(), "critic": shared.state_dict()})
     stage2 = build_config({}, {"model.family": "unet2d", "model.teacher": teacher, "train.init": str(tmp_path / "run1"),
                                "generator.timesteps": [999, 499], "loss.step_conditioned_critic": True})
-    _, _, critic = build_players(stage2, teacher, torch.device("cpu"))
+    _, _, critic = build_players(stage2, resolve(stage2), teacher, torch.device("cpu"))
     width = critic.fake_score.unet.time_embedding.linear_2.out_features
     assert critic.step_embedding.weight.shape == (2, width)
     assert torch.count_nonzero(critic.step_embedding.weight) == 0

@@ -9,6 +9,7 @@ import torch
 
 from dmdscale.config import ConfigError
 from dmdscale.data.sources import DataError, check_source, count_prompts, is_prompt_only, load_arrays, load_prompts
+from dmdscale.families import resolve
 from tests.conftest import text_cfg
 
 
@@ -40,28 +41,26 @@ def test_prompt_only_sources_are_read_and_refused_where_images_are_needed(prompt
 def test_prompt_only_data_is_refused_where_a_real_image_would_be_read(tiny, prompt_sources):
     """Before any cluster work: the GAN terms and the noised-real-data ablation name data.path
     and the keys; a no-GAN stage and the regression stage pass."""
-    from dmdscale.families import family_of
-
     txt, parquet = prompt_sources
     base = {"data.path": txt, "eval.teacher_steps": 4}
     for gan in ({"loss.gan_generator_weight": 1e-3}, {"loss.gan_critic_weight": 1e-2}, {"loss.gan_grad_ratio": 0.1}):
         cfg = text_cfg("sd15", tiny["sd15"], **base, **gan)
         with pytest.raises(ConfigError, match=r"data.path: .*prompts.txt holds prompts only.*loss.gan_generator_weight"):
-            family_of(cfg).preflight(cfg)
+            resolve(cfg).preflight(cfg)
     cfg = text_cfg("sd15", tiny["sd15"], **base, **{"generator.timesteps": [999, 499],
                                                     "generator.backward_simulation": False})
     with pytest.raises(ConfigError, match="generator.backward_simulation"):
-        family_of(cfg).preflight(cfg)
+        resolve(cfg).preflight(cfg)
     for extra in ({}, {"regression.enabled": True, "loss.gan_critic_weight": 1e-2}):
         cfg = text_cfg("sdxl", tiny["sdxl"], **{**base, "data.path": parquet}, **extra)
-        assert family_of(cfg).preflight(cfg).prompts == ["a cat", "a dog"]
+        assert resolve(cfg).preflight(cfg).prompts == ["a cat", "a dog"]
 
 
 def test_regression_config_checks(tiny):
     with pytest.raises(ConfigError, match="regression.lpips_weights"):
         text_cfg("sdxl", tiny["sdxl"], **{"regression.metric": "lpips"})
     with pytest.raises(ConfigError, match="regression.enabled.*one timestep"):
-        text_cfg("sdxl", tiny["sdxl"], **{"regression.enabled": True, "generator.timesteps": [999, 499]})
+        resolve(text_cfg("sdxl", tiny["sdxl"], **{"regression.enabled": True, "generator.timesteps": [999, 499]}))
 
 
 def test_lpips_distance_on_decoded_latents(tiny, tmp_path):

@@ -16,11 +16,12 @@ from dmdscale.config import build_config
 from dmdscale.core.optim import TorchOptimizedModule
 from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.distributed.worker import build_players
-from dmdscale.models.base import Critic
+from dmdscale.core.networks import Critic
 from dmdscale.models.heads import ConvHead
 from dmdscale.models.sd import check_pipeline_folder, load_sd_teacher
 from dmdscale.models.text_encoders import PromptEncoder
 from dmdscale.tools.tiny_sd import build_tiny_pipeline
+from dmdscale.families import resolve
 
 FAMILIES = ["sd15", "sdxl"]
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 7", "", "digit 0"]
@@ -109,7 +110,7 @@ def test_dmd2_steps_on_a_text_teacher(tiny, family, lora):
                                             "generator.timesteps": [999, 749, 499, 249],
                                             "loss.gan_generator_weight": 5e-3, "loss.gan_critic_weight": 1e-2,
                                             "loss.guidance_scale": 8.0, "train.gradient_checkpointing": True})
-    teacher, generator, critic = build_players(cfg, tiny[family], torch.device("cpu"))
+    teacher, generator, critic = build_players(cfg, resolve(cfg), tiny[family], torch.device("cpu"))
     before = {n: p.detach().clone() for n, p in generator.named_parameters()}
     step = DMD2Step(cfg, teacher, TorchOptimizedModule(generator, cfg.train, role="generator"),
                     TorchOptimizedModule(critic, cfg.train, role="critic"))
@@ -143,9 +144,9 @@ def test_text_family_config_errors_name_the_key():
     from dmdscale.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.teacher"):
-        build_config({}, {"model.family": "sdxl"})
+        resolve(build_config({}, {"model.family": "sdxl"}))
     with pytest.raises(ConfigError, match="data.channels"):
-        build_config({}, {"model.family": "sd15", "model.teacher": "x", "data.channels": 1})
+        resolve(build_config({}, {"model.family": "sd15", "model.teacher": "x", "data.channels": 1}))
     with pytest.raises(ConfigError, match="rollout.mode"):
-        build_config({}, {"model.family": "sdxl", "model.teacher": "x", "data.channels": 3,
-                          "lora.enabled": True, "rollout.mode": "actors"})
+        resolve(build_config({}, {"model.family": "sdxl", "model.teacher": "x", "data.channels": 3,
+                                  "lora.enabled": True, "rollout.mode": "actors"}))

@@ -7,7 +7,7 @@ from dmdscale.core.loop import train_loop
 from dmdscale.core.optim import TorchOptimizedModule
 from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.core.step import Batch, DMD2Step, NonFiniteLossError, RegressionPairs
-from dmdscale.models.base import Critic
+from dmdscale.core.networks import Critic
 from dmdscale.models.heads import MLPHead
 from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmdscale.models.base import Critic
+from dmdscale.core.networks import Critic
 from dmdscale.models.heads import ConvHead
 from dmdscale.models.unet2d import ClassConditionalUNet, load_unet, tiny_unet_config
 from dmdscale.tools.teacher import ddpm_scheduler, load_or_train_teacher, save_teacher, train_teacher
@@ -172,12 +172,12 @@ def test_exported_student_samples_with_diffusers_alone(tmp_path, timesteps):
 def test_regression_pairs_are_the_teachers_ode_outputs_for_every_class():
     from dmdscale.config import ConfigError, build_config
     from dmdscale.core.sampling import teacher_sample
-    from dmdscale.families import family_of
+    from dmdscale.families import resolve
 
     cfg = build_config({}, {"model.family": "unet2d", "model.teacher": "train", "data.resolution": 8,
                             "data.num_classes": NUM_CLASSES, "loss.regression_weight": 0.01,
                             "loss.regression_pairs": 12, "loss.regression_sampler_steps": 3})
-    teacher, family = _model(), family_of(cfg)
+    teacher, family = _model(), resolve(cfg)
     pairs = family.regression_pairs(cfg, teacher, "cpu")
     assert pairs.noise.shape == (12, 1, 8, 8) and pairs.cond.tolist() == [i % NUM_CLASSES for i in range(12)]
     torch.testing.assert_close(pairs.target, teacher_sample(teacher, pairs.noise, 3, pairs.cond))
@@ -186,5 +186,5 @@ def test_regression_pairs_are_the_teachers_ode_outputs_for_every_class():
     assert family.regression_pairs(build_config({}, {"model.family": "unet2d", "model.teacher": "train"}),
                                    teacher, "cpu") is None
     with pytest.raises(ConfigError, match="loss.regression_weight.*regression stage"):
-        build_config({}, {"model.family": "sd15", "model.teacher": "/nonexistent", "data.channels": 3,
-                          "loss.regression_weight": 0.1})
+        resolve(build_config({}, {"model.family": "sd15", "model.teacher": "/nonexistent", "data.channels": 3,
+                                  "loss.regression_weight": 0.1}))

@@ -166,7 +166,7 @@ def test_a_row_step_draw_trains_every_step_in_one_batch_with_a_per_row_critic():
 
 def test_a_step_conditioned_critic_takes_one_step_per_row():
     from dmdscale.core.schedule import NoiseSchedule
-    from dmdscale.models.base import Critic
+    from dmdscale.core.networks import Critic
     from dmdscale.models.heads import MLPHead
     from dmdscale.models.toy2d import MLPDenoiser
 

@@ -1,0 +1,64 @@
+"""Work an evaluation does not redo: arrays that depend only on a key (the teacher's evaluation
+samples: its weights, sampler, steps, guidance, labels, seed and count), kept as .npz files under
+`cache_dir`. A second run with the same teacher reads them; any change of the key draws them anew."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 over a folder's files (relative names and bytes): the identity of a teacher's
+    weights, whatever path it is read from."""
+    digest = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def key_name(key: dict[str, Any]) -> str:
+    """The file name of a key: a hash of its JSON (arrays hashed by their bytes)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            return {"array_sha256": hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest(),
+                    "shape": list(v.shape), "dtype": str(v.dtype)}
+        return v
+
+    text = json.dumps({k: plain(v) for k, v in key.items()}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def cached_arrays(folder: str | os.PathLike | None, key: dict[str, Any],
+                  make: Callable[[], dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], bool]:
+    """(`make()`'s arrays, whether they came from the cache). With `folder` None nothing is kept.
+    A file that does not read back (a crash mid-write cannot leave one: it is renamed into place)
+    is made again."""
+    if folder is None:
+        return make(), False
+    path = Path(folder).expanduser() / f"{key_name(key)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as stored:
+                return {k: stored[k] for k in stored.files}, True
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # damaged: drawn again
+            pass
+    arrays = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+    (path.with_suffix(".json")).write_text(json.dumps({k: v for k, v in key.items() if not isinstance(v, np.ndarray)},
+                                                      indent=1, default=str))
+    return arrays, False
