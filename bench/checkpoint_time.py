@@ -30,7 +30,7 @@ from dmdscale.distributed.checkpoint import TrainingState, load_training_state, 
 from dmdscale.distributed.engine import DeepSpeedOptimizedModule
 from dmdscale.core.networks import Critic
 from dmdscale.models.heads import ConvHead
-from dmdscale.models.unet2d import ClassConditionalUNet, tiny_unet_config
+from dmdscale.families.unet2d.model import ClassConditionalUNet, tiny_unet_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

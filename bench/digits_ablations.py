@@ -43,7 +43,7 @@ from dmdscale.distributed.worker import build_players
 from dmdscale.eval.metrics import class_accuracy, compute_fid_kid, generate, sample_quality_of, sample_student
 from dmdscale.eval.plots import first_per_class, save_grid
 from dmdscale.families import resolve
-from dmdscale.models.unet2d import load_unet
+from dmdscale.families.unet2d.model import load_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

@@ -30,7 +30,7 @@ from dmdscale.core.sampling import sample, teacher_sample
 from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.distributed.worker import build_players
 from dmdscale.families import resolve
-from dmdscale.models.unet2d import load_unet
+from dmdscale.families.unet2d.model import load_unet
 from dmdscale.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ from dmdscale.core.sampling import teacher_sample
 from dmdscale.distributed.evalpool import eval_spec
 from dmdscale.eval.metrics import compute_fid_kid, generate, sample_student
 from dmdscale.families import resolve
-from dmdscale.models.unet2d import load_unet
+from dmdscale.families.unet2d.model import load_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "pipelines" / "configs" / "digits.yaml"

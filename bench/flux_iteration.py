@@ -42,10 +42,10 @@ def one_run(size: str, double: int, single: int, steps: int) -> dict:
     from dmdscale.core.step import Batch, DMD2Step
     from dmdscale.distributed.engine import DeepSpeedOptimizedModule, ensure_single_process_env
     from dmdscale.core.networks import Critic
-    from dmdscale.models.flow import FlowTransformer, image_seq_len
+    from dmdscale.families.flow.model import FlowTransformer, image_seq_len
     from dmdscale.models.heads import TokenHead
     from dmdscale.tools.memory import model_config
-    from dmdscale.tools.tiny_flow import SCHEDULERS, tiny_transformer_config
+    from dmdscale.families.flow.tiny import SCHEDULERS, tiny_transformer_config
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from dmdscale.models.sd import load_sd_teacher
+from dmdscale.families.sd.model import load_sd_teacher
 from dmdscale.models.text_encoders import PromptEncoder
-from dmdscale.tools.tiny_sd import build_tiny_pipeline
+from dmdscale.families.sd.tiny import build_tiny_pipeline
 
 torch.manual_seed(0)
 folder = build_tiny_pipeline("sd15", Path(tempfile.mkdtemp()) / "tiny15", resolution=64)

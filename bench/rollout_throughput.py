@@ -38,8 +38,8 @@ from dmdscale.distributed.resources import cpu_threads
 from dmdscale.distributed.rollouts import RolloutPool
 from dmdscale.core.networks import Critic
 from dmdscale.models.heads import ConvHead
-from dmdscale.models.unet2d import load_unet, tiny_unet_config
-from dmdscale.tools.teacher import ddpm_scheduler, save_teacher
+from dmdscale.families.unet2d.model import load_unet, tiny_unet_config
+from dmdscale.families.unet2d.teacher import ddpm_scheduler, save_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION, CLASSES, WIDTH = 16, 10, 16

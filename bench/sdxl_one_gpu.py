@@ -40,9 +40,9 @@ def one_setup(setup: str, size: str, steps: int) -> dict:
     from dmdscale.families.sd import lora_config
     from dmdscale.core.networks import Critic
     from dmdscale.models.heads import ConvHead
-    from dmdscale.models.sd import TextConditionalUNet
+    from dmdscale.families.sd.model import TextConditionalUNet
     from dmdscale.tools.memory import unet_config
-    from dmdscale.tools.tiny_sd import tiny_unet_config
+    from dmdscale.families.sd.tiny import tiny_unet_config
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")

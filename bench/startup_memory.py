@@ -58,7 +58,7 @@ def build_pipeline(folder: Path, width: int) -> Path:
     """The tiny sd15 pipeline with its UNet widened to (width, 2 width) channels."""
     from diffusers import UNet2DConditionModel
 
-    from dmdscale.tools.tiny_sd import build_tiny_pipeline, tiny_unet_config
+    from dmdscale.families.sd.tiny import build_tiny_pipeline, tiny_unet_config
 
     path = build_tiny_pipeline("sd15", folder)
     torch.manual_seed(0)

@@ -445,6 +445,14 @@ class ExportConfig(_Section):
     """The generator EMA exported as the student, `<out>/student` (one of `train.ema_decays`); none: the raw
     weights. The other weights go to `<out>/alternates/<name>/student` and are evaluated beside it."""
 
+    choose: Literal["fixed", "held_out"] = "fixed"
+    """Which weights are exported: `fixed`, those of `export.ema`; `held_out` (unet2d), whichever of them, the raw
+    weights and the other EMAs has the lowest FID against the held-out images, on `export.choose_samples` samples
+    drawn with noise of their own (not the final evaluation's); the others stay under `<out>/alternates/`."""
+
+    choose_samples: int = Field(1000, ge=8)
+    """Samples per candidate when `export.choose` is `held_out`."""
+
     fp16_variant: bool = False
     """Also write fp16 weights beside the fp32 ones, loaded with `from_pretrained(..., variant="fp16")`."""
 

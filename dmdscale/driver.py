@@ -130,6 +130,7 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
             trained = _load_trained(out)
         else:
             trained = family.fit(cfg, inputs, out, tracker, fail_at_step=fail_at_step, on_evaluation=on_evaluation)
+            trained = family.choose_export(cfg, inputs, trained)
             if journal is not None:
                 _save_trained(trained, out)
                 journal.mark_trained()  # an interrupted evaluation is redone, not the training

@@ -193,7 +193,7 @@ def _check_student(student: Path, given: str) -> dict[str, Any]:
                               f"text-to-image run")
     if not (student / STUDENT_INFO).is_file():
         raise EvaluationError(f"--student: {given} has no {STUDENT_INFO}; give the student/ folder of a dmdscale "
-                              f"run (dmdscale.export.export_pipeline writes it)")
+                              f"run (dmdscale.families.sd.export.export_pipeline writes it)")
     try:
         info = json.loads((student / STUDENT_INFO).read_text())
         family = info["family"] if isinstance(info, dict) else None
@@ -208,7 +208,7 @@ def _check_student(student: Path, given: str) -> dict[str, Any]:
                               f"metrics.json)")
     if not (student / "model_index.json").is_file():
         raise EvaluationError(f"--student: {given} has no model_index.json; give the student/ folder of a dmdscale "
-                              f"{family} run (dmdscale.export.export_pipeline writes it)")
+                              f"{family} run (dmdscale.families.sd.export.export_pipeline writes it)")
     return info
 
 

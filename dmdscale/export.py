@@ -1,8 +1,9 @@
 """The distilled student as a diffusers folder that stock diffusers loads and samples: no
 dmdscale import, no custom class, the trained timesteps from an ordinary call.
 
-Pixel UNets (unet2d): `export_unet_student` writes unet/ + scheduler/. Text-to-image (sd15,
-sdxl): `export_pipeline` writes a whole pipeline folder. Both hold:
+What every family's export shares; each family writes its own folder with these
+(`dmdscale.families.<name>.export`). Pixel UNets (unet2d): unet/ + scheduler/. Text-to-image
+(sd15, sdxl): a whole pipeline folder. Both hold:
 
 * a stock `LCMScheduler`, whose step is the student's sampler (x0 from the UNet, re-noised to
   the next timestep), configured so the student's trained timesteps are what
@@ -24,15 +25,13 @@ sdxl): `export_pipeline` writes a whole pipeline folder. Both hold:
 LoRA runs also write the adapter for the teacher pipeline's `load_lora_weights`, in peft's key
 layout (`lora/`) and in kohya's, which ComfyUI and A1111-style tools read (`lora_kohya/`).
 
-Flow-matching transformers (sd3, flux): `export_flow_pipeline` writes a `StableDiffusion3Pipeline`
-or `FluxPipeline` folder with a stock FlowMatchEulerDiscreteScheduler stepping as the student's
-sampler (`flow_student_scheduler`: stochastic sampling, the trained sigmas from
-`num_inference_steps` or `sigmas`), dmdscale.json, the model card and, for LoRA runs, `lora/`.
+Flow-matching transformers (sd3, flux) write a `StableDiffusion3Pipeline` or `FluxPipeline`
+folder with a stock FlowMatchEulerDiscreteScheduler stepping as the student's sampler,
+dmdscale.json, the model card and, for LoRA runs, `lora/` (`dmdscale.families.flow.export`).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -44,11 +43,10 @@ import yaml
 from diffusers import LCMScheduler, UNet2DConditionModel
 
 from dmdscale.core.schedule import config_for
-from dmdscale.models.sd import check_pipeline_folder
 from dmdscale.redact import public_name, public_text, scrub
 
-__all__ = ["STUDENT_DIR", "export_flow_pipeline", "export_pipeline", "flow_student_scheduler", "export_unet_student", "guidance_free_unet", "lora_state_dict",
-           "merged_unet", "sampling_call", "scrub_folder", "student_scheduler", "write_model_card"]
+__all__ = ["STUDENT_DIR", "STUDENT_INFO", "guidance_free_unet", "lora_state_dict", "merged_unet", "sampling_call",
+           "save_lora", "scrub_folder", "student_scheduler", "write_model_card", "write_student_info"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,16 +146,6 @@ def merged_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     return out
 
 
-def _student(student_unet: UNet2DConditionModel | str | os.PathLike) -> UNet2DConditionModel:
-    if isinstance(student_unet, UNet2DConditionModel):
-        return student_unet
-    folder = Path(student_unet)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"student UNet folder {str(folder)!r} has no config.json "
-                                "(expected what UNet2DConditionModel.save_pretrained writes)")
-    return UNet2DConditionModel.from_pretrained(folder)
-
-
 def _lora_metadata(config: Any) -> dict[str, Any]:
     """A LoraConfig (or its dict) as save_lora_weights' metadata: JSON-serialisable."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -186,7 +174,7 @@ def scrub_folder(out: Path) -> None:
             path.write_text(json.dumps(after, indent=2) + "\n")
 
 
-def _write_info(out: Path, timesteps: list[int], call: dict[str, Any], family: str,
+def write_student_info(out: Path, timesteps: list[int], call: dict[str, Any], family: str,
                 guidance_scale: float = 1.0, resolution: int | None = None) -> None:
     """`guidance_scale`: what the student runs at (1.0: no CFG; flux: its embedded guidance);
     `resolution`: the trained one, where sampling depends on it (flux's timestep shift)."""
@@ -195,43 +183,7 @@ def _write_info(out: Path, timesteps: list[int], call: dict[str, Any], family: s
                                                      public=True), indent=2) + "\n")
 
 
-def export_pipeline(teacher: str | os.PathLike, family: str, student_unet: UNet2DConditionModel | str | os.PathLike,
-                    timesteps: list[int], out_dir: str | os.PathLike,
-                    lora_state_dict: dict[str, torch.Tensor] | None = None, lora_config: Any = None,
-                    fp16_variant: bool = False) -> Path:
-    """Write the student as a pipeline folder: the teacher's components, the student UNet made
-    guidance-free, a stock LCMScheduler for `timesteps` (`student_scheduler`), and
-    dmdscale.json (timesteps, the sampling call, family). Loads with stock diffusers:
-    `DiffusionPipeline.from_pretrained(out_dir)(prompt, **sampling_call(timesteps))`.
-
-    `teacher`: the teacher pipeline (local folder or hub id). `student_unet`: the trained UNet or
-    a folder UNet2DConditionModel.save_pretrained wrote; for a LoRA run, the merged UNet
-    (`merged_unet`). With `lora_state_dict` (`lora_state_dict(unet)`) and `lora_config` (the
-    adapter's LoraConfig, `unet.peft_config["default"]`, needed so `load_lora_weights` scales by
-    lora_alpha / r), also writes the adapter for the teacher pipeline's `load_lora_weights`:
-    out_dir/lora/ (peft keys) and out_dir/lora_kohya/ (kohya keys). `fp16_variant`: also
-    fp16 weights, loaded with `from_pretrained(out_dir, variant="fp16", dtype=torch.float16)`.
-    """
-    from diffusers import DiffusionPipeline
-
-    if (lora_state_dict is None) != (lora_config is None):
-        raise ValueError("pass lora_state_dict and lora_config together (the config carries lora_alpha and r)")
-    source = check_pipeline_folder(teacher, family)
-    unet = guidance_free_unet(_student(student_unet))
-    scheduler = student_scheduler(LCMScheduler.load_config(source, subfolder="scheduler"), timesteps)
-    pipe = DiffusionPipeline.from_pretrained(source, unet=unet, scheduler=scheduler)
-    out = Path(out_dir)
-    pipe.save_pretrained(out, safe_serialization=True)
-    if fp16_variant:
-        pipe.to(torch.float16).save_pretrained(out, safe_serialization=True, variant="fp16")
-    _write_info(out, timesteps, sampling_call(timesteps, scheduler.config.num_train_timesteps), family)
-    if lora_state_dict is not None:
-        _save_lora(type(pipe), out, lora_state_dict, lora_config)
-    scrub_folder(out)
-    return out
-
-
-def _save_lora(pipeline_class: type, out: Path, state_dict: dict[str, torch.Tensor], config: Any,
+def save_lora(pipeline_class: type, out: Path, state_dict: dict[str, torch.Tensor], config: Any,
                component: str = "unet") -> None:
     """out/lora: peft's key format (lora_A / lora_B), which load_lora_weights reads as is (not
     convert_state_dict_to_diffusers: it rewrites attention keys only, and the loader then drops
@@ -260,107 +212,6 @@ def _save_lora(pipeline_class: type, out: Path, state_dict: dict[str, torch.Tens
     kohya |= {k: torch.tensor(alpha) for k in kohya if k.endswith(".alpha")}
     (out / "lora_kohya").mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in kohya.items()}, str(out / "lora_kohya" / KOHYA_LORA_FILE))
-
-
-def flow_student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[int], family: str,
-                           image_seq_len: int) -> tuple[Any, dict[str, Any]]:
-    """(a stock FlowMatchEulerDiscreteScheduler stepping like the student's sampler, the pipeline
-    call that runs exactly the trained timesteps).
-
-    The scheduler is the teacher's (shift, dynamic shifting) with `stochastic_sampling`: each step
-    re-noises the model's x0 to the next sigma with fresh noise, which is the student's sampler
-    (`dmdscale.core.sampling.sample`); its last step returns x0. The call is
-    `num_inference_steps=N` where the pipeline's own spacing gives the trained sigmas (e.g. one step
-    at t = 999, sigma 1; FLUX's 4 steps [999, 749, 499, 249]), else `sigmas=[...]`, the unshifted
-    values the pipeline shifts onto them; checked here, not at sampling time. sd3 adds
-    guidance_scale=1.0: its pipeline would otherwise run CFG at 7.0 around the guidance-distilled
-    student; flux keeps the pipeline's default embedded guidance, which the student was trained at."""
-    import numpy as np
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from dmdscale.core.schedule import FlowMatchSchedule
-    from dmdscale.models.variants import flow_variant
-
-    variant = flow_variant(family)
-    config = config_for(FlowMatchEulerDiscreteScheduler, dict(teacher_scheduler_config)) | {"stochastic_sampling": True}
-    schedule = FlowMatchSchedule(config, image_seq_len)
-    trained = schedule.flow_sigmas[torch.tensor(timesteps)].float()
-    mu = {"mu": schedule.mu} if schedule.mu is not None else {}
-    n = len(timesteps)
-
-    def sigmas_for(**call: Any) -> torch.Tensor:
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-        if "sigmas" in call:
-            scheduler.set_timesteps(sigmas=call["sigmas"], **mu)
-        elif variant.pipeline_spaces_sigmas:  # FluxPipeline: its own linear sigmas for a step count
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), **mu)
-        else:
-            scheduler.set_timesteps(n, **mu)
-        return scheduler.sigmas[:-1]
-
-    call: dict[str, Any] = {"num_inference_steps": n}
-    if not torch.allclose(sigmas_for(**call), trained, atol=1e-5):
-        call = {"sigmas": [(int(t) + 1) / schedule.num_train_timesteps for t in timesteps]}
-        if not torch.allclose(sigmas_for(**call), trained, atol=1e-5):
-            raise ValueError(f"FlowMatchEulerDiscreteScheduler gives {sigmas_for(**call).tolist()} for {call}, "
-                             f"not the trained sigmas {trained.tolist()}")
-    if not variant.embedded_guidance:  # CFG pipelines: guidance off
-        call["guidance_scale"] = 1.0
-    return FlowMatchEulerDiscreteScheduler.from_config(config), call
-
-
-def export_flow_pipeline(teacher: str | os.PathLike, family: str, student_transformer: Any, timesteps: list[int],
-                         out_dir: str | os.PathLike, resolution: int, lora_state_dict: dict[str, torch.Tensor] | None = None,
-                         lora_config: Any = None, fp16_variant: bool = False) -> Path:
-    """Write an sd3/flux student as a pipeline folder (`StableDiffusion3Pipeline` / `FluxPipeline`):
-    the teacher's components, the trained transformer, the student's scheduler
-    (`flow_student_scheduler`, for `resolution` px) and dmdscale.json. Loads with stock diffusers:
-    `DiffusionPipeline.from_pretrained(out_dir)(prompt, **call)`, call as dmdscale.json records it.
-    `student_transformer`: the trained transformer (LoRA merged) or a folder its save_pretrained
-    wrote. With `lora_state_dict` and `lora_config`, also out_dir/lora/ for the teacher pipeline's
-    `load_lora_weights` (peft keys, transformer prefix)."""
-    from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-
-    from dmdscale.models.flow import check_flow_folder, image_seq_len, transformer_class
-    from dmdscale.models.flow import vae_scale_factor as scale_of
-    from dmdscale.models.variants import FLUX_DEFAULT_GUIDANCE, flow_variant
-
-    if (lora_state_dict is None) != (lora_config is None):
-        raise ValueError("pass lora_state_dict and lora_config together (the config carries lora_alpha and r)")
-    source = check_flow_folder(teacher, family)
-    if isinstance(student_transformer, (str, os.PathLike)):
-        student_transformer = transformer_class(family).from_pretrained(student_transformer)
-    seq_len = image_seq_len(resolution, scale_of(AutoencoderKL.load_config(source, subfolder="vae")))
-    scheduler, call = flow_student_scheduler(FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler"),
-                                             timesteps, family, seq_len)
-    pipe = DiffusionPipeline.from_pretrained(source, transformer=student_transformer, scheduler=scheduler)
-    out = Path(out_dir)
-    pipe.save_pretrained(out, safe_serialization=True)
-    if fp16_variant:
-        pipe.to(torch.float16).save_pretrained(out, safe_serialization=True, variant="fp16")
-    _write_info(out, timesteps, call, family, FLUX_DEFAULT_GUIDANCE if flow_variant(family).embedded_guidance else 1.0,
-                resolution)
-    if lora_state_dict is not None:
-        _save_lora(type(pipe), out, lora_state_dict, lora_config, component="transformer")
-    scrub_folder(out)
-    return out
-
-
-def export_unet_student(generator: Any, timesteps: list[int], out_dir: str | os.PathLike,
-                        family: str = "unet2d", fp16_variant: bool = False) -> Path:
-    """A pixel-space generator (`ClassConditionalUNet`) as a diffusers folder: unet/ + scheduler/
-    (a stock LCMScheduler, `student_scheduler`) + dmdscale.json. Stock diffusers samples it with
-    `UNet2DModel` and `LCMScheduler.set_timesteps(**sampling_call(timesteps))` (the loop is in
-    the model card); the result equals `dmdscale.core.sampling.sample` on the same noise."""
-    out = Path(out_dir)
-    generator.unet.save_pretrained(out / "unet")
-    if fp16_variant:
-        copy.deepcopy(generator.unet).to(torch.float16).save_pretrained(out / "unet", variant="fp16")
-    scheduler = student_scheduler(generator.schedule.scheduler_config, timesteps)
-    scheduler.save_pretrained(out / "scheduler")
-    _write_info(out, timesteps, sampling_call(timesteps, scheduler.config.num_train_timesteps), family)
-    scrub_folder(out)
-    return out
 
 
 def _front_matter_of(teacher: str | os.PathLike) -> dict[str, Any]:

@@ -41,8 +41,8 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """Tiny random-weight sd15 and sdxl pipeline folders (dmdscale.tools.tiny_sd), by family."""
-    from dmdscale.tools.tiny_sd import build_tiny_pipeline
+    """Tiny random-weight sd15 and sdxl pipeline folders (dmdscale.families.sd.tiny), by family."""
+    from dmdscale.families.sd.tiny import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny")
     return {f: str(build_tiny_pipeline(f, root / f)) for f in ("sd15", "sdxl")}
@@ -50,8 +50,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_flow(tmp_path_factory):
-    """Tiny random-weight sd3 and flux pipeline folders (dmdscale.tools.tiny_flow), by family."""
-    from dmdscale.tools.tiny_flow import build_tiny_flow_pipeline
+    """Tiny random-weight sd3 and flux pipeline folders (dmdscale.families.flow.tiny), by family."""
+    from dmdscale.families.flow.tiny import build_tiny_flow_pipeline
 
     root = tmp_path_factory.mktemp("tiny_flow")
     return {f: str(build_tiny_flow_pipeline(f, root / f)) for f in ("sd3", "flux")}
@@ -141,8 +141,8 @@ def exported_text_student(tiny: dict, root: Path, prompts: list[str]) -> dict:
     a prompt file: what the evaluate command's tests measure."""
     from diffusers import UNet2DConditionModel
 
-    from dmdscale.export import export_pipeline
-    from dmdscale.tools.tiny_sd import build_tiny_clip
+    from dmdscale.families.sd.export import export_pipeline
+    from dmdscale.families.sd.tiny import build_tiny_clip
 
     unet = UNet2DConditionModel.from_pretrained(tiny["sd15"], subfolder="unet")
     student = export_pipeline(tiny["sd15"], "sd15", unet, [999], root / "student")

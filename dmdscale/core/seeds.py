@@ -40,6 +40,11 @@ def evaluation_renoise(evaluation_seed: int) -> int:
     return evaluation_seed + 1
 
 
+def export_choice(seed: int) -> int:
+    """The noise the candidates for the exported weights are compared on (export.choose)."""
+    return seed + 7919
+
+
 def regression_pairs(seed: int) -> int:
     """The noise of DMD1's fixed (noise, teacher output) regression pairs."""
     return seed + 1

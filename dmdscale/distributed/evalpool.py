@@ -169,7 +169,7 @@ def text_eval_spec(cfg: Any, prompts: list[str]) -> dict[str, Any]:
 
 class TextCheckpointEvaluator:
     """The text families' checkpoint evaluation: the teacher pipeline with the student's
-    scheduler and guidance-free UNet (as `dmdscale.export.export_pipeline` writes it) around
+    scheduler and guidance-free UNet (as `dmdscale.families.sd.export.export_pipeline` writes it) around
     each checkpoint's weights, sampled as the final evaluation samples the exported student;
     FID and KID against held-out images (`fid_kind` "inception" or "clip"; None: none), CLIP
     score (with `clip_model`), and a prompt-captioned grid.

@@ -54,6 +54,12 @@ def resolve(cfg: Config) -> Family:
                           f"{supporting('supports_regression_stage')} families, not {family.name!r}; leave "
                           f"regression.enabled false" + (" (loss.regression_weight adds DMD1's regression term to "
                                                          "DMD2 instead)" if family.supports_regression_loss else ""))
+    if cfg.export.choose == "held_out" and not family.chooses_export:
+        raise ConfigError(f"export.choose: held_out picks the exported weights by FID on held-out images, which the "
+                          f"{supporting('chooses_export')} families compute; {family.name!r} takes 'fixed'")
+    if cfg.export.choose == "held_out" and not cfg.train.ema_decays:
+        raise ConfigError("export.choose: held_out compares the raw weights with the averages of train.ema_decays, "
+                          "which is empty; give a decay (e.g. [0.97]) or use 'fixed'")
     if cfg.lora.enabled and not family.supports_lora:
         raise ConfigError(f"lora.enabled: LoRA applies to the {supporting('supports_lora')} families, "
                           f"not {family.name!r}")

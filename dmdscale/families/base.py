@@ -57,6 +57,8 @@ def student_names(cfg: Config) -> list[str]:
 
     others = ["raw"] if cfg.export.ema is not None else []
     others += [ema_name(d) for d in cfg.train.ema_decays if d != cfg.export.ema]
+    if cfg.export.choose == "held_out" and cfg.export.ema is not None:  # the one exported may take raw's place
+        others.append(ema_name(cfg.export.ema))
     return ["student", *(f"student_{name}" for name in others)]
 
 
@@ -73,6 +75,7 @@ class FamilyBase(Family):
     supports_regression_loss: bool = False
     # regression.enabled: a regression stage on the teacher's ODE pairs from prompts (text families)
     supports_regression_stage: bool = False
+    chooses_export: bool = False  # export.choose=held_out (`choose_export`)
     student_parts: Sequence[str] = ()  # what `save_student` writes into the final checkpoint
     pipeline_tag: str = ""  # the Hub's task of the exported student (model card)
 
@@ -155,6 +158,11 @@ class FamilyBase(Family):
         from dmdscale.export import STUDENT_DIR
 
         return out / STUDENT_DIR
+
+    def choose_export(self, cfg: Config, inputs: Any, trained: Trained) -> Trained:
+        """Which of the trained weights are exported (`export.choose`); the default keeps
+        `export.ema`'s (families that can choose by a held-out figure override this)."""
+        return trained
 
     def fit(self, cfg: Config, inputs: Any, out: Path, tracker: Any, *, fail_at_step: int | None = None,
             on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> Trained:

@@ -1,4 +1,4 @@
-"""One adapter per kind of teacher network behind the `core.networks.Denoiser` interface:
-toy2d (MLP and the exact mixture denoiser), unet2d (class-conditional diffusers UNet2DModel),
-sd (SD1.5/SDXL UNet2DConditionModel), flow (SD3/FLUX transformers), their prompt encoding
-(text_encoders), the critic's discriminator heads (heads) and where a teacher comes from (hub)."""
+"""What the families' networks share, below them: prompt encoding as the diffusers pipelines do
+it (text_encoders), what differs between SD and flow-matching teachers as data (variants), the
+critic's discriminator heads (heads) and where a teacher comes from (hub). Each family's own
+adapter behind `core.networks.Denoiser` is in its folder (`dmdscale/families/<name>/model.py`)."""

@@ -1,3 +1,3 @@
-"""Tools beside the training path: the memory planner (`python -m dmdscale.tools.memory`),
-tiny random-weight SD pipelines for tests (`python -m dmdscale.tools.tiny_sd`), and the small
-class-conditional teacher dmdscale trains for the digits demo (teacher)."""
+"""Tools beside the training path: the memory planner (`python -m dmdscale.tools.memory`) and
+the configuration reference (`python -m dmdscale.tools.config_reference`, docs/configuration.md).
+Each family's tiny offline pipeline builder and teacher trainer are in its folder."""

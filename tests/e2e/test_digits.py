@@ -148,11 +148,15 @@ def test_quick_digits_run_end_to_end_through_an_injected_failure(tmp_path, mlflo
     numbers = {k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert numbers <= resolve(cfg).metric_names(cfg), numbers - resolve(cfg).metric_names(cfg)
 
-    # The exported student is digits.yaml's generator EMA; the raw weights are evaluated beside it,
-    # at the end and at every checkpoint, with KID next to FID.
-    ema = f"ema_{m['student_weights'].removeprefix('ema_')}"
-    assert m["student_weights"].startswith("ema_") and (out / "alternates" / "raw" / "student" / "unet").is_dir()
-    assert np.isfinite([m["fid_student_raw"], m["kid_student"], m["kid_teacher"], m["kid_real_train"]]).all()
+    # The exported student is whichever of digits.yaml's generator EMA and the raw weights scored the
+    # lower held-out FID (export.choose); the other is evaluated beside it, at the end and at every
+    # checkpoint, with KID next to FID.
+    ema, fids = "ema_0.97", m["export_choice_fid"]
+    assert set(fids) == {ema, "raw"} and m["student_weights"] == min(fids, key=fids.get)
+    other = "raw" if m["student_weights"] == ema else ema
+    assert (out / "alternates" / other / "student" / "unet").is_dir()
+    assert not (out / "alternates" / m["student_weights"]).exists()
+    assert np.isfinite([m[f"fid_student_{other}"], m["kid_student"], m["kid_teacher"], m["kid_real_train"]]).all()
     evaluations = json.loads((out / "checkpoint_evaluations.json").read_text())
     assert all(np.isfinite([e["fid_student"], e[f"fid_student_{ema}"], e["kid_student"]]).all() for e in evaluations)
     # The diagnostics (by noise level, and the two terms' gradient norms) and what a next stage starts from.

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dmdscale import cli
-from dmdscale.models.toy2d import GaussianMixture2D
+from dmdscale.families.toy2d.model import GaussianMixture2D
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "pipelines" / "configs"

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmdscale.tools.tiny_sd import build_tiny_pipeline
+from dmdscale.families.sd.tiny import build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))

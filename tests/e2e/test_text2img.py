@@ -38,7 +38,7 @@ def test_sd15_one_step_end_to_end(ray_local, tiny, captioned_parquet, tmp_path, 
     from diffusers import DiffusionPipeline
 
     from dmdscale.distributed.evalpool import GRID_ARTIFACT_DIR
-    from dmdscale.tools.tiny_sd import build_tiny_clip
+    from dmdscale.families.sd.tiny import build_tiny_clip
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     clip = build_tiny_clip(tmp_path / "clip")
@@ -108,4 +108,4 @@ def test_bad_inputs_fail_before_any_cluster_work(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer_2"):
         run(quick("sdxl", tiny["sd15"], tmp_path), tmp_path / "b")  # an SD1.5 folder is no SDXL teacher
     with pytest.raises(ConfigError, match="lora.enabled"):
-        load_config(f"{CONFIGS}/digits.yaml", ["lora.enabled=true"])
+        resolve(load_config(f"{CONFIGS}/digits.yaml", ["lora.enabled=true"]))

@@ -28,8 +28,8 @@ from dmdscale.eval.metrics import (
     sample_student,
     train_classifier,
 )
-from dmdscale.models.unet2d import load_unet, tiny_unet_config
-from dmdscale.tools.teacher import ddpm_scheduler, save_teacher
+from dmdscale.families.unet2d.model import load_unet, tiny_unet_config
+from dmdscale.families.unet2d.teacher import ddpm_scheduler, save_teacher
 
 
 @pytest.fixture(scope="module")

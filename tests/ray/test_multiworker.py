@@ -29,7 +29,7 @@ def _trajectory(config):
     from dmdscale.distributed.worker import all_ranks_agree
     from dmdscale.core.networks import Critic
     from dmdscale.models.heads import MLPHead
-    from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
+    from dmdscale.families.toy2d.model import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
 
     torch.set_num_threads(1)
     cfg = Config.model_validate(config["cfg"])

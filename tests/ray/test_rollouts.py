@@ -21,7 +21,7 @@ from dmdscale.distributed.rollouts import (
 )
 from dmdscale.core.networks import Critic
 from dmdscale.models.heads import MLPHead
-from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
+from dmdscale.families.toy2d.model import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
 
 STEPS = 12
 BASE = {"train.batch_size": 16, "train.warmup_steps": 0, "train.lr": 1e-3, "train.ttur_ratio": 2,

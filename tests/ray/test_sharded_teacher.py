@@ -140,7 +140,7 @@ def test_a_run_with_a_sharded_teacher_trains_and_reports_the_teachers_share(ray_
     with scale.shard_teacher: every step trains, and rank 0 reports storing half the teacher."""
     from dmdscale.config import load_config
     from dmdscale.driver import run
-    from dmdscale.models.sd import load_sd_teacher
+    from dmdscale.families.sd.model import load_sd_teacher
 
     cfg = load_config("pipelines/configs/sd15_stage2.yaml", [
         f"model.teacher={tiny['sd15']}", f"cache_dir={tmp_path / 'cache'}", f"data.path={captioned_parquet}",

@@ -35,7 +35,7 @@ from dmdscale.distributed.checkpoint import (
     verify_checkpoint,
 )
 from dmdscale.distributed.engine import DeepSpeedOptimizedModule
-from dmdscale.models.toy2d import MLPDenoiser
+from dmdscale.families.toy2d.model import MLPDenoiser
 
 
 def _engine(cfg, seed):
@@ -447,7 +447,7 @@ def test_a_trained_run_whose_evaluation_failed_is_evaluated_again(tmp_path):
 def _teacher(path, width=8):
     from diffusers import UNet2DModel
 
-    from dmdscale.models.unet2d import tiny_unet_config
+    from dmdscale.families.unet2d.model import tiny_unet_config
 
     unet = UNet2DModel(**tiny_unet_config(16, 1, 10, width))
     unet.save_pretrained(path / "unet")

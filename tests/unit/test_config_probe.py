@@ -107,11 +107,14 @@ def test_a_sweep_metric_no_run_reports_is_refused_with_the_close_names():
 
 
 def test_the_reported_names_follow_the_config():
-    cfg = load_config(DIGITS, ["train.ema_decays=[0.9,0.97]", "export.ema=0.97", "generator.timesteps=[999,499]"])
+    cfg = load_config(DIGITS, ["train.ema_decays=[0.9,0.97]", "export.ema=0.97", "generator.timesteps=[999,499]",
+                               "export.choose=fixed"])
     names = resolve(cfg).metric_names(cfg)
     assert {"fid_student", "fid_student_raw", "fid_student_ema_0.9", "rollout_served"} <= names
     assert "fid_student_ema_0.97" not in names  # the exported one is `student`
-    cfg = load_config(DIGITS, ["train.ema_decays=[]", "export.ema=null", "train.ema_power=null"])
+    chosen = load_config(DIGITS, ["train.ema_decays=[0.9,0.97]", "export.ema=0.97", "export.choose=held_out"])
+    assert "fid_student_ema_0.97" in resolve(chosen).metric_names(chosen)  # the raw weights may be exported
+    cfg = load_config(DIGITS, ["train.ema_decays=[]", "export.ema=null", "train.ema_power=null", "export.choose=fixed"])
     names = resolve(cfg).metric_names(cfg)
     assert "fid_student_raw" not in names and "rollout_served" not in names
     sdxl = build_config({}, {"model.family": "sdxl", "model.teacher": "someone/sdxl", "data.channels": 3,

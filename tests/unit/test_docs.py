@@ -13,7 +13,8 @@ README_MAX_LINES = 250
 
 
 def linked_docs() -> list[Path]:
-    return [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md")),
+            *sorted((ROOT / "dmdscale" / "families").glob("*/README.md"))]
 
 
 def slug(heading: str) -> str:

@@ -16,7 +16,7 @@ from dmdscale.distributed.engine import DeepSpeedOptimizedModule, deepspeed_conf
 from dmdscale.distributed.resources import worker_resources
 from dmdscale.core.networks import Critic
 from dmdscale.models.heads import MLPHead
-from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
+from dmdscale.families.toy2d.model import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
 from dmdscale.families import resolve
 
 

@@ -13,10 +13,11 @@ from peft import LoraConfig
 
 from dmdscale.config import LoraConfig as LoraSettings
 from dmdscale.core.sampling import sample
-from dmdscale.export import STUDENT_INFO, export_pipeline, lora_state_dict, merged_unet, sampling_call, write_model_card
-from dmdscale.models.sd import load_sd_teacher
+from dmdscale.export import STUDENT_INFO, lora_state_dict, merged_unet, sampling_call, write_model_card
+from dmdscale.families.sd.export import export_pipeline
+from dmdscale.families.sd.model import load_sd_teacher
 from dmdscale.models.text_encoders import PromptEncoder
-from dmdscale.tools.tiny_sd import POOLED_DIM, TEXT_DIM, build_tiny_pipeline
+from dmdscale.families.sd.tiny import POOLED_DIM, TEXT_DIM, build_tiny_pipeline
 
 FOUR_STEP = [999, 749, 499, 249]
 CASES = [("sd15", FOUR_STEP), ("sdxl", FOUR_STEP), ("sdxl", [399])]
@@ -330,8 +331,8 @@ def test_exported_pipeline_names_nothing_of_this_machine(student, teachers, tmp_
 def test_exported_pixel_unet_names_nothing_of_this_machine(tmp_path):
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from dmdscale.export import export_unet_student
-    from dmdscale.models.unet2d import load_unet, tiny_unet_config
+    from dmdscale.families.unet2d.export import export_unet_student
+    from dmdscale.families.unet2d.model import load_unet, tiny_unet_config
 
     teacher = tmp_path / "teacher"
     UNet2DModel(**tiny_unet_config(16, 1, 10, 8)).save_pretrained(teacher / "unet")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dmdscale.core.networks import Critic
-from dmdscale.models.flow import load_flow_teacher
+from dmdscale.families.flow.model import load_flow_teacher
 from dmdscale.models.variants import FLUX_DEFAULT_GUIDANCE
 from dmdscale.models.heads import TokenHead
 from dmdscale.models.text_encoders import PromptEncoder
@@ -119,7 +119,8 @@ def test_one_dmd2_iteration_trains_generator_and_flow_matching_fake_score(tiny_f
 def test_exported_student_samples_at_its_trained_timesteps(tiny_flow, tmp_path, family, timesteps, call):
     """The export loads with stock diffusers, its recorded call runs exactly the trained
     sigmas, and a one-step student's output equals the Denoiser's x0."""
-    from dmdscale.export import STUDENT_INFO, export_flow_pipeline
+    from dmdscale.export import STUDENT_INFO
+    from dmdscale.families.flow.export import export_flow_pipeline
 
     model = load_flow_teacher(tiny_flow[family], family, 32)
     out = export_flow_pipeline(tiny_flow[family], family, model.transformer, timesteps, tmp_path / "student", 32)

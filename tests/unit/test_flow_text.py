@@ -1,4 +1,4 @@
-"""Tiny SD3/FLUX pipelines, their prompt encoding and latent data (dmdscale.tools.tiny_flow,
+"""Tiny SD3/FLUX pipelines, their prompt encoding and latent data (dmdscale.families.flow.tiny,
 dmdscale.models.text_encoders, dmdscale.data.latents)."""
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, FluxPipeline, StableDiff
 
 from dmdscale.data.latents import LatentEncoder, PromptOnlyEncoder, latent_shape
 from dmdscale.models.text_encoders import PromptEncoder
-from dmdscale.tools.tiny_flow import build_tiny_flow_pipeline
+from dmdscale.families.flow.tiny import build_tiny_flow_pipeline
 
 PROMPTS = ["a red cat", "Two dogs, 3 birds"]
 FAMILIES = ("sd3", "flux")

@@ -1,7 +1,7 @@
 """bf16 training as the DMD2 authors run it: fp32 weights under bf16 autocast, a bf16 frozen
 teacher, the DM loss's fake-score pass in fp32, x0 conversions in float64.
 
-On the tiny random-weight sd15 UNet (dmdscale.tools.tiny_sd), at t = 980 (1/sqrt(abar) ~ 13).
+On the tiny random-weight sd15 UNet (dmdscale.families.sd.tiny), at t = 980 (1/sqrt(abar) ~ 13).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dmdscale.core.losses import dm_loss
 from dmdscale.core.optim import TorchOptimizedModule
 from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.distributed.worker import build_players
-from dmdscale.models.sd import load_sd_teacher
+from dmdscale.families.sd.model import load_sd_teacher
 from dmdscale.models.text_encoders import PromptEncoder
 from dmdscale.families import resolve
 

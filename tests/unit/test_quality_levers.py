@@ -17,7 +17,7 @@ from dmdscale.distributed.checkpoint import init_source, load_stage, save_stage
 from dmdscale.eval.plots import plot_diagnostics
 from dmdscale.core.networks import Critic
 from dmdscale.models.heads import MLPHead
-from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
+from dmdscale.families.toy2d.model import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
 from dmdscale.families import resolve
 
 
@@ -249,7 +249,7 @@ def test_step_updates_the_ema_after_each_generator_update():
 
 # -- staged runs -----------------------------------------------------------------------------
 def _unet_folder(path):
-    from dmdscale.models.unet2d import tiny_unet_config
+    from dmdscale.families.unet2d.model import tiny_unet_config
 
     UNet2DModel(**tiny_unet_config(16, 1, 10, 8)).save_pretrained(path / "unet")
     DDPMScheduler(prediction_type="v_prediction").save_pretrained(path / "scheduler")
@@ -317,7 +317,7 @@ def test_init_ema_starts_the_generator_from_the_first_stages_average(tmp_path):
         check_init(tmp_path / "run1", 0.99)
     with pytest.raises(ConfigError, match="train.init_ema: set it only with train.init"):
         check_init(None, 0.9)
-    from dmdscale.export import export_unet_student
+    from dmdscale.families.unet2d.export import export_unet_student
 
     export_unet_student(generator, [999], tmp_path / "run2" / "student")
     with pytest.raises(ConfigError, match="train.init_ema: .* exported student"):
@@ -354,7 +354,7 @@ def test_a_relative_init_path_is_made_absolute_where_the_config_is_read(tmp_path
 
 def test_init_from_an_exported_student_loads_its_unet(tmp_path):
     from dmdscale.distributed.worker import build_players
-    from dmdscale.export import export_unet_student
+    from dmdscale.families.unet2d.export import export_unet_student
 
     teacher = str(_unet_folder(tmp_path / "teacher"))
     cfg = build_config({}, {"model.family": "unet2d", "model.teacher": teacher})

@@ -1,6 +1,6 @@
 """SD1.5 / SDXL teachers: adapters, prompt encoding, DMD2 steps, LoRA (latent data: tests/ray/test_latents.py).
 
-Tiny pipelines built from configs with random weights (dmdscale.tools.tiny_sd): same classes and
+Tiny pipelines built from configs with random weights (dmdscale.families.sd.tiny): same classes and
 code paths as the real models, nothing downloaded.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.distributed.worker import build_players
 from dmdscale.core.networks import Critic
 from dmdscale.models.heads import ConvHead
-from dmdscale.models.sd import check_pipeline_folder, load_sd_teacher
+from dmdscale.families.sd.model import check_pipeline_folder, load_sd_teacher
 from dmdscale.models.text_encoders import PromptEncoder
-from dmdscale.tools.tiny_sd import build_tiny_pipeline
+from dmdscale.families.sd.tiny import build_tiny_pipeline
 from dmdscale.families import resolve
 
 FAMILIES = ["sd15", "sdxl"]

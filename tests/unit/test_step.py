@@ -9,7 +9,7 @@ from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.core.step import Batch, DMD2Step, NonFiniteLossError, RegressionPairs
 from dmdscale.core.networks import Critic
 from dmdscale.models.heads import MLPHead
-from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
+from dmdscale.families.toy2d.model import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
 
 
 def make_step(overrides=None, teacher_cls=MixtureDenoiser, regression=False, rank=0, world_size=1):

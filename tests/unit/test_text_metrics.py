@@ -26,7 +26,7 @@ from dmdscale.eval.text import (
     reference_stats,
     regular_crops,
 )
-from dmdscale.tools.tiny_sd import build_tiny_clip
+from dmdscale.families.sd.tiny import build_tiny_clip
 
 PROMPTS = ["a red square", "a blue circle", "two cats", "a handwritten digit 7", "noise", "a dog on grass"]
 

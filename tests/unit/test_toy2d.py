@@ -8,7 +8,7 @@ from dmdscale.config import load_config
 from dmdscale.core.sampling import teacher_sample
 from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.families.toy2d import energy_distance
-from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser
+from dmdscale.families.toy2d.model import GaussianMixture2D, MixtureDenoiser
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ import torch
 
 from dmdscale.core.networks import Critic
 from dmdscale.models.heads import ConvHead
-from dmdscale.models.unet2d import ClassConditionalUNet, load_unet, tiny_unet_config
-from dmdscale.tools.teacher import ddpm_scheduler, load_or_train_teacher, save_teacher, train_teacher
+from dmdscale.families.unet2d.model import ClassConditionalUNet, load_unet, tiny_unet_config
+from dmdscale.families.unet2d.teacher import ddpm_scheduler, load_or_train_teacher, save_teacher, train_teacher
 
 NUM_CLASSES = 10
 
@@ -149,7 +149,7 @@ def test_exported_student_samples_with_diffusers_alone(tmp_path, timesteps):
     from diffusers import LCMScheduler, UNet2DModel
 
     from dmdscale.core.sampling import sample
-    from dmdscale.export import export_unet_student
+    from dmdscale.families.unet2d.export import export_unet_student
 
     student = _model("v_prediction")
     export_unet_student(student, timesteps, tmp_path / "student")

@@ -168,7 +168,7 @@ def test_a_step_conditioned_critic_takes_one_step_per_row():
     from dmdscale.core.schedule import NoiseSchedule
     from dmdscale.core.networks import Critic
     from dmdscale.models.heads import MLPHead
-    from dmdscale.models.toy2d import MLPDenoiser
+    from dmdscale.families.toy2d.model import MLPDenoiser
 
     torch.manual_seed(0)
     critic = Critic(MLPDenoiser(NoiseSchedule.ddpm(), 2, 16, 2), MLPHead(16, 16), num_steps=2)

@@ -26,7 +26,7 @@ from dmdscale.contracts import Evaluation, Trained
 from dmdscale.families.base import FamilyBase
 from dmdscale.core.networks import Denoiser
 from dmdscale.models.heads import MLPHead
-from dmdscale.models.toy2d import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
+from dmdscale.families.toy2d.model import GaussianMixture2D, MixtureDenoiser, MLPDenoiser
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ micro-conditioning; AutoencoderKL; CLIP text encoders; CLIP tokenizers), small e
 The tokenizers are built from a hand-written character vocabulary (no merges), so nothing is
 downloaded.
 
-    python -m dmdscale.tools.tiny_sd --family sdxl --out /tmp/tiny-sdxl
+    python -m dmdscale.families.sd.tiny --family sdxl --out /tmp/tiny-sdxl
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from dmdscale.core.schedule import FlowMatchSchedule
 from dmdscale.core.networks import Cond, Denoiser
-from dmdscale.models.sd import check_pipeline_folder
+from dmdscale.families.sd.model import check_pipeline_folder
 from dmdscale.models.text_encoders import PromptEncoder
 from dmdscale.models.variants import FLUX_DEFAULT_GUIDANCE, flow_variant
 

@@ -41,8 +41,8 @@ class Inputs(RunInputs):
 def resolve_teacher(cfg: Config, images: np.ndarray, labels: np.ndarray) -> Path:
     """The teacher's diffusers folder: the user's, or one trained here on the train split
     (cached by its config and data, so later runs load it with from_pretrained at once)."""
-    from dmdscale.models.unet2d import tiny_unet_config
-    from dmdscale.tools.teacher import load_or_train_teacher
+    from dmdscale.families.unet2d.model import tiny_unet_config
+    from dmdscale.families.unet2d.teacher import load_or_train_teacher
 
     if cfg.model.teacher != "train":
         return Path(cfg.model.teacher)
@@ -89,6 +89,7 @@ class UNet2DFamily(FamilyBase):
     run_label = "digits"
     has_eval_actors = True
     supports_regression_loss = True
+    chooses_export = True
     pipeline_tag = "unconditional-image-generation"  # class-conditional: the Hub has no closer task
 
     @property
@@ -113,8 +114,8 @@ class UNet2DFamily(FamilyBase):
         """(train path, held-out path), validated on the driver before any cluster work."""
         from dmdscale.data.sources import check_source, source_paths
         from dmdscale.models.hub import check_hub_teacher
-        from dmdscale.models.unet2d import check_unet_folder
-        from dmdscale.tools.teacher import TRAIN_TIMESTEPS
+        from dmdscale.families.unet2d.model import check_unet_folder
+        from dmdscale.families.unet2d.teacher import TRAIN_TIMESTEPS
 
         train, held_out = source_paths(cfg)
         for path in {train, held_out}:  # class-conditional: labels are required, each with its class
@@ -141,7 +142,7 @@ class UNet2DFamily(FamilyBase):
         return dataclasses.replace(inputs, teacher_path=teacher, train=train, held_out=held_out, classifier=classifier)
 
     def load_teacher(self, cfg: Config, teacher_path: str):
-        from dmdscale.models.unet2d import load_unet
+        from dmdscale.families.unet2d.model import load_unet
 
         return load_unet(teacher_path)
 
@@ -152,7 +153,8 @@ class UNet2DFamily(FamilyBase):
         return RegressionPairs.for_config(cfg, teacher, (c, r, r), cfg.data.num_classes, device)
 
     def save_student(self, cfg: Config, generator, folder: Path) -> None:
-        from dmdscale.export import STUDENT_DIR, export_unet_student
+        from dmdscale.export import STUDENT_DIR
+        from dmdscale.families.unet2d.export import export_unet_student
 
         export_unet_student(generator, cfg.generator.timesteps, folder / STUDENT_DIR, self.name,
                             cfg.export.fp16_variant)
@@ -184,10 +186,48 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
 
     def start_eval_pool(self, cfg: Config, inputs: Inputs, tracker: Any) -> Any:
         from dmdscale.distributed.evalpool import EvaluationPool
-        from dmdscale.models.unet2d import load_unet
+        from dmdscale.families.unet2d.model import load_unet
 
         return EvaluationPool.start(cfg, functools.partial(load_unet, inputs.teacher_path), inputs.held_out[0],
                                     fid_extractor(cfg, inputs.classifier), tracker.tracking_uri, tracker.run_id)
+
+    def choose_export(self, cfg: Config, inputs: Inputs, trained: Trained) -> Trained:
+        """export.choose=held_out: the exported student becomes whichever of it and the weights
+        beside it (raw, other EMAs) has the lowest FID against the held-out images, on
+        export.choose_samples samples from noise of their own (so the final evaluation's draw does
+        not pick its own winner); the one exported before takes the winner's place under
+        alternates/. `student_weights` names the winner, `export_choice_fid` every candidate's FID."""
+        if cfg.export.choose != "held_out":
+            return trained
+        from dmdscale.core import seeds
+        from dmdscale.core.ema import ema_name
+        from dmdscale.distributed.worker import ALTERNATES_DIR
+        from dmdscale.eval.metrics import compute_fid_kid, sample_student
+        from dmdscale.export import STUDENT_DIR
+        from dmdscale.families.unet2d.model import load_unet
+
+        student = Path(trained.student)
+        alternates = student.parent / ALTERNATES_DIR
+        exported = "raw" if cfg.export.ema is None else ema_name(cfg.export.ema)
+        candidates = {exported: student} | {f.parent.name: f for f in sorted(alternates.glob(f"*/{STUDENT_DIR}"))}
+        n, (c, r) = cfg.export.choose_samples, (cfg.data.channels, cfg.data.resolution)
+        labels, seed = np.arange(n) % cfg.data.num_classes, seeds.export_choice(cfg.train.seed)
+        extractor = fid_extractor(cfg, inputs.classifier)
+        fids = {name: compute_fid_kid(sample_student(load_unet(folder), cfg.generator.timesteps, labels, (c, r, r), seed,
+                                                     desc=f"export.choose: {name}"), inputs.held_out[0], extractor)[0]
+                for name, folder in candidates.items()}
+        best = min(fids, key=fids.get)
+        if best != exported:  # swap the folders: the winner is what student/ holds
+            parked = student.parent / f".{STUDENT_DIR}-{exported}"
+            student.rename(parked)
+            candidates[best].rename(student)
+            candidates[best].parent.rmdir()
+            (alternates / exported).mkdir(parents=True, exist_ok=True)
+            parked.rename(alternates / exported / STUDENT_DIR)
+        print(f"dmdscale: export.choose: {best} exported (held-out FID over {n} samples: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in fids.items()) + ")", flush=True)
+        return dataclasses.replace(trained, metrics=trained.metrics | {"student_weights": best,
+                                                                       "export_choice_fid": fids})
 
     def evaluation_figures(self, cfg: Config) -> set[str]:
         from dmdscale.eval.metrics import sample_quality_names
@@ -218,7 +258,7 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
         )
         from dmdscale.eval.cache import cached_arrays, folder_fingerprint
         from dmdscale.export import STUDENT_DIR
-        from dmdscale.models.unet2d import load_unet
+        from dmdscale.families.unet2d.model import load_unet
 
         teacher, student = load_unet(inputs.teacher_path), load_unet(trained.student)
         # The weights not exported (raw or other EMAs), evaluated next to the student.

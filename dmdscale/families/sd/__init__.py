@@ -89,7 +89,7 @@ def held_out_images(inputs: Inputs, resolution: int) -> np.ndarray:
 
 
 class SDFamily(FamilyBase):
-    """One Stable Diffusion variant (`dmdscale.models.sd.SD_VARIANTS`) as a family."""
+    """One Stable Diffusion variant (`dmdscale.families.sd.model.SD_VARIANTS`) as a family."""
 
     student_parts = (STUDENT_UNET_DIR, STUDENT_LORA)
     network = "unet"  # the generator's network: what LoRA adapts and the student exports
@@ -121,7 +121,7 @@ class SDFamily(FamilyBase):
 
     def check_teacher_folder(self, teacher: str) -> str:
         """A local teacher folder holds this family's parts (a hub id passes through)."""
-        from dmdscale.models.sd import check_pipeline_folder
+        from dmdscale.families.sd.model import check_pipeline_folder
 
         return check_pipeline_folder(teacher, self.name)
 
@@ -162,7 +162,7 @@ class SDFamily(FamilyBase):
         """fp32 weights whatever train.mixed_precision says: generator and fake score are copied
         from them and train in fp32 under bf16 autocast (`build_players` stores the frozen
         teacher in bf16 after copying, as the DMD2 authors do)."""
-        from dmdscale.models.sd import load_sd_teacher
+        from dmdscale.families.sd.model import load_sd_teacher
 
         return load_sd_teacher(teacher_path, self.name, torch.float32)
 
@@ -225,7 +225,7 @@ class SDFamily(FamilyBase):
 
     def export_student(self, cfg: Config, network_dir: Path, student_dir: Path, lora: dict[str, Any] | None) -> Path:
         """The exported pipeline folder (`export_pipeline`: stock LCMScheduler, guidance off)."""
-        from dmdscale.export import export_pipeline
+        from dmdscale.families.sd.export import export_pipeline
 
         return export_pipeline(cfg.model.teacher, self.name, network_dir, cfg.generator.timesteps, student_dir,
                                lora_state_dict=lora, lora_config=lora_config(cfg) if cfg.lora.enabled else None,

@@ -1,13 +1,13 @@
 """Tiny SD3- and FLUX-architecture pipelines with random weights, built from configs offline.
 
-The flow-matching counterparts of `dmdscale.tools.tiny_sd`: the same classes, folder layout and
+The flow-matching counterparts of `dmdscale.families.sd.tiny`: the same classes, folder layout and
 code paths as SD3.5-Large (`StableDiffusion3Pipeline`: SD3Transformer2DModel with qk RMS-norm,
 two projected CLIP encoders + T5) and FLUX.1-dev (`FluxPipeline`: FluxTransformer2DModel with
 guidance embedding, CLIP pooled + T5), 16-channel VAEs without quant convs and the real
 latent scaling/shift factors and scheduler settings, small enough for CPU tests. Tokenizers
 are built from a character vocabulary, so nothing is downloaded.
 
-    python -m dmdscale.tools.tiny_flow --family flux --out /tmp/tiny-flux
+    python -m dmdscale.families.flow.tiny --family flux --out /tmp/tiny-flux
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dmdscale.models.variants import FLOW_VARIANTS, flow_variant
-from dmdscale.tools.tiny_sd import POOLED_DIM, TEXT_DIM, text_encoder, tiny_tokenizer
+from dmdscale.families.sd.tiny import POOLED_DIM, TEXT_DIM, text_encoder, tiny_tokenizer
 
 LATENT_CHANNELS = 16  # both real VAEs
 # Wider than both CLIP encoders' states concatenated: SD3's encode_prompt zero-pads them to T5's
@@ -102,7 +102,7 @@ def build_tiny_flow_pipeline(family: str, out: str | Path, resolution: int = 32,
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from dmdscale.models.flow import transformer_class
+    from dmdscale.families.flow.model import transformer_class
 
     variant = flow_variant(family)  # raises for an unknown name
     torch.manual_seed(seed)

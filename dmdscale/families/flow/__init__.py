@@ -25,7 +25,7 @@ STUDENT_TRANSFORMER_DIR = "student_transformer"  # the final checkpoint's transf
 
 
 class FlowFamily(SDFamily):
-    """One flow-matching transformer variant (`dmdscale.models.flow.FLOW_VARIANTS`) as a family."""
+    """One flow-matching transformer variant (`dmdscale.families.flow.model.FLOW_VARIANTS`) as a family."""
 
     student_parts = (STUDENT_TRANSFORMER_DIR, STUDENT_LORA)
     network = "transformer"
@@ -39,7 +39,7 @@ class FlowFamily(SDFamily):
                              f"{cfg.loss.gan_head!r}")
 
     def check_teacher_folder(self, teacher: str) -> str:
-        from dmdscale.models.flow import check_flow_folder
+        from dmdscale.families.flow.model import check_flow_folder
 
         return check_flow_folder(teacher, self.name)
 
@@ -53,7 +53,7 @@ class FlowFamily(SDFamily):
         from diffusers import AutoencoderKL
 
         from dmdscale.models.hub import is_local
-        from dmdscale.models.flow import vae_scale_factor
+        from dmdscale.families.flow.model import vae_scale_factor
 
         if not is_local(teacher):
             return  # a hub id's VAE is read at load time
@@ -64,7 +64,7 @@ class FlowFamily(SDFamily):
 
     def load_teacher(self, cfg: Config, teacher_path: str):
         """fp32 weights (generator and fake score are copied from them; see SDFamily.load_teacher)."""
-        from dmdscale.models.flow import load_flow_teacher
+        from dmdscale.families.flow.model import load_flow_teacher
 
         return load_flow_teacher(teacher_path, self.name, cfg.data.resolution, torch.float32,
                                  cfg.loss.gan_feature_depths)
@@ -76,7 +76,7 @@ class FlowFamily(SDFamily):
 
     def export_student(self, cfg: Config, network_dir: Path, student_dir: Path, lora: dict[str, Any] | None) -> Path:
         """The teacher's pipeline class around the trained transformer (`export_flow_pipeline`)."""
-        from dmdscale.export import export_flow_pipeline
+        from dmdscale.families.flow.export import export_flow_pipeline
 
         return export_flow_pipeline(cfg.model.teacher, self.name, network_dir, cfg.generator.timesteps, student_dir,
                                     cfg.data.resolution, lora_state_dict=lora,
