@@ -20,9 +20,9 @@ from typing import Any, Callable
 import numpy as np
 
 from dmdscale.config import Config
+from dmdscale.contracts import Trained
 from dmdscale.distributed.checkpoint import RunJournal, check_init, check_init_fits, parse_fail_at_step
 from dmdscale.families import resolve
-from dmdscale.contracts import Trained
 from dmdscale.redact import scrub
 from dmdscale.tracking import Tracker, absolute_tracking_uri, check_tracking_server
 
@@ -86,11 +86,11 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
     from dmdscale.distributed.launch import run_storage
     from dmdscale.eval.plots import curves_from_log, plot_curves, plot_diagnostics
 
+    family = resolve(cfg)  # the one lookup by name: the family is handed down from here
     if cfg.regression.enabled:  # the regression stage: teacher ODE pairs, then regression, no DMD2
         from dmdscale.distributed.regression import run_regression_stage
 
-        return run_regression_stage(cfg, resolve(cfg), out)
-    family = resolve(cfg)  # the one lookup by name: the family is handed down from here
+        return run_regression_stage(cfg, family, out)
     fail_at_step = parse_fail_at_step(os.environ.get("DMDSCALE_FAIL_AT_STEP"))
     out.mkdir(parents=True, exist_ok=True)
     # A missing, truncated or other family's start fails here, before any work; how its weights

@@ -1,10 +1,12 @@
-"""Teacher families: one module each, one line each in `FAMILIES`.
+"""Teacher families: one folder each (`<name>/`: the family, its network adapter, its export,
+a README), one line each in `FAMILIES`.
 
-A family (the contract `dmdscale.contracts.Family`, implemented on `base.FamilyBase`) answers everything that
-differs between teachers: its config checks, preflight, teacher loading, critic head, data
-stream, evaluation and student export. The commands (driver, sweep, evaluate) look the family up
-once, `resolve(cfg)`, and hand it down; nothing below them compares `model.family` to a name.
-Adding a family: write its module, add its line below.
+A family (the contract `dmdscale.contracts.Family`, implemented on `base.FamilyBase`) answers
+everything that differs between teachers: its config checks, preflight, teacher loading, critic
+head, data stream, evaluation and student export. The command line, the driver and the sweep
+look the family up once, `resolve(cfg)`, and hand it down; nothing below them compares
+`model.family` to a name.
+Adding a family: write its folder, add its line below (CONTRIBUTING.md, "Adding a family").
 """
 from __future__ import annotations
 
