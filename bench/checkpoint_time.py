@@ -26,7 +26,7 @@ from readme_table import update_readme_table
 from dmdscale.config import build_config
 from dmdscale.core.sampling import NoiseStream
 from dmdscale.core.schedule import NoiseSchedule
-from dmdscale.distributed.checkpoint import TrainingState, load_training_state, rng_states, save_training_state
+from dmdscale.distributed.checkpoint.state import TrainingState, load_training_state, rng_states, save_training_state
 from dmdscale.distributed.engine import DeepSpeedOptimizedModule
 from dmdscale.core.networks import Critic
 from dmdscale.models.heads import ConvHead

@@ -38,7 +38,7 @@ from dmdscale.core.loop import train_loop
 from dmdscale.core.optim import TorchOptimizedModule
 from dmdscale.core.sampling import teacher_sample
 from dmdscale.core.step import Batch, DMD2Step
-from dmdscale.distributed.evalpool import eval_spec
+from dmdscale.families.unet2d.evaluator import eval_spec
 from dmdscale.distributed.worker import build_players
 from dmdscale.eval.metrics import class_accuracy, compute_fid_kid, generate, sample_quality_of, sample_student
 from dmdscale.eval.plots import first_per_class, save_grid

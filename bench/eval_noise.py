@@ -27,7 +27,7 @@ import torch
 
 from dmdscale.config import load_config
 from dmdscale.core.sampling import teacher_sample
-from dmdscale.distributed.evalpool import eval_spec
+from dmdscale.families.unet2d.evaluator import eval_spec
 from dmdscale.eval.metrics import compute_fid_kid, generate, sample_student
 from dmdscale.families import resolve
 from dmdscale.families.unet2d.model import load_unet

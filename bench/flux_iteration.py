@@ -1,7 +1,7 @@
 """One DMD2 iteration at FLUX.1-dev size with random weights: seconds per iteration and peak memory.
 
-The transformer is FLUX.1-dev's published architecture (dmdscale.tools.memory.model_config("flux"),
-11.9B parameters; width 3072) with random weights, so nothing is downloaded. The teacher is
+The transformer is FLUX.1-dev's published architecture (its memory profile's config,
+dmdscale.families.flow.memory.PROFILES["flux"], 11.9B parameters; width 3072) with random weights, so nothing is downloaded. The teacher is
 frozen in bf16; the generator and the critic (fake score + TokenHead at the middle block) are
 DeepSpeed ZeRO-3 engines with the optimizer offloaded, as the Ray workers build them (without
 Ray: one process). Each iteration is a generator turn and a critic turn (ttur_ratio 1),
@@ -10,7 +10,7 @@ embedded guidance 3.5, GAN on, gradient checkpointing, bf16 autocast, micro-batc
 
 Three full FLUX copies (teacher 24 GB in bf16, generator and critic 48 GB each in fp32, their
 fp32 grads and host-side Adam states) do not fit one 141 GB GPU and a 128 GB host: the
-memory planner says so (python -m dmdscale.tools.memory --family flux). `--double/--single`
+memory planner says so (python -m dmdscale.memory --family flux). `--double/--single`
 therefore build FLUX's width with fewer blocks; time and memory grow linearly in the blocks
 (every block is the same size), so rows at two depths give the per-block cost and the
 full-depth figure by extrapolation, which the JSON states next to the measured rows.
@@ -44,12 +44,13 @@ def one_run(size: str, double: int, single: int, steps: int) -> dict:
     from dmdscale.core.networks import Critic
     from dmdscale.families.flow.model import FlowTransformer, image_seq_len
     from dmdscale.models.heads import TokenHead
+    from dmdscale.families.flow.memory import PROFILES
     from dmdscale.tools.memory import model_config
     from dmdscale.families.flow.tiny import SCHEDULERS, tiny_transformer_config
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
-    config = model_config("flux") if size == "flux" else tiny_transformer_config("flux")
+    config = model_config(PROFILES["flux"]) if size == "flux" else tiny_transformer_config("flux")
     config |= {"num_layers": double, "num_single_layers": single}
     resolution, vae_scale = (512, 8) if size == "flux" else (32, 2)
     latent = resolution // vae_scale
@@ -94,9 +95,10 @@ def extrapolate(rows: list[dict], key: str) -> float | None:
         return None
     a, b = good[-2], good[-1]
     slope = (b[key] - a[key]) / (b["parameters_per_transformer"] - a["parameters_per_transformer"])
+    from dmdscale.families.flow.memory import PROFILES
     from dmdscale.tools.memory import model_sizes
 
-    return b[key] + slope * (model_sizes("flux").params - b["parameters_per_transformer"])
+    return b[key] + slope * (model_sizes(PROFILES["flux"]).params - b["parameters_per_transformer"])
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """One DMD2 iteration on an SDXL-size UNet on a single GPU: seconds per iteration and peak memory.
 
-The UNet is SDXL's published architecture (dmdscale.tools.memory.unet_config("sdxl"), 2.57B
-parameters) with random weights, so nothing is downloaded; the teacher is frozen in bf16, and the
+The UNet is SDXL's published architecture (its memory profile's config,
+dmdscale.families.sd.memory.PROFILES["sdxl"], 2.57B parameters) with random weights, so nothing is downloaded; the teacher is frozen in bf16, and the
 generator and critic (fake score + head) are DeepSpeed engines as the Ray workers build them.
 Each iteration is a generator turn and a critic turn (ttur_ratio 1), CFG 8 on the teacher, GAN
 on, gradient checkpointing, micro-batch 1 at 1024 px (128x128 latents). Set-ups, each in its own
@@ -37,16 +37,17 @@ def one_setup(setup: str, size: str, steps: int) -> dict:
     from dmdscale.core.schedule import NoiseSchedule
     from dmdscale.core.step import Batch, DMD2Step
     from dmdscale.distributed.engine import DeepSpeedOptimizedModule, ensure_single_process_env
-    from dmdscale.families.sd import lora_config
+    from dmdscale.families.text2image import lora_config
     from dmdscale.core.networks import Critic
     from dmdscale.models.heads import ConvHead
     from dmdscale.families.sd.model import TextConditionalUNet
+    from dmdscale.families.sd.memory import PROFILES
     from dmdscale.tools.memory import unet_config
     from dmdscale.families.sd.tiny import tiny_unet_config
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
-    config = unet_config("sdxl") if size == "sdxl" else tiny_unet_config("sdxl")
+    config = unet_config(PROFILES["sdxl"]) if size == "sdxl" else tiny_unet_config("sdxl")
     latent = int(config["sample_size"])
     cfg = build_config({}, {"model.family": "sdxl", "model.teacher": "random-sdxl", "data.channels": 3,
                             "train.mixed_precision": "bf16", "train.gradient_checkpointing": True,

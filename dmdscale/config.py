@@ -26,8 +26,8 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     family: str = "toy2d"
-    """The teacher family: a name in `dmdscale.families.FAMILIES` (toy2d, unet2d, sd15, sdxl, sd3, flux), checked
-    there (`families.resolve`); see docs/families.md."""
+    """The teacher family: a name in `dmdscale.families.FAMILIES` (toy2d, unet2d, sd15, sdxl, sd3, flux,
+    qwenimage), checked there (`families.resolve`); see docs/families.md."""
     teacher: str = "analytic"
     """Local diffusers folder or hub id (loaded with `from_pretrained`); `analytic` for toy2d; `train` for unet2d:
     dmdscale trains a teacher on `data.path` (cached by its config)."""

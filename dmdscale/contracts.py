@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from dmdscale.config import Config
@@ -62,6 +63,7 @@ class Family(Protocol):
     chooses_export: bool  # export.choose=held_out: the exported weights picked by a held-out figure
     student_parts: Sequence[str]  # what `save_student` writes into the final checkpoint
     pipeline_tag: str  # the Hub's task of the exported student (model card)
+    memory_profile: Any  # a dmdscale.tools.memory.MemoryProfile for the memory planner, or None
 
     # -- driver, before any cluster work
     def check_config(self, cfg: Config) -> None: ...
@@ -91,3 +93,28 @@ class Family(Protocol):
     def evaluate(self, cfg: Config, inputs: Any, trained: Trained, workdir: Path) -> Evaluation: ...
     def draw_samples(self, cfg: Config, samples: dict[str, np.ndarray], metrics: dict[str, Any],
                      path: Path) -> None: ...
+
+
+class CheckpointEvaluator(Protocol):
+    """What a family's checkpoint evaluation actors run (`Family.start_eval_pool` launches them on
+    `dmdscale.distributed.evalpool.EvaluationPool`): a checkpoint's weights in, the final
+    evaluation's figures out (`dmdscale.eval.checkpoints.evaluate_checkpoint`), logged to `sink`."""
+
+    sink: Any  # dmdscale.tracking.MlflowSink: the run's MLflow run (its calls never raise)
+
+    def evaluate(self, step: int, state_dict: dict[str, torch.Tensor],
+                 averages: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]: ...
+
+
+class TextToImage(Family, Protocol):
+    """A text-to-image family (`dmdscale.families.text2image.TextToImageFamily`): what the latent
+    data stage, the ODE-pair actors and the checkpoint evaluator ask of it."""
+
+    network: str  # the pipeline component the generator trains ("unet", "transformer")
+
+    def prompt_encoder(self, teacher: str, device: Any) -> Any: ...
+    def latent_encoder(self, teacher: str, device: Any) -> Callable[[torch.Tensor], torch.Tensor]: ...
+    def latent_shape(self, teacher: str, resolution: int) -> tuple[int, int, int]: ...
+    def student_pipeline(self, cfg: Config, teacher: str, network: nn.Module | None = None,
+                         ) -> tuple[Any, dict[str, Any]]: ...
+    def exported_network(self, network: nn.Module) -> nn.Module: ...

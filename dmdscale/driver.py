@@ -21,7 +21,9 @@ import numpy as np
 
 from dmdscale.config import Config
 from dmdscale.contracts import Trained
-from dmdscale.distributed.checkpoint import RunJournal, check_init, check_init_fits, parse_fail_at_step
+from dmdscale.distributed.checkpoint.faults import parse_fail_at_step
+from dmdscale.distributed.checkpoint.journal import RunJournal
+from dmdscale.distributed.checkpoint.stages import check_init, check_init_fits
 from dmdscale.families import resolve
 from dmdscale.redact import scrub
 from dmdscale.tracking import Tracker, absolute_tracking_uri, check_tracking_server

@@ -12,6 +12,11 @@ class TeacherNotFound(UserError, FileNotFoundError):
     """model.teacher is not a loadable teacher: a folder lacking parts, or an unreachable hub id."""
 
 
+class EvaluationError(UserError, ValueError):
+    """A bad argument or input file of the evaluation command (`python -m dmdscale.evaluate`);
+    the message names it."""
+
+
 def warn(message: str) -> None:
     """One warning line on stderr, credentials in URIs masked. print, not warnings.warn: the
     default filter would show a repeated warning (a later outage's) only once."""

@@ -4,15 +4,16 @@
         --real /data/coco/val2014 --protocol sd15-coco30k --clip-model /models/clip-vit-g-14 \\
         --inception /models/inception-2015-12-05.pt --num-actors 8 --out runs/sd15/eval
 
-Generates one image per prompt on a Ray actor pool (each actor loads the student pipeline
-once, one GPU each when the cluster has GPUs) with the call its dmdscale.json gives, in
-fixed-seed chunks (chunk i: seed + i, so the images do not depend on the number of actors),
-and measures as the chunks arrive (memory stays bounded at 30K images):
+Generates one image per prompt on a Ray actor pool (`dmdscale.distributed.generation`: each
+actor loads the student pipeline once, one GPU each when the cluster has GPUs) with the call its
+dmdscale.json gives, in fixed-seed chunks (chunk i: seed + i, so the images do not depend on the
+number of actors), and measures as the chunks arrive (memory stays bounded at 30K images):
 
 - FID against the real images on clean-fid's Inception (or CLIP image features), at
   `--resolution` (the generated images are downscaled to it, bicubic, as the authors evaluate
   512 px SD1.5 samples at 256 px). The real images' statistics are computed once and cached
-  as .npz under `--cache-dir`, keyed by (real source, resolution, extractor, patches); later
+  as .npz under `--cache-dir`, keyed by (real source, resolution, extractor, patches:
+  `dmdscale.eval.reference`); later
   runs (other students, other checkpoints) read only the .npz. `--reference-stats` uses a
   given .npz instead.
 - CLIP score: 100 * max(cos, 0) between each image and its prompt (torchmetrics' definition).
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -44,10 +44,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dmdscale.errors import UserError, user_error_in, warn
+from dmdscale.errors import EvaluationError, UserError, user_error_in, warn
 
-__all__ = ["PROTOCOLS", "Protocol", "EvaluationError", "evaluate", "fid_extractor_id", "main", "read_prompts",
-           "reference_key", "student_resolution"]
+__all__ = ["PROTOCOLS", "Protocol", "evaluate", "main", "read_prompts", "student_resolution"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +68,6 @@ DEFAULT_CACHE = "~/.cache/dmdscale/reference_stats"
 DEFAULT_RESOURCE_WAIT_S = 600.0  # training's scale.resource_wait_s default: an autoscaler's bounded wait
 
 
-class EvaluationError(UserError, ValueError):
-    """A bad argument or input file of the evaluation command; the message names it."""
-
-
 def read_prompts(path: str | os.PathLike, limit: int | None) -> list[str]:
     """Prompts from a .txt file (one per line, blank lines skipped) or from a `prompt` column
     (Parquet, or an image folder's metadata.jsonl `text`)."""
@@ -90,97 +85,10 @@ def read_prompts(path: str | os.PathLike, limit: int | None) -> list[str]:
     return prompts
 
 
-def _fingerprint(source: Path) -> list[int]:
-    """What tells a changed real source apart under the same path: sizes and modification times."""
-    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
-    stats = [f.stat() for f in files]
-    return [len(stats), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
-
-
-def _path_id(path: Path) -> str:
-    """A local path as the cache key and the .npz hold it: its name and a hash of where it
-    resolves to (one cache entry per location, but no local path, nor account name, in the file)."""
-    return f"{path.name}@{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
-
-
-def fid_extractor_id(fid_features: str, clip_model: str | os.PathLike | None) -> str:
-    """What the reference statistics record as their feature extractor: "inception", or
-    "clip:" and the CLIP model (a local folder as `_path_id`, a hub id as it is)."""
-    if fid_features == "inception":
-        return "inception"
-    folder = Path(clip_model).expanduser()
-    return f"clip:{_path_id(folder) if folder.is_dir() else clip_model}"
-
-
-def reference_key(real: Path, resolution: int, extractor: str, patch_size: int | None,
-                  num_real: int | None) -> dict[str, Any]:
-    """The reference statistics' cache key (also stored in their .npz): what changes the figures."""
-    return {"source": _path_id(real), "fingerprint": _fingerprint(real), "resolution": resolution,
-            "extractor": extractor, "patch_size": patch_size, "num_real": num_real}
-
-
 def _shown(folder: str | os.PathLike, file: Path) -> str:
     """A file in a folder the user gave (or the default), spelled from the folder as given: no
     expanded ~, no absolute path the tool inferred."""
     return str(Path(folder) / file.name)
-
-
-def _ensure_actors_fit(num_actors: int, actor_cpus: float, use_gpu: bool, wait_s: float) -> None:
-    """The generation actors can be placed on the cluster (Ray would otherwise wait forever for
-    them): as `dmdscale.distributed.cluster.ensure_fits` checks a training run, an immediate error
-    on a cluster this process started, a bounded wait (the autoscaler asked) on one joined by address."""
-    import ray
-
-    from dmdscale.distributed.cluster import _describe, _request, may_autoscale, missing
-
-    need = {"CPU": num_actors * actor_cpus, **({"GPU": float(num_actors)} if use_gpu else {})}
-    short = missing(need, ray.cluster_resources())
-    if short and may_autoscale() and wait_s > 0:
-        print(f"dmdscale: {num_actors} generation actors need {_describe(need)}; the cluster lacks {_describe(short)}. "
-              f"Asking the autoscaler and waiting up to --resource-wait-s={wait_s:g} s", file=sys.stderr, flush=True)
-        _request(need)
-        deadline = time.monotonic() + wait_s
-        while short and time.monotonic() < deadline:
-            time.sleep(5.0)
-            short = missing(need, ray.cluster_resources())
-    if short:
-        have = ray.cluster_resources()
-        fits = int(have.get("CPU", 0.0) // actor_cpus) if actor_cpus > 0 else num_actors
-        if use_gpu:
-            fits = min(fits, int(have.get("GPU", 0.0)))
-        each = f"{actor_cpus:g} CPU (--actor-cpus)" + (" and 1 GPU" if use_gpu else "")
-        raise EvaluationError(
-            f"--num-actors {num_actors}: the generation actors need {each} each, {_describe(need)} in all, but the "
-            f"Ray cluster has {_describe({k: have.get(k, 0.0) for k in need})}; "
-            + (f"at most {fits} fit: give --num-actors {fits} or fewer" if fits >= 1 else "lower --actor-cpus")
-            + " (or run on a larger cluster)")
-
-
-class _Generator:
-    """A generation actor: the exported student pipeline, loaded once."""
-
-    def __init__(self, student: str, threads: int, resolution: int | None = None):
-        import ray
-        import torch
-        from diffusers import DiffusionPipeline
-
-        from dmdscale.export import STUDENT_INFO
-
-        torch.set_num_threads(threads)
-        gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-        self.pipe = DiffusionPipeline.from_pretrained(student).to("cuda" if gpu else "cpu")
-        self.pipe.set_progress_bar_config(disable=True)
-        info = json.loads((Path(student) / STUDENT_INFO).read_text())
-        self.call = info["call"]
-        # The driver's `student_resolution` where it could tell; else the trained resolution where the
-        # export recorded it (sd3/flux), else the UNet's native one.
-        self.resolution = int(resolution or info.get("resolution")
-                              or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
-
-    def generate(self, prompts: list[str], seed: int) -> np.ndarray:
-        from dmdscale.eval.text import pipeline_images
-
-        return pipeline_images(self.pipe, prompts, self.resolution, seed, batch=len(prompts), **self.call)
 
 
 def _check_student(student: Path, given: str) -> dict[str, Any]:
@@ -238,9 +146,10 @@ def evaluate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
     """The whole evaluation (see the module docstring); returns metrics.json's figures."""
     import ray
     import torch
-    from ray.util import ActorPool
 
     from dmdscale.distributed.cluster import connect
+    from dmdscale.distributed.generation import ensure_actors_fit, generate_on_actors
+    from dmdscale.eval.reference import fid_extractor_id, reference_key
     from dmdscale.eval.metrics import image_features
     from dmdscale.eval.text import (
         INCEPTION_SIZE,
@@ -313,7 +222,7 @@ def evaluate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
     # -- the cluster: can it ever hold the generation actors? -----------------------------------
     connect()
     use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    _ensure_actors_fit(num_actors, actor_cpus, use_gpu, resource_wait_s)
+    ensure_actors_fit(num_actors, actor_cpus, use_gpu, resource_wait_s)
 
     # -- measuring tools, on the driver's GPU when it has one ----------------------------------
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -351,29 +260,20 @@ def evaluate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
         references["patch_fid"] = stats_of(generated_resolution, True)
 
     # -- generation on the actor pool, measured as chunks arrive ---------------------------------
-    actor_cls = ray.remote(_Generator).options(num_cpus=actor_cpus, num_gpus=1 if use_gpu else 0,
-                                               runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
-    actors = [actor_cls.remote(str(student.resolve()), max(1, int(actor_cpus)), generated_resolution)
-              for _ in range(num_actors)]
-    chunks = [(texts[i:i + batch_size], seed + k) for k, i in enumerate(range(0, len(texts), batch_size))]
     gen_feats, patch_feats, cosines, shown = [], [], [], []
     t0 = time.perf_counter()
-    try:
-        for (chunk_prompts, _), images in zip(chunks, ActorPool(actors).map(
-                lambda a, c: a.generate.remote(*c), chunks)):
-            generated_resolution = images.shape[1]
-            if len(shown) < GRID_IMAGES:
-                shown.extend(images[:GRID_IMAGES - len(shown)])
-            if extractor is not None:
-                gen_feats.append(image_features(resize_images(images, resolution), extractor))
-            if patch_fid:
-                patch_feats.append(image_features(regular_crops(images, patch), extractor))
-            if clip is not None:
-                cosines.append(torch.nn.functional.cosine_similarity(
-                    clip_image_embeddings(images, clip), clip_text_embeddings(chunk_prompts, clip)))
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    for chunk_prompts, images in generate_on_actors(str(student.resolve()), texts, batch_size, seed, num_actors,
+                                                    actor_cpus, use_gpu, generated_resolution):
+        generated_resolution = images.shape[1]
+        if len(shown) < GRID_IMAGES:
+            shown.extend(images[:GRID_IMAGES - len(shown)])
+        if extractor is not None:
+            gen_feats.append(image_features(resize_images(images, resolution), extractor))
+        if patch_fid:
+            patch_feats.append(image_features(regular_crops(images, patch), extractor))
+        if clip is not None:
+            cosines.append(torch.nn.functional.cosine_similarity(
+                clip_image_embeddings(images, clip), clip_text_embeddings(chunk_prompts, clip)))
     seconds = time.perf_counter() - t0
 
     # No absolute local path the tool inferred: names as given on the command line.

@@ -46,7 +46,7 @@ from dmdscale.core.schedule import config_for
 from dmdscale.redact import public_name, public_text, scrub
 
 __all__ = ["STUDENT_DIR", "STUDENT_INFO", "guidance_free_unet", "lora_state_dict", "merged_unet", "sampling_call",
-           "save_lora", "scrub_folder", "student_scheduler", "write_model_card", "write_student_info"]
+           "save_lora", "scrub_folder", "student_scheduler", "flow_student_scheduler", "save_fp16_variant", "write_model_card", "write_student_info"]
 
 logger = logging.getLogger(__name__)
 
@@ -291,3 +291,70 @@ repo id. No dmdscale is needed.
     path = folder / "README.md"
     path.write_text(public_text(text))
     return path
+
+
+def flow_student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[int], image_seq_len: int, *,
+                           pipeline_spaces_sigmas: bool, guidance_off: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+    """(a stock FlowMatchEulerDiscreteScheduler stepping like the student's sampler, the pipeline
+    call that runs exactly the trained timesteps).
+
+    The scheduler is the teacher's (shift, dynamic shifting) with `stochastic_sampling`: each step
+    re-noises the model's x0 to the next sigma with fresh noise, which is the student's sampler
+    (`dmdscale.core.sampling.sample`); its last step returns x0. The call is
+    `num_inference_steps=N` where the pipeline's own spacing gives the trained sigmas (e.g. one step
+    at t = 999, sigma 1; FLUX's 4 steps [999, 749, 499, 249]), else `sigmas=[...]`, the unshifted
+    values the pipeline shifts onto them; checked here, not at sampling time.
+    `pipeline_spaces_sigmas`: the pipeline passes its own linear sigmas for a step count (FLUX,
+    Qwen-Image) rather than letting the scheduler space them (SD3). `guidance_off`: what the call
+    adds so a CFG pipeline runs one pass around the guidance-distilled student (sd3:
+    guidance_scale=1.0, its default would be 7.0); None keeps the pipeline's default (flux's
+    embedded guidance, which the student was trained at). A `shift_terminal` (Qwen-Image) only
+    re-spaces the teacher's many-step sigmas: the student's scheduler drops it so its steps land
+    on the trained sigmas."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dmdscale.core.schedule import FlowMatchSchedule
+
+    config = config_for(FlowMatchEulerDiscreteScheduler, dict(teacher_scheduler_config)) | {"stochastic_sampling": True}
+    if config.get("shift_terminal"):
+        config["shift_terminal"] = None
+    schedule = FlowMatchSchedule(config, image_seq_len)
+    trained = schedule.flow_sigmas[torch.tensor(timesteps)].float()
+    mu = {"mu": schedule.mu} if schedule.mu is not None else {}
+    n = len(timesteps)
+
+    def sigmas_for(**call: Any) -> torch.Tensor:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        if "sigmas" in call:
+            scheduler.set_timesteps(sigmas=call["sigmas"], **mu)
+        elif pipeline_spaces_sigmas:  # FluxPipeline: its own linear sigmas for a step count
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), **mu)
+        else:
+            scheduler.set_timesteps(n, **mu)
+        return scheduler.sigmas[:-1]
+
+    call: dict[str, Any] = {"num_inference_steps": n}
+    if not torch.allclose(sigmas_for(**call), trained, atol=1e-5):
+        call = {"sigmas": [(int(t) + 1) / schedule.num_train_timesteps for t in timesteps]}
+        if not torch.allclose(sigmas_for(**call), trained, atol=1e-5):
+            raise ValueError(f"FlowMatchEulerDiscreteScheduler gives {sigmas_for(**call).tolist()} for {call}, "
+                             f"not the trained sigmas {trained.tolist()}")
+    call |= guidance_off or {}
+    return FlowMatchEulerDiscreteScheduler.from_config(config), call
+
+
+def save_fp16_variant(out: Path) -> None:
+    """fp16 weights beside the fp32 ones in an exported pipeline folder (`from_pretrained(out,
+    variant="fp16", dtype=torch.float16)`), from a copy read back in fp16: casting the pipeline in
+    place would round the caller's network. Every JSON stays the fp32 save's: transformers writes
+    the cast dtype into text_encoder/config.json, and a plain `from_pretrained(out)` would then load
+    an fp16 text encoder beside an fp32 network and fail on its first matmul."""
+    from diffusers import DiffusionPipeline
+
+    configs = {path: path.read_bytes() for path in Path(out).rglob("*.json")}
+    with _quiet("diffusers"):
+        half = DiffusionPipeline.from_pretrained(out, dtype=torch.float16)
+    half.save_pretrained(out, safe_serialization=True, variant="fp16")
+    for path, text in configs.items():
+        path.write_bytes(text)

@@ -9,7 +9,6 @@ loaded from a local state dict only.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from dmdscale.config import Config
 from dmdscale.core.losses import regression_loss
 from dmdscale.core.optim import OptimizedModule
+from dmdscale.core.precision import autocast
 
 # A pair row's tensors that are not the generator's conditioning.
 PAIR_TENSORS = ("noise", "target")
@@ -89,16 +89,11 @@ class RegressionStep:
         self.device = torch.device(device)
         self.timestep = cfg.generator.timesteps[0]  # the 1-step student's (pure-noise) input time
 
-    def _autocast(self):
-        if self.cfg.train.mixed_precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def __call__(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
         noise, target = batch["noise"], batch["target"]
         cond = {k: v for k, v in batch.items() if k not in PAIR_TENSORS}
         t = torch.full((len(noise),), self.timestep, dtype=torch.long, device=noise.device)
-        with self._autocast():
+        with autocast(self.device, self.cfg.train.mixed_precision):
             loss = self.distance(self.generator_opt.module(noise, t, cond), target)
         metrics = {"loss_regression": float(loss.detach())}
         if not self.sync_flag(bool(torch.isfinite(loss.detach()))):  # skipped on every rank alike

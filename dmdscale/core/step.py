@@ -22,7 +22,6 @@ in the metrics and skipped.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -43,6 +42,7 @@ from dmdscale.core.losses import (
     regression_loss,
 )
 from dmdscale.core.optim import OptimizedModule
+from dmdscale.core.precision import autocast
 from dmdscale.core.sampling import (
     NoiseStream,
     backward_simulate,
@@ -139,11 +139,6 @@ class DMD2Step:
         self.rng = NoiseStream(torch.Generator(self.device).manual_seed(seeds.training_noise(cfg.train.seed)), rank, world_size)
 
     # -- helpers ------------------------------------------------------------------------
-    def _autocast(self):
-        if self.cfg.train.mixed_precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _full_precision(self):
         """The DM loss's fake-score pass in fp32 under bf16 training, as the DMD2 authors run it
         (main/sd_guidance.py, compute_distribution_matching_loss: outside their autocast, fp32
@@ -182,14 +177,14 @@ class DMD2Step:
         if len(timesteps) > 1 and self.cfg.generator.step_draw == "row":
             ks = row_steps(step, len(timesteps), self.cfg.train.seed, n, self.rank, self.world_size, self.device)
             if self.cfg.generator.backward_simulation:
-                with self._autocast():
+                with autocast(self.device, self.cfg.train.mixed_precision):
                     return backward_simulate_rows(self.generator, self.schedule, timesteps, ks, shape, batch.cond,
                                                   self.simulation_rng(step), self.device, batch.images.dtype)
             t = torch.tensor(timesteps, device=self.device)[ks]
             return self.schedule.add_noise(batch.images, self._randn(batch.images), t), t
         k = draw_k(step, len(timesteps), self.cfg.train.seed) if len(timesteps) > 1 else 0
         if k == 0 or self.cfg.generator.backward_simulation:
-            with self._autocast():
+            with autocast(self.device, self.cfg.train.mixed_precision):
                 return backward_simulate(self.generator, self.schedule, timesteps, k, shape,
                                          batch.cond, self.simulation_rng(step), self.device, batch.images.dtype)
         # Without backward simulation: noised real data at t_k (the train/inference mismatch
@@ -206,7 +201,7 @@ class DMD2Step:
         # This iteration's augmentation draws (each gan_input call takes fresh ones from it).
         self.augment_rng = torch.Generator(self.device).manual_seed(
             seeds.gan_augmentation(self.cfg.train.seed, step, self.rank))
-        with torch.set_grad_enabled(update_generator), self._autocast():
+        with torch.set_grad_enabled(update_generator), autocast(self.device, self.cfg.train.mixed_precision):
             x = self.generator(x_in, t_in, batch.cond)
         metrics: dict[str, float] = {"generator_updated": float(update_generator)}
         # The critic judges this iteration's outputs as step k's (loss.step_conditioned_critic);
@@ -267,7 +262,7 @@ class DMD2Step:
         """(teacher's CFG x0, fake score's x0) at x_t for the DM loss, float32 from float64
         conversions; the teacher in its stored precision under the step's autocast, the fake
         score in fp32 (`_full_precision`)."""
-        with self._autocast():
+        with autocast(self.device, self.cfg.train.mixed_precision):
             x0_real = self.teacher(x_t, t, cond, self.cfg.loss.guidance_scale)
         with self._full_precision():
             x0_fake = self.critic.fake_score(x_t, t, cond)  # never guided
@@ -278,7 +273,7 @@ class DMD2Step:
         metrics: dict[str, float] = {}
         # The GAN term runs the critic inside the generator's backward: keep the critic's
         # parameters out of that graph (also required by ZeRO-3 with two engines).
-        with requires_grad(self.critic, False), self._autocast():
+        with requires_grad(self.critic, False), autocast(self.device, self.cfg.train.mixed_precision):
             t = self.draw_t(self.dm_timesteps, lc.dm_min_step, lc.dm_max_step, n)
             x_t = self.schedule.add_noise(x.detach(), self._randn(x), t)
             x0_real, x0_fake = self.dm_scores(x_t, t, batch.cond)
@@ -365,7 +360,7 @@ class DMD2Step:
     def update_critic(self, x_fake: Tensor, batch: Batch, diagnose: bool = False) -> dict[str, float]:
         lc, n = self.cfg.loss, len(x_fake)
         fake_score = self.critic.fake_score
-        with self._autocast():
+        with autocast(self.device, self.cfg.train.mixed_precision):
             if lc.fake_score_timesteps == "dm":  # where the DM term reads the fake score
                 t = self.draw_t(self.dm_timesteps, lc.dm_min_step, lc.dm_max_step, n)
             elif self.band_k is not None:

@@ -1,17 +1,13 @@
 """Checkpoint evaluation on separate Ray actors while training goes on.
 
-The driver starts an `EvaluationPool` before training and hands it (it pickles: it is a list
+The driver starts an `EvaluationPool` before training (`EvaluationPool.launch` with the
+family's checkpoint evaluator, `Family.start_eval_pool`) and hands it (it pickles: it is a list
 of actor handles) to the Ray Train workers. At each checkpoint rank 0 calls `pool.submit(step,
 state_dict)`: the weights go into the object store once, an actor acknowledges them as soon
-as they sit in its own queue, and a background thread in that actor evaluates them later:
-`eval.num_samples` student samples with the final evaluation's labels and seed, FID and KID
-against the held-out images with the final evaluation's extractor, class accuracy when that
-extractor is the digit classifier, all logged to the driver's MLflow run at the checkpoint's
-step under the final evaluation's names (`fid_student`, `kid_student`, `class_accuracy_student`),
-so checkpoints and the final figure form one curve; plus a 10-per-class sample grid under
-`eval_grids/`. The text families (sd15, sdxl) run a `TextCheckpointEvaluator` on the same actors
-instead: the student pipeline rebuilt around the checkpoint's UNet, the final evaluation's
-held-out prompts and seed, FID/KID, CLIP score and a prompt-captioned grid.
+as they sit in its own queue, and a background thread in that actor evaluates them later with
+the family's evaluator (`dmdscale.contracts.CheckpointEvaluator`): the final evaluation's figures
+under its names, logged to the driver's MLflow run at the checkpoint's step, so checkpoints and
+the final figure form one curve, plus a sample grid under `eval_grids/`.
 
 Each actor queues at most `eval.max_queued` checkpoints (each is a full copy of the weights);
 a submit to a full queue drops the oldest one waiting, counted in the pool's `dropped` and
@@ -25,230 +21,17 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import sys
-import tempfile
 import threading
-import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
 
-from dmdscale.core import seeds
+from dmdscale.eval.checkpoints import warn as _warn
 
-# dmdscale.eval.metrics and dmdscale.eval.plots (torchvision, clean-fid, matplotlib) are imported where
-# they are used: a train worker that unpickles the pool only submits.
+__all__ = ["EvaluationPool", "fit_while_watching"]
 
-__all__ = ["EvaluationPool", "CheckpointEvaluator", "TextCheckpointEvaluator", "eval_spec", "text_eval_spec",
-           "GRID_ARTIFACT_DIR"]
-
-GRID_ARTIFACT_DIR = "eval_grids"
 _TIMEOUT = 24 * 3600.0  # "no timeout" for threading waits (None is not interruptible everywhere)
-
-
-def _warn(message: str) -> None:
-    # print, not warnings.warn: the default filter would show a repeated failure only once.
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def eval_spec(cfg: Any) -> dict[str, Any]:
-    """What the final evaluation (UNet2DFamily.evaluate in dmdscale.families.unet2d) samples the student with: the
-    same labels, image shape, noise seed and timesteps, so a checkpoint's FID is comparable."""
-    n, c, r = cfg.eval.num_samples, cfg.data.channels, cfg.data.resolution
-    return {"labels": np.arange(n) % cfg.data.num_classes, "shape": (c, r, r),
-            "seed": seeds.evaluation_noise(cfg.train.seed), "timesteps": list(cfg.generator.timesteps),
-            "num_classes": cfg.data.num_classes}
-
-
-class CheckpointEvaluator:
-    """Evaluates student weights and logs the figures; what each actor runs (usable in-process).
-
-    `build_generator()` returns the student architecture (e.g. the teacher loaded with
-    `load_unet`), built once; each evaluation loads a full state_dict into it.
-    """
-
-    def __init__(self, build_generator: Callable[[], nn.Module], spec: dict[str, Any],
-                 real_images: np.ndarray, extractor: str | nn.Module, tracking_uri: str | None,
-                 run_id: str | None, device: torch.device | str = "cpu"):
-        from dmdscale.tracking import MlflowSink
-
-        self.device = torch.device(device)
-        self.model = build_generator().to(self.device).eval().requires_grad_(False)
-        self.spec = spec
-        self.real = np.array(real_images, copy=True)  # owned here, not a view into the object store
-        self.extractor = extractor
-        self.tracking_uri, self.run_id = tracking_uri, run_id
-        self.sink = MlflowSink(tracking_uri, run_id)  # its calls never raise
-
-    def evaluate(self, step: int, state_dict: dict[str, torch.Tensor],
-                 averages: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
-        """{step, fid_student, kid_student, class_accuracy_student (None without a classifier),
-        the sample quality figures of `sample_quality_of` (`swd_pixels_student`,
-        `recall_classifier_student`, ...), seconds}, with `error` instead of figures if the
-        evaluation raised, and `tracking_error` if logging failed (the figures are still returned).
-        Each of `averages` (e.g. {"ema_0.97": weights}) adds the same figures as `*_student_<name>`."""
-        t0 = time.perf_counter()
-        result: dict[str, Any] = {"step": int(step), "fid_student": None, "kid_student": None,
-                                  "class_accuracy_student": None}
-        try:
-            images = self._figures("student", state_dict, step, result)
-            for name, weights in (averages or {}).items():
-                self._figures(f"student_{name}", weights, step, result)
-        except Exception as exc:  # reported in the result; the actor goes on with the next one
-            result["error"] = f"{type(exc).__name__}: {exc}"
-            result["seconds"] = time.perf_counter() - t0
-            _warn(f"evaluation of the checkpoint at step {step} failed: {result['error']}")
-            return result
-        problems = self._log(int(step), result, images)
-        if problems:
-            result["tracking_error"] = "; ".join(problems)
-        result["seconds"] = time.perf_counter() - t0
-        return result
-
-    def _figures(self, who: str, state_dict: dict[str, torch.Tensor], step: int, result: dict[str, Any]) -> np.ndarray:
-        """Sample `state_dict`'s student and add `who`'s figures to `result`; its images."""
-        from dmdscale.eval.metrics import (
-            DigitClassifier,
-            class_accuracy,
-            compute_fid_kid,
-            sample_quality_of,
-            sample_student,
-        )
-
-        self.model.load_state_dict(state_dict)
-        spec = self.spec
-        images = sample_student(self.model, spec["timesteps"], spec["labels"], spec["shape"],
-                                spec["seed"], self.device, desc=f"evaluate step {step}: {who}")
-        result[f"fid_{who}"], result[f"kid_{who}"] = compute_fid_kid(images, self.real, self.extractor)
-        classifier = self.extractor if isinstance(self.extractor, DigitClassifier) else None
-        if classifier is not None:
-            result[f"class_accuracy_{who}"] = class_accuracy(classifier, images, spec["labels"])
-        result |= sample_quality_of(who, self.real, images, classifier, spec["seed"])
-        return images
-
-    def _log(self, step: int, result: dict[str, Any], images: np.ndarray) -> list[str]:
-        from dmdscale.eval.plots import first_per_class, save_grid
-
-        labels = self.spec["labels"]
-        shown = first_per_class(labels, 10)
-        return log_evaluation(self.sink, step, result, lambda path: save_grid(
-            images[shown], labels[shown], path, title=f"step {step}: FID {result['fid_student']:.2f}"))
-
-
-def log_evaluation(sink: Any, step: int, result: dict[str, Any], draw_grid: Callable[[Path], Path]) -> list[str]:
-    """A checkpoint evaluation's figures at `step` and its sample grid (`draw_grid(path)`) into the
-    MLflow run; failures are returned, never raised (the sink prints one warning per outage)."""
-    if not sink.enabled:
-        return []
-    problems = []
-    figures = {k: v for k, v in result.items()
-               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if not sink.log_metrics(figures, step, what=f"metrics of the evaluation at step {step}"):
-        problems.append(f"metrics: {sink.last_problem}")
-    with tempfile.TemporaryDirectory(prefix="dmdscale-grid-") as tmp:
-        try:
-            path = draw_grid(Path(tmp) / f"step_{step:07d}.png")
-        except Exception as exc:
-            problems.append(f"grid: {type(exc).__name__}: {exc}")
-            _warn(f"sample grid of the evaluation at step {step} failed: {exc}")
-        else:
-            if not sink.log_artifact(path, GRID_ARTIFACT_DIR):
-                problems.append(f"grid: {sink.last_problem}")
-    return problems
-
-
-def text_eval_spec(cfg: Any, prompts: list[str]) -> dict[str, Any]:
-    """What the text families' final evaluation (SDFamily.evaluate) samples the student with:
-    the held-out prompts, resolution, seed and trained timesteps, so a checkpoint's figures and
-    the final ones form one curve."""
-    return {"prompts": list(prompts), "resolution": cfg.data.resolution, "seed": cfg.train.seed,
-            "timesteps": list(cfg.generator.timesteps)}
-
-
-class TextCheckpointEvaluator:
-    """The text families' checkpoint evaluation: the teacher pipeline with the student's
-    scheduler and guidance-free UNet (as `dmdscale.families.sd.export.export_pipeline` writes it) around
-    each checkpoint's weights, sampled as the final evaluation samples the exported student;
-    FID and KID against held-out images (`fid_kind` "inception" or "clip"; None: none), CLIP
-    score (with `clip_model`), and a prompt-captioned grid.
-
-    The submitted state_dict is the generator's (TextConditionalUNet: keys prefixed `unet.`);
-    with `lora` (the run's peft LoraConfig) the adapter is added first and merged per evaluation.
-    """
-
-    def __init__(self, teacher: str, family: str, spec: dict[str, Any], real_images: np.ndarray,
-                 fid_kind: str | None, inception: str | None, clip_model: str | None, lora: Any,
-                 tracking_uri: str | None, run_id: str | None, device: torch.device | str = "cpu"):
-        from diffusers import DiffusionPipeline, LCMScheduler
-
-        from dmdscale.eval.metrics import image_features
-        from dmdscale.eval.text import fid_features, load_clip
-        from dmdscale.export import sampling_call, student_scheduler
-        from dmdscale.tracking import MlflowSink
-
-        self.device = torch.device(device)
-        self.spec, self.fid_kind, self.lora = spec, fid_kind, lora is not None
-        scheduler = student_scheduler(LCMScheduler.load_config(teacher, subfolder="scheduler"), spec["timesteps"])
-        self.call = sampling_call(spec["timesteps"], scheduler.config.num_train_timesteps)
-        self.pipe = DiffusionPipeline.from_pretrained(teacher, scheduler=scheduler).to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.unet = self.pipe.unet  # receives each checkpoint's weights
-        if lora is not None:
-            self.unet.add_adapter(lora)
-        self.clip = load_clip(clip_model, device=self.device) if clip_model else None
-        self.extractor = fid_features(fid_kind, inception=inception, clip=self.clip) if fid_kind else None
-        # The held-out images' features once, not at every checkpoint.
-        self.real_features = image_features(np.asarray(real_images), self.extractor) if self.extractor else None
-        self.sink = MlflowSink(tracking_uri, run_id)  # its calls never raise
-
-    def evaluate(self, step: int, state_dict: dict[str, torch.Tensor],
-                 averages: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
-        """{step, fid_student, kid_student, clip_score_student (None where not computed),
-        seconds}, `*_student_<name>` for each of `averages`; `error` if the evaluation raised,
-        `tracking_error` if logging failed (as `CheckpointEvaluator.evaluate`)."""
-        from dmdscale.eval.text import save_prompt_grid
-
-        t0 = time.perf_counter()
-        result: dict[str, Any] = {"step": int(step), "fid_student": None, "kid_student": None,
-                                  "clip_score_student": None}
-        try:
-            images = self._figures("student", state_dict, result)
-            for name, weights in (averages or {}).items():
-                self._figures(f"student_{name}", weights, result)
-        except Exception as exc:  # reported in the result; the actor goes on with the next one
-            result["error"] = f"{type(exc).__name__}: {exc}"
-            result["seconds"] = time.perf_counter() - t0
-            _warn(f"evaluation of the checkpoint at step {step} failed: {result['error']}")
-            return result
-        shown = min(16, len(images))
-        figures = ", ".join(f"{k.split('_')[0].upper()} {result[k]:.2f}" for k in ("fid_student", "clip_score_student")
-                            if result[k] is not None)
-        title = f"step {step}" + (f": {figures}" if figures else "")
-        problems = log_evaluation(self.sink, int(step), result, lambda path: save_prompt_grid(
-            images[:shown], self.spec["prompts"][:shown], path, title=title))
-        if problems:
-            result["tracking_error"] = "; ".join(problems)
-        result["seconds"] = time.perf_counter() - t0
-        return result
-
-    def _figures(self, who: str, state_dict: dict[str, torch.Tensor], result: dict[str, Any]) -> np.ndarray:
-        from dmdscale.eval.metrics import image_features
-        from dmdscale.eval.text import clip_score, fid_kid
-        from dmdscale.export import guidance_free_unet, merged_unet
-        from dmdscale.eval.text import pipeline_images
-
-        self.unet.load_state_dict({k.removeprefix("unet."): v for k, v in state_dict.items()})
-        self.pipe.register_modules(unet=guidance_free_unet(merged_unet(self.unet) if self.lora else self.unet))
-        spec = self.spec
-        images = pipeline_images(self.pipe, spec["prompts"], spec["resolution"], spec["seed"], **self.call)
-        if self.extractor is not None:
-            result[f"fid_{who}"], result[f"kid_{who}"] = fid_kid(image_features(images, self.extractor),
-                                                                 self.real_features, self.fid_kind)
-        if self.clip is not None:
-            result[f"clip_score_{who}"] = clip_score(images, spec["prompts"], self.clip)
-        return images
 
 
 class _EvaluationActor:
@@ -360,28 +143,15 @@ class EvaluationPool:
         self.dropped: list[int] = []  # steps dropped from full queues (eval.max_queued), known after drain()
 
     @classmethod
-    def start(cls, cfg: Any, build_generator: Callable[[], nn.Module], real_images: np.ndarray,
-              extractor: str | nn.Module, tracking_uri: str | None, run_id: str | None, *,
-              ready_timeout: float | None = 300.0, ack_timeout: float | None = 60.0) -> "EvaluationPool":
-        """Create `cfg.eval.num_actors` actors (each `eval.actor_cpus` CPUs, and
-        `eval.actor_gpus` of a GPU when `scale.use_gpu`) and wait up to `ready_timeout` s for
-        them to build the student (a failing `build_generator` raises here, before training;
-        actors still waiting for resources only give a warning).
-
-        build_generator: picklable zero-argument callable returning the student architecture,
-        e.g. functools.partial(load_unet, teacher_path). real_images: held-out uint8
-        NHWC images, put into the object store once for all actors. extractor: the
-        DigitClassifier or "inception", as for the final evaluation.
-        """
-        return cls.launch(cfg, CheckpointEvaluator, build_generator, eval_spec(cfg), np.ascontiguousarray(real_images),
-                          extractor, tracking_uri, run_id, ready_timeout=ready_timeout, ack_timeout=ack_timeout)
-
-    @classmethod
     def launch(cls, cfg: Any, make_evaluator: Callable[..., Any], *evaluator_args: Any,
                ready_timeout: float | None = 300.0, ack_timeout: float | None = 60.0) -> "EvaluationPool":
-        """`start` for any evaluator: each actor builds `make_evaluator(*evaluator_args, device=...)`
-        (an object with `evaluate(step, state_dict, averages)` and an MlflowSink `sink`, e.g.
-        `TextCheckpointEvaluator`); numpy arrays among the arguments go into the object store once."""
+        """Create `cfg.eval.num_actors` actors (each `eval.actor_cpus` CPUs, and `eval.actor_gpus`
+        of a GPU when `scale.use_gpu`); each builds `make_evaluator(*evaluator_args, device=...)`,
+        the family's checkpoint evaluator (`dmdscale.contracts.CheckpointEvaluator`: `evaluate(step,
+        state_dict, averages)` and an MlflowSink `sink`). Waits up to `ready_timeout` s for them to
+        build it (a failing evaluator raises here, before training; actors still waiting for
+        resources only give a warning). Numpy arrays among the arguments (e.g. the held-out
+        images) go into the object store once for all actors."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

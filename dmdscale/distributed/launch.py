@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from dmdscale.config import Config
 from dmdscale.contracts import Family
-from dmdscale.distributed.checkpoint import STAGE_DIR
+from dmdscale.distributed.checkpoint.stages import STAGE_DIR
 from dmdscale.distributed.resources import worker_resources
 from dmdscale.distributed.worker import ALTERNATES_DIR, TRAIN_LOG, TRAIN_METRICS, train_worker
 from dmdscale.errors import user_error_in

@@ -13,7 +13,6 @@ pooled_prompt_embeds (P,)] as Ray Data tensor columns, the prompt and the pair's
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -23,7 +22,8 @@ import numpy as np
 import torch
 
 from dmdscale.config import Config
-from dmdscale.contracts import Family
+from dmdscale.contracts import TextToImage
+from dmdscale.core.precision import autocast
 from dmdscale.data.sources import DataError
 
 PAIRS_MARKER = "_dmdscale_pairs.json"  # what the folder's pairs were made from
@@ -72,20 +72,12 @@ def missing_shards(folder: Path, num_pairs: int, shard_size: int) -> list[tuple[
 class PairMaker:
     """A Ray actor: the teacher (with CFG) and its prompt encoder, writing whole shards."""
 
-    def __init__(self, cfg: dict[str, Any], family: Family, use_gpu: bool):
-        from dmdscale.data.latents import latent_shape
-        from dmdscale.models.text_encoders import PromptEncoder
-
+    def __init__(self, cfg: dict[str, Any], family: TextToImage, use_gpu: bool):
         self.cfg = cfg = Config.model_validate(cfg)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.teacher = family.load_teacher(cfg, cfg.model.teacher).to(self.device)
-        self.text = PromptEncoder.load(cfg.model.teacher, cfg.model.family, self.device)
-        self.shape = latent_shape(cfg.model.teacher, cfg.data.resolution)
-
-    def _autocast(self):
-        if self.cfg.train.mixed_precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        self.text = family.prompt_encoder(cfg.model.teacher, self.device)
+        self.shape = family.latent_shape(cfg.model.teacher, cfg.data.resolution)
 
     @torch.no_grad()
     def make(self, shard: int, start: int, prompts: list[str], folder: str) -> str:
@@ -101,7 +93,8 @@ class PairMaker:
         for i in range(0, n, rc.sample_batch_size):
             cond = self.text.encode(prompts[i:i + rc.sample_batch_size])
             x = noise[i:i + rc.sample_batch_size].to(self.device)
-            with self._autocast():  # a bf16 teacher computes in bf16; the sampler's state stays fp32
+            # A bf16 teacher computes in bf16; the sampler's state stays fp32.
+            with autocast(self.device, self.cfg.train.mixed_precision):
                 target = teacher_sample(self.teacher, x, rc.sampler_steps, cond, self.cfg.loss.guidance_scale)
             for name, value in {"noise": x, "target": target, **cond}.items():
                 columns.setdefault(name, []).append(value.float().cpu().numpy())
@@ -118,7 +111,7 @@ def _shard_table(columns: dict[str, list[np.ndarray]], prompts: list[str], start
                              "index": pa.array(np.arange(start, start + len(prompts), dtype=np.int64))})
 
 
-def make_pairs(cfg: Config, family: Family, prompts_path: str, folder: Path) -> dict[str, int]:
+def make_pairs(cfg: Config, family: TextToImage, prompts_path: str, folder: Path) -> dict[str, int]:
     """Write every missing shard of `folder` on `regression.num_actors` actors; returns
     {"pair_shards_written": ..., "pair_shards_reused": ...}."""
     import ray

@@ -19,7 +19,7 @@ import torch
 
 from dmdscale.config import Config
 from dmdscale.contracts import Family
-from dmdscale.distributed.checkpoint import STAGE_DIR, check_init, check_init_fits, save_stage
+from dmdscale.distributed.checkpoint.stages import STAGE_DIR, check_init, check_init_fits, save_stage
 from dmdscale.distributed.ode_pairs import PAIR_INFO_COLUMNS
 from dmdscale.redact import scrub
 
@@ -45,7 +45,7 @@ def regression_worker(config: dict[str, Any]) -> None:
 
     from dmdscale.core.loop import train_loop
     from dmdscale.core.regression import RegressionStep, regression_distance
-    from dmdscale.distributed.checkpoint import DataPosition
+    from dmdscale.distributed.checkpoint.state import DataPosition
     from dmdscale.distributed.engine import DeepSpeedOptimizedModule
     from dmdscale.distributed.resources import cpu_threads
     from dmdscale.distributed.worker import TRAIN_LOG, TRAIN_METRICS, all_ranks_agree, shard_batches

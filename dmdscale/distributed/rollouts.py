@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import uuid
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from dmdscale.config import Config
 from dmdscale.core.sampling import NoiseStream, backward_simulate, draw_k, simulation_seed
 from dmdscale.core.step import Batch
 from dmdscale.core.networks import Cond
+from dmdscale.core.precision import autocast
 
 StateDict = dict[str, Tensor]
 STORE_NAMESPACE = "dmdscale"
@@ -114,13 +114,6 @@ def _to(cond: Cond, device: torch.device | str) -> Cond:
     return cond.to(device)
 
 
-def _autocast(device: torch.device, mixed_precision: str):
-    """The autocast DMD2Step wraps its simulation in: the same numerics on both sides."""
-    if mixed_precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def simulate_rollout(generator: nn.Module | None, timesteps: list[int], seed: int, mixed_precision: str,
                      request: RolloutRequest, device: torch.device, version: int) -> Rollout:
     """One iteration's backward simulation, exactly as DMD2Step.generator_input runs it inline.
@@ -131,7 +124,7 @@ def simulate_rollout(generator: nn.Module | None, timesteps: list[int], seed: in
                       request.rank, request.world_size)
     cond = _to(request.cond, device)
     schedule = generator.schedule if generator is not None else None
-    with _autocast(device, mixed_precision):
+    with autocast(device, mixed_precision):  # as DMD2Step wraps its simulation: the same numerics
         x_in, t_in = backward_simulate(generator, schedule, timesteps, k, request.shape, cond, rng,
                                        device, request.dtype)
     return Rollout(request.step, k, timesteps[k], x_in, t_in, request.cond, version)

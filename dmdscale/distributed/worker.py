@@ -29,20 +29,17 @@ from dmdscale.core.loop import LoopResult, prefetched, train_loop
 from dmdscale.core.optim import Role
 from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.data.latents import TEXT_COLUMNS
-from dmdscale.distributed.checkpoint import (
+from dmdscale.distributed.checkpoint.faults import InjectedFailure
+from dmdscale.distributed.checkpoint.integrity import checkpoint_folders, checkpoints_before, load_latest_good
+from dmdscale.distributed.checkpoint.journal import RunJournal
+from dmdscale.distributed.checkpoint.stages import load_stage, save_stage
+from dmdscale.distributed.checkpoint.state import (
     DataPosition,
     EMACheckpoint,
-    InjectedFailure,
-    RunJournal,
     TrainingState,
-    checkpoint_folders,
-    checkpoints_before,
-    load_latest_good,
-    load_stage,
     load_training_state,
     rng_states,
     save_run_config,
-    save_stage,
     save_training_state,
     set_rng_states,
 )

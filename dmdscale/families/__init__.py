@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from dmdscale.config import ConfigError
 from dmdscale.contracts import Evaluation, Family, RunInputs, Trained
 from dmdscale.families.flow import FlowFamily
+from dmdscale.families.qwenimage import QwenImageFamily
 from dmdscale.families.sd import SDFamily
 from dmdscale.families.toy2d import Toy2dFamily
 from dmdscale.families.unet2d import UNet2DFamily
@@ -29,6 +30,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     SDFamily("sdxl"),
     FlowFamily("sd3"),
     FlowFamily("flux"),
+    QwenImageFamily(),
 )}
 
 

@@ -78,6 +78,7 @@ class FamilyBase(Family):
     chooses_export: bool = False  # export.choose=held_out (`choose_export`)
     student_parts: Sequence[str] = ()  # what `save_student` writes into the final checkpoint
     pipeline_tag: str = ""  # the Hub's task of the exported student (model card)
+    memory_profile: Any = None  # its `dmdscale.tools.memory.MemoryProfile` (python -m dmdscale.memory), if any
 
     # -- config and preflight (driver, before any cluster work) ------------------------
     def check_config(self, cfg: Config) -> None:

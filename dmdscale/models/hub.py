@@ -3,6 +3,8 @@ cluster work."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Sequence
 
 
 def is_local(p: str | os.PathLike) -> bool:
@@ -46,3 +48,19 @@ def check_hub_teacher(repo_id: str, timeout: float = HUB_TIMEOUT_S) -> None:
         raise TeacherNotFound(f"model.teacher {repo_id!r}: the Hugging Face Hub did not serve it within {timeout:g} s "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check the id "
                               f"and the network, or give a local pipeline folder") from None
+
+
+def check_pipeline_parts(path: str | os.PathLike, family: str, components: Sequence[str]) -> str:
+    """A teacher given as a local folder must hold `components` (paths inside it); a hub id passes
+    through (from_pretrained resolves it). Raises TeacherNotFound naming what is missing."""
+    from dmdscale.errors import TeacherNotFound
+
+    p = os.fspath(path)
+    if not is_local(p):
+        return p
+    root = Path(p).expanduser()
+    missing = [n for n in components if not (root / n).exists()]
+    if missing:
+        raise TeacherNotFound(f"model.teacher {str(root)!r} is not a diffusers {family} pipeline folder: "
+                              f"missing {', '.join(missing)}")
+    return str(root)

@@ -17,7 +17,7 @@ bf16 as the DMD2 authors train: fp32 weights under bf16 autocast. Per GPU this m
   teacher's fp32 copy (4 bytes/param): replicated under ZeRO-2, partitioned like every other
   engine parameter under ZeRO-3 (`frozen_weights`). The critic is always fully trained, as in
   the DMD2 authors' SDXL LoRA run.
-- activations: an *estimate*, not a measurement (see `ACTIVATION_GIB_PER_IMAGE`).
+- activations: an *estimate*, not a measurement (each profile's `activation_gib_per_image`).
 - overhead: a fixed `overhead_gib` per GPU (default 2) for the CUDA context, NCCL buffers,
   allocator fragmentation and the short-lived no-grad forwards (teacher, DM-loss fake score).
 
@@ -27,8 +27,15 @@ leave out (communication buckets). Parameter counts come from the real architect
 the meta device (nothing is allocated): SD1.5's UNet has 859.5M parameters, SDXL's 2.567B,
 SD3.5-Large's transformer 8.057B and FLUX.1-dev's 11.901B.
 
-    python -m dmdscale.tools.memory --family sdxl --gpus 1 2 4 8 --gpu-memory 80 --micro-batch 1 [--json]
-    python -m dmdscale.tools.memory --family sd3 flux --min-gpus   # fewest 80 GiB GPUs per set-up
+This module is the method only. What differs per teacher family (its denoiser's diffusers class
+and published config, its discriminator head, its activation estimates with the figures they
+come from, its LoRA targets) is a `MemoryProfile` in the family's own folder,
+`dmdscale/families/<name>/memory.py` (sd: SD1.5, SDXL; flow: SD3.5-Large, FLUX.1-dev): a new
+family adds its profile there, and the planner stays as it is. Every planner function takes a
+profile. The command plans the profiles the family registry carries (`dmdscale.memory`):
+
+    python -m dmdscale.memory --family sdxl --gpus 1 2 4 8 --gpu-memory 80 --micro-batch 1 [--json]
+    python -m dmdscale.memory --family sd3 flux --min-gpus   # fewest 80 GiB GPUs per set-up
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -48,7 +55,7 @@ from torch import nn
 from dmdscale.config import LoraConfig
 
 GIB = 1024**3
-_LORA = LoraConfig()  # the training config's LoRA defaults: the DMD2 authors' rank and targets
+_LORA = LoraConfig()  # the training config's LoRA defaults: the DMD2 authors' rank and alpha
 TEACHER_BYTES_PER_PARAM = 2  # bf16: the frozen teacher is cast after generator and critic are copied
 LORA_BASE_BYTES_PER_PARAM = 4  # fp32: the generator's frozen base is its copy of the fp32 teacher
 # The fp32 engines' model states, bytes per trained parameter.
@@ -57,92 +64,6 @@ ADAM_BYTES = 8  # exp_avg and exp_avg_sq, fp32
 PRECISION = ("precision (train.mixed_precision bf16): fp32 generator and critic weights, grads and "
              "AdamW states, forwards under bf16 autocast; bf16 frozen teacher; fp32 LoRA base")
 
-# Published diffusers configs (unet/config.json) of stable-diffusion-v1-5/stable-diffusion-v1-5
-# and stabilityai/stable-diffusion-xl-base-1.0; keys left out take diffusers' defaults, which
-# match those files.
-_COMMON: dict[str, Any] = {
-    "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "act_fn": "silu",
-    "center_input_sample": False, "downsample_padding": 1, "flip_sin_to_cos": True,
-    "freq_shift": 0, "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 32,
-}
-UNET_CONFIGS: dict[str, dict[str, Any]] = {
-    "sd15": _COMMON | {
-        "sample_size": 64,
-        "block_out_channels": [320, 640, 1280, 1280],
-        "cross_attention_dim": 768,
-        "attention_head_dim": 8,
-        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    },
-    "sdxl": _COMMON | {
-        "sample_size": 128,
-        "block_out_channels": [320, 640, 1280],
-        "transformer_layers_per_block": [1, 2, 10],
-        "attention_head_dim": [5, 10, 20],
-        "cross_attention_dim": 2048,
-        "addition_embed_type": "text_time",
-        "addition_time_embed_dim": 256,
-        "projection_class_embeddings_input_dim": 2816,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        "use_linear_projection": True,
-    },
-}
-# Published diffusers configs (transformer/config.json) of stabilityai/stable-diffusion-3.5-large
-# (SD3Transformer2DModel, 8.1B parameters) and black-forest-labs/FLUX.1-dev
-# (FluxTransformer2DModel, ~12B), as reproduced verbatim in public code that builds these models
-# without the gated download (e.g. tenstorrent's and Comfy-Org loaders); "_"-prefixed keys and
-# diffusers' defaults left out.
-TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
-    "sd3": {
-        "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16,
-        "num_layers": 38, "num_attention_heads": 38, "attention_head_dim": 64,
-        "joint_attention_dim": 4096, "caption_projection_dim": 2432, "pooled_projection_dim": 2048,
-        "pos_embed_max_size": 192, "qk_norm": "rms_norm", "dual_attention_layers": [],
-    },
-    "flux": {
-        "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
-        "num_attention_heads": 24, "attention_head_dim": 128, "joint_attention_dim": 4096,
-        "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56],
-    },
-}
-MODEL_CLASSES = {"sd15": "UNet2DConditionModel", "sdxl": "UNet2DConditionModel",
-                 "sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
-FAMILIES = tuple(UNET_CONFIGS) + tuple(TRANSFORMER_CONFIGS)
-# LoRA targets on the transformers' attention and feed-forward linears (issue 16), filtered to
-# the modules a family has (`lora_targets`): SD3 has no `proj_mlp` (FLUX's single blocks do).
-# "proj_out" also matches the final output projection of both.
-TRANSFORMER_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                            "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                            "ff_context.net.2", "proj_mlp", "proj_out")
-
-# GiB of activations one denoiser forward keeps for its backward, per image at the family's
-# native resolution, bf16, keyed by gradient checkpointing. ESTIMATES, not measured by this
-# project; replace them with a measurement (torch.cuda.max_memory_allocated around one step)
-# when a GPU is at hand.
-# - UNets (SD1.5: 512 px, 64x64 latents; SDXL: 1024 px, 128x128 latents): rough public figures
-#   from fine-tuning them (SDXL about 20-25 GB per image without checkpointing, 3-4 GB with;
-#   SD1.5 about 6 GB without, 1 GB with).
-# - FLUX.1-dev at 1024 px: 4096 image tokens (128x128 latents, 2x2 patches) + 512 T5 tokens,
-#   width 3072, 19 double + 38 single blocks. With checkpointing: SimpleTuner's FLUX quickstart
-#   reports "a bit more than 30G" for a rank-16 LoRA on every block over the bf16 base (~24 GB),
-#   so ~6 GB for activations, adapters and CUDA context: 4 GiB assumed for activations. Without:
-#   no public figure; counted here as ~20 (tokens x width) bf16 tensors kept per block x 57
-#   blocks ~ 32 GiB, rounded up to 40 for the fp32 norm outputs autocast keeps.
-# - SD3.5-Large at 1024 px: 4096 image + 333 text tokens (77 CLIP + 256 T5), width 2432, 38 joint
-#   blocks: tokens x width x blocks is half FLUX's, so half FLUX's figures (no public figure).
-ACTIVATION_GIB_PER_IMAGE: dict[str, dict[bool, float]] = {
-    "sd15": {False: 6.0, True: 1.0},
-    "sdxl": {False: 22.0, True: 3.5},
-    "sd3": {False: 20.0, True: 2.0},
-    "flux": {False: 40.0, True: 4.0},
-}
-# Share of a full forward the discriminator runs, in activations. UNets: it reads the fake
-# score's mid-block output, so it runs the encoder and mid block only: a bit under half the UNet
-# (the decoder has 3 ResNets per level, the encoder 2); 0.5 rounds up. Transformers: the
-# TokenHead reads the hidden states at one depth, by default the middle block, so it runs half
-# the blocks.
-DISCRIMINATOR_SHARE = {"sd15": 0.5, "sdxl": 0.5, "sd3": 0.5, "flux": 0.5}
 # ZeRO-3 gathers a partitioned module's parameters just before its forward and prefetches the
 # next ones, up to stage3_prefetch_bucket_size parameters (DeepSpeed's default: the engines and
 # the sharded teacher, `dmdscale.distributed.engine.shard_frozen`, leave it unset). The sharded
@@ -150,16 +71,56 @@ DISCRIMINATOR_SHARE = {"sd15": 0.5, "sdxl": 0.5, "sd3": 0.5, "flux": 0.5}
 # stage3_param_persistence_threshold (1e5) whole on every GPU: ~3M in SD3.5-Large and FLUX.1-dev
 # (norms, biases), not counted.
 PREFETCH_BUCKET_PARAMS = 50_000_000
+UNET_CLASS = "UNet2DConditionModel"  # the diffusers class whose config `unet_config` hands out
+HEADS = ("conv", "token")  # MemoryProfile.head: what `discriminator_head` builds
 
 
-def peak_forwards(family: str) -> float:
+@dataclass(frozen=True)
+class MemoryProfile:
+    """What the planner needs of one teacher family: its folder's `memory.py` holds it
+    (`dmdscale/families/<name>/memory.py`), the family carries it, the command finds it there.
+
+    Hashed by its content (a canonical JSON of every field), so the planner's caches key on what
+    their numbers depend on: an equal profile built elsewhere shares their entries, a changed
+    one (`dataclasses.replace`) gets its own, and two profiles never share one by name alone.
+    Treat `config` as read-only; `model_config` hands out a copy to edit.
+    """
+
+    name: str  # the family's name: Plan.family and the command's --family choice
+    model_class: str  # the denoiser's diffusers class, e.g. "UNet2DConditionModel"
+    config: dict[str, Any]  # its published config (keys left out take diffusers' defaults)
+    # The critic's discriminator head as training builds it: "conv" (ConvHead on a UNet's
+    # bottleneck, config["block_out_channels"][-1] channels) or "token" (TokenHead on a
+    # transformer's hidden states, `transformer_width` wide).
+    head: str
+    # GiB of activations one denoiser forward keeps for its backward, per image at the family's
+    # native resolution, bf16, keyed by gradient checkpointing (False, True): ESTIMATES, each
+    # family's file cites the figures beside its numbers.
+    activation_gib_per_image: dict[bool, float]
+    discriminator_share: float  # share of a full forward the discriminator runs, in activations
+    # The generator's LoRA target module names; `lora_targets` drops those the model lacks.
+    lora_targets: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"MemoryProfile {self.name!r}: head {self.head!r}; choose from {', '.join(HEADS)}")
+        if set(self.activation_gib_per_image) != {False, True}:
+            raise ValueError(f"MemoryProfile {self.name!r}: activation_gib_per_image needs an estimate "
+                             f"without and with gradient checkpointing (keys False, True)")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(asdict(self), sort_keys=True, default=repr))
+
+
+def peak_forwards(profile: MemoryProfile) -> float:
     """Forwards holding activations at an iteration's peak, in full forwards.
 
     Generator turn: its forward + the GAN term through the critic's discriminator share
     (1 + share); the teacher and DM-loss fake-score forwards run without gradients. Critic turn,
     the peak: the fake score's denoising forward + the discriminator on fake and real (1 + 2 share).
     """
-    share = DISCRIMINATOR_SHARE[family]
+    share = profile.discriminator_share
     return max(1 + share, 1 + 2 * share)
 
 
@@ -174,7 +135,7 @@ class ModuleSizes(NamedTuple):
 class Plan:
     """One set-up's memory per GPU in GiB (cpu_gib: host memory per node) and whether it fits."""
 
-    family: str
+    family: str  # the profile's name
     num_gpus: int
     zero_stage: int
     offload_optimizer: bool
@@ -193,23 +154,21 @@ class Plan:
     fits: bool
 
 
-def unet_config(family: str) -> dict[str, Any]:
-    """The family's published UNet config (a copy: callers may edit it, e.g. for a benchmark)."""
-    if family not in UNET_CONFIGS:
-        raise ValueError(f"{family!r} is no UNet family; choose from {', '.join(UNET_CONFIGS)}")
-    return copy.deepcopy(UNET_CONFIGS[family])
+def unet_config(profile: MemoryProfile) -> dict[str, Any]:
+    """The profile's published UNet config (a copy: callers may edit it, e.g. for a benchmark)."""
+    if profile.model_class != UNET_CLASS:
+        raise ValueError(f"{profile.name!r} is no UNet family: its denoiser is a {profile.model_class}")
+    return model_config(profile)
 
 
-def model_config(family: str) -> dict[str, Any]:
-    """The family's published denoiser config, UNet or transformer (a copy)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-    return copy.deepcopy((UNET_CONFIGS | TRANSFORMER_CONFIGS)[family])
+def model_config(profile: MemoryProfile) -> dict[str, Any]:
+    """The profile's published denoiser config, UNet or transformer (a copy)."""
+    return copy.deepcopy(profile.config)
 
 
-def transformer_width(family: str) -> int:
+def transformer_width(profile: MemoryProfile) -> int:
     """A transformer's inner dim (heads x head dim): the width of the hidden states TokenHead reads."""
-    config = TRANSFORMER_CONFIGS[family]
+    config = profile.config
     return config["num_attention_heads"] * config["attention_head_dim"]
 
 
@@ -221,12 +180,12 @@ def meta_unet(config: dict[str, Any]) -> nn.Module:
         return UNet2DConditionModel.from_config(config)
 
 
-def meta_model(family: str) -> nn.Module:
-    """The family's real diffusers denoiser (UNet or transformer) on the meta device."""
+def meta_model(profile: MemoryProfile) -> nn.Module:
+    """The profile's real diffusers denoiser (UNet or transformer) on the meta device."""
     import diffusers
 
     with torch.device("meta"):
-        return getattr(diffusers, MODEL_CLASSES[family]).from_config(model_config(family))
+        return getattr(diffusers, profile.model_class).from_config(model_config(profile))
 
 
 def module_sizes(model: nn.Module, trainable_only: bool = False) -> ModuleSizes:
@@ -242,51 +201,49 @@ def count_parameters(config: dict[str, Any]) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def model_sizes(family: str) -> ModuleSizes:
-    """The family's denoiser (teacher, generator, fake score): cached, a plan table asks often."""
-    return module_sizes(meta_model(family))
+def model_sizes(profile: MemoryProfile) -> ModuleSizes:
+    """The profile's denoiser (teacher, generator, fake score): cached, a plan table asks often."""
+    return module_sizes(meta_model(profile))
 
 
-def discriminator_head(family: str) -> nn.Module:
-    """The critic's head as training builds it: ConvHead on a UNet's bottleneck, TokenHead on a
-    transformer's hidden states at one depth."""
+def discriminator_head(profile: MemoryProfile) -> nn.Module:
+    """The critic's head as training builds it (`MemoryProfile.head`): ConvHead on a UNet's
+    bottleneck, TokenHead on a transformer's hidden states at one depth."""
     from dmdscale.models.heads import ConvHead, TokenHead
 
-    if family in UNET_CONFIGS:
-        return ConvHead(unet_config(family)["block_out_channels"][-1])
-    return TokenHead(transformer_width(family))
+    if profile.head == "conv":
+        return ConvHead(profile.config["block_out_channels"][-1])
+    return TokenHead(transformer_width(profile))
 
 
 @functools.lru_cache(maxsize=None)
-def critic_sizes(family: str) -> ModuleSizes:
+def critic_sizes(profile: MemoryProfile) -> ModuleSizes:
     """Fake score denoiser + its discriminator head, trained together."""
     with torch.device("meta"):
-        head = module_sizes(discriminator_head(family))
-    denoiser = model_sizes(family)
+        head = module_sizes(discriminator_head(profile))
+    denoiser = model_sizes(profile)
     return ModuleSizes(denoiser.params + head.params, max(denoiser.largest_layer, head.largest_layer))
 
 
 @functools.lru_cache(maxsize=None)
-def lora_targets(family: str) -> tuple[str, ...]:
-    """The generator's LoRA targets: the training config's for UNets (the DMD2 authors' list),
-    TRANSFORMER_LORA_TARGETS that the transformer has for SD3 and FLUX."""
-    if family in UNET_CONFIGS:
-        return tuple(_LORA.targets)
-    names = [name for name, _ in meta_model(family).named_modules()]
-    return tuple(t for t in TRANSFORMER_LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names))
+def lora_targets(profile: MemoryProfile) -> tuple[str, ...]:
+    """The generator's LoRA targets: the profile's that the denoiser has (matched as peft matches
+    them: the module's name, or its last dotted parts)."""
+    names = [name for name, _ in meta_model(profile).named_modules()]
+    return tuple(t for t in profile.lora_targets if any(n == t or n.endswith("." + t) for n in names))
 
 
-def lora_sizes(family: str, rank: int = _LORA.rank, targets: Sequence[str] | None = None) -> ModuleSizes:
+def lora_sizes(profile: MemoryProfile, rank: int = _LORA.rank, targets: Sequence[str] | None = None) -> ModuleSizes:
     """The generator's trainable LoRA adapter parameters (peft on the meta denoiser)."""
-    return _lora_sizes(family, rank, tuple(targets) if targets is not None else lora_targets(family))
+    return _lora_sizes(profile, rank, tuple(targets) if targets is not None else lora_targets(profile))
 
 
 @functools.lru_cache(maxsize=None)
-def _lora_sizes(family: str, rank: int, targets: tuple[str, ...]) -> ModuleSizes:
+def _lora_sizes(profile: MemoryProfile, rank: int, targets: tuple[str, ...]) -> ModuleSizes:
     """Cached with every argument explicit, so default and spelled-out calls share an entry."""
     from peft import LoraConfig as PeftLoraConfig
 
-    model = meta_model(family).requires_grad_(False)
+    model = meta_model(profile).requires_grad_(False)
     model.add_adapter(PeftLoraConfig(r=rank, lora_alpha=_LORA.alpha, target_modules=list(targets),
                                      init_lora_weights="gaussian"))
     return module_sizes(model, trainable_only=True)
@@ -343,12 +300,12 @@ def frozen_weights(sizes: ModuleSizes, bytes_per_param: int, num_gpus: int, part
     return bytes_per_param * (sizes.params / num_gpus + gathered)
 
 
-def activations_gib(family: str, micro_batch: int, gradient_checkpointing: bool) -> float:
-    """Estimated activation memory at an iteration's peak (see ACTIVATION_GIB_PER_IMAGE)."""
-    return peak_forwards(family) * micro_batch * ACTIVATION_GIB_PER_IMAGE[family][gradient_checkpointing]
+def activations_gib(profile: MemoryProfile, micro_batch: int, gradient_checkpointing: bool) -> float:
+    """Estimated activation memory at an iteration's peak (the profile's activation_gib_per_image)."""
+    return peak_forwards(profile) * micro_batch * profile.activation_gib_per_image[gradient_checkpointing]
 
 
-def plan(family: str, num_gpus: int, zero_stage: int, offload_optimizer: bool, lora: bool,
+def plan(profile: MemoryProfile, num_gpus: int, zero_stage: int, offload_optimizer: bool, lora: bool,
          micro_batch: int = 1, gradient_checkpointing: bool = True, gpu_memory_gib: float = 80.0,
          *, shard_teacher: bool = False, overhead_gib: float = 2.0, gpus_per_node: int = 8,
          lora_rank: int = _LORA.rank, lora_targets: Sequence[str] | None = None) -> Plan:
@@ -357,32 +314,32 @@ def plan(family: str, num_gpus: int, zero_stage: int, offload_optimizer: bool, l
         raise ValueError(f"micro_batch={micro_batch}: at least 1 image per GPU")
     if shard_teacher and zero_stage != 3:
         raise ValueError(f"shard_teacher partitions the teacher with ZeRO-3; zero_stage={zero_stage} cannot")
-    denoiser = model_sizes(family)
+    denoiser = model_sizes(profile)
     # Under ZeRO-3 the generator engine partitions its frozen LoRA base like its other params.
     frozen_base = frozen_weights(denoiser, LORA_BASE_BYTES_PER_PARAM, num_gpus, zero_stage == 3) if lora else 0
-    trained = lora_sizes(family, lora_rank, lora_targets) if lora else denoiser
+    trained = lora_sizes(profile, lora_rank, lora_targets) if lora else denoiser
     gen_gpu, gen_cpu = engine_states(trained, zero_stage, num_gpus, offload_optimizer, gpus_per_node)
-    critic_gpu, critic_cpu = engine_states(critic_sizes(family), zero_stage, num_gpus,
+    critic_gpu, critic_cpu = engine_states(critic_sizes(profile), zero_stage, num_gpus,
                                            offload_optimizer, gpus_per_node)
     parts = {
         "teacher_gib": frozen_weights(denoiser, TEACHER_BYTES_PER_PARAM, num_gpus, shard_teacher) / GIB,
         "generator_gib": (gen_gpu + frozen_base) / GIB,
         "critic_gib": critic_gpu / GIB,
-        "activations_gib": activations_gib(family, micro_batch, gradient_checkpointing),
+        "activations_gib": activations_gib(profile, micro_batch, gradient_checkpointing),
         "overhead_gib": overhead_gib,
     }
     total = sum(parts.values())
-    return Plan(family, num_gpus, zero_stage, offload_optimizer, lora, shard_teacher, micro_batch,
+    return Plan(profile.name, num_gpus, zero_stage, offload_optimizer, lora, shard_teacher, micro_batch,
                 gradient_checkpointing, **parts, total_gib=total,
                 cpu_gib=(gen_cpu + critic_cpu) / GIB, gpu_memory_gib=gpu_memory_gib,
                 fits=total <= gpu_memory_gib)
 
 
-def plan_table(family: str, num_gpus_options: Sequence[int] = (1, 2, 4, 8), gpu_memory_gib: float = 80.0,
+def plan_table(profile: MemoryProfile, num_gpus_options: Sequence[int] = (1, 2, 4, 8), gpu_memory_gib: float = 80.0,
                micro_batch: int = 1, overhead_gib: float = 2.0, shard_teacher: bool = False) -> list[Plan]:
     """Every {ZeRO-2, ZeRO-3} x {offload off, on} x {full, LoRA} set-up, with checkpointing
     (ZeRO-3 only with shard_teacher: the only stage that can shard the teacher)."""
-    return [plan(family, gpus, stage, offload, lora, micro_batch, True, gpu_memory_gib,
+    return [plan(profile, gpus, stage, offload, lora, micro_batch, True, gpu_memory_gib,
                  shard_teacher=shard_teacher, overhead_gib=overhead_gib)
             for gpus in num_gpus_options for stage in ((3,) if shard_teacher else (2, 3))
             for offload in (False, True) for lora in (False, True)]
@@ -393,28 +350,28 @@ def gpu_counts(max_gpus: int = 128, gpus_per_node: int = 8) -> list[int]:
     return list(range(1, gpus_per_node + 1)) + list(range(2 * gpus_per_node, max_gpus + 1, gpus_per_node))
 
 
-def min_gpus(family: str, zero_stage: int, offload_optimizer: bool, lora: bool, *, shard_teacher: bool = False,
-             gpu_memory_gib: float = 80.0, micro_batch: int = 1, overhead_gib: float = 2.0,
+def min_gpus(profile: MemoryProfile, zero_stage: int, offload_optimizer: bool, lora: bool, *,
+             shard_teacher: bool = False, gpu_memory_gib: float = 80.0, micro_batch: int = 1, overhead_gib: float = 2.0,
              max_gpus: int = 128) -> Plan | None:
     """The plan at the fewest GPUs (of `gpu_counts`) on which the set-up fits, with
     checkpointing; None if it fits on none up to max_gpus."""
     for gpus in gpu_counts(max_gpus):
-        p = plan(family, gpus, zero_stage, offload_optimizer, lora, micro_batch, True, gpu_memory_gib,
+        p = plan(profile, gpus, zero_stage, offload_optimizer, lora, micro_batch, True, gpu_memory_gib,
                  shard_teacher=shard_teacher, overhead_gib=overhead_gib)
         if p.fits:
             return p
     return None
 
 
-def min_gpus_table(family: str, gpu_memory_gib: float = 80.0, micro_batch: int = 1, overhead_gib: float = 2.0,
-                   max_gpus: int = 128) -> list[Plan]:
+def min_gpus_table(profile: MemoryProfile, gpu_memory_gib: float = 80.0, micro_batch: int = 1,
+                   overhead_gib: float = 2.0, max_gpus: int = 128) -> list[Plan]:
     """min_gpus for every {ZeRO-2, ZeRO-3 (+ teacher sharded)} x {offload off, on} x {full, LoRA}
     set-up; a set-up that fits nowhere shows its plan at max_gpus (fits: no)."""
     setups = [(stage, offload, lora, shard) for stage, shard in ((2, False), (3, False), (3, True))
               for offload in (False, True) for lora in (False, True)]
     kwargs = {"gpu_memory_gib": gpu_memory_gib, "micro_batch": micro_batch, "overhead_gib": overhead_gib}
-    return [min_gpus(family, stage, offload, lora, shard_teacher=shard, max_gpus=max_gpus, **kwargs)
-            or plan(family, max_gpus, stage, offload, lora, shard_teacher=shard, **kwargs)
+    return [min_gpus(profile, stage, offload, lora, shard_teacher=shard, max_gpus=max_gpus, **kwargs)
+            or plan(profile, max_gpus, stage, offload, lora, shard_teacher=shard, **kwargs)
             for stage, offload, lora, shard in setups]
 
 
@@ -450,9 +407,16 @@ def _print_table(rows: list[Plan], what: str = "") -> None:
     console.print(PRECISION, soft_wrap=False)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dmdscale.tools.memory", description=__doc__.split("\n")[0])
-    parser.add_argument("--family", choices=FAMILIES, nargs="+", default=["sdxl"])
+def main(argv: Sequence[str] | None, profiles: Mapping[str, MemoryProfile], *,
+         default: Sequence[str] = ()) -> None:
+    """The planner's command line (`python -m dmdscale.memory`, which hands it the family
+    registry's profiles) over `profiles`, name -> profile: --family chooses among their names,
+    `default` (those of them in `profiles`, else the first profile) when it is not given."""
+    parser = argparse.ArgumentParser(prog="python -m dmdscale.memory", description=__doc__.split("\n")[0])
+    if not profiles:
+        parser.error("no memory profile to plan: no family carries one")
+    defaults = [name for name in default if name in profiles] or list(profiles)[:1]
+    parser.add_argument("--family", choices=list(profiles), nargs="+", default=defaults)
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8], help="GPU counts to plan for")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
     parser.add_argument("--micro-batch", type=int, default=1, help="images per GPU per step")
@@ -471,17 +435,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.min_gpus:
             rows = [p for family in args.family for p in min_gpus_table(
-                family, args.gpu_memory, args.micro_batch, args.overhead, args.max_gpus)]
+                profiles[family], args.gpu_memory, args.micro_batch, args.overhead, args.max_gpus)]
         else:
             rows = [p for family in args.family for p in plan_table(
-                family, args.gpus, args.gpu_memory, args.micro_batch, args.overhead, args.shard_teacher)]
+                profiles[family], args.gpus, args.gpu_memory, args.micro_batch, args.overhead, args.shard_teacher)]
     except ValueError as e:
         parser.error(str(e))
     if args.json:
         print(json.dumps([_json_row(p) for p in rows], indent=1))
     else:
         _print_table(rows, ": the fewest GPUs each set-up fits on" if args.min_gpus else "")
-
-
-if __name__ == "__main__":
-    main()

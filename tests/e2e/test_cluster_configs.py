@@ -341,7 +341,7 @@ def all_calls() -> list[tuple[str, str, list[str]]]:
 def test_every_python_entry_point_exists_and_takes_valid_config_keys():
     calls = all_calls()
     named = {target for _, target, _ in calls}
-    assert {"pipelines/sdxl.py", "pipelines/sweep.py", "-m dmdscale.tools.memory"} <= {re.sub(r"\s+", " ", t) for t in named}
+    assert {"pipelines/sdxl.py", "pipelines/sweep.py", "-m dmdscale.memory"} <= {re.sub(r"\s+", " ", t) for t in named}
     for where, target, args in calls:
         try:
             check_call(target, args)

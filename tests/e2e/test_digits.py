@@ -226,7 +226,7 @@ def test_a_second_stage_starts_from_the_first_runs_weights(tmp_path, cache):
 
 def test_a_changed_config_does_not_resume_someone_elses_run(tmp_path, cache):
     from dmdscale.config import load_config
-    from dmdscale.distributed.checkpoint import RunJournal
+    from dmdscale.distributed.checkpoint.journal import RunJournal
 
     out = tmp_path / "run"
     cfg = load_config(ROOT / "pipelines" / "configs" / "digits.yaml", [f"cache_dir={cache}"], quick=True)

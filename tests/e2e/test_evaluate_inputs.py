@@ -62,7 +62,7 @@ def test_reference_statistics_at_another_resolution_are_refused(world, tmp_path)
     """An .npz this command wrote at 64 px, given to a 32 px evaluation: one line naming the file and both."""
     import numpy as np
 
-    from dmdscale.evaluate import fid_extractor_id
+    from dmdscale.eval.reference import fid_extractor_id
     from dmdscale.eval.text import reference_stats
 
     key = {"source": "real", "resolution": 64, "extractor": fid_extractor_id("clip", world["clip"]),

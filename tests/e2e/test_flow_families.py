@@ -1,7 +1,9 @@
 """The flow-matching transformer families end to end on tiny random-weight SD3 and FLUX
 pipelines: Ray Data (CLIP + T5 + VAE encoding) -> Ray Train + DeepSpeed -> an exported
 StableDiffusion3Pipeline / FluxPipeline that stock diffusers loads and samples at the trained
-timesteps; the FLUX LoRA run's adapter reproduces the student on the teacher pipeline."""
+timesteps, with its checkpoints evaluated on actors while training goes on (FID on CLIP features
+and CLIP score in MLflow at their steps); the FLUX LoRA run's adapter reproduces the student on
+the teacher pipeline."""
 from __future__ import annotations
 
 import json
@@ -18,6 +20,32 @@ pytestmark = pytest.mark.slow
 CONFIGS = "pipelines/configs"
 
 
+
+
+def evaluated(tmp_path) -> list[str]:
+    """Checkpoint evaluation on, with a tiny local CLIP for FID features and CLIP score."""
+    from dmdscale.families.sd.tiny import build_tiny_clip
+
+    clip = tmp_path / "clip"
+    if not clip.exists():
+        build_tiny_clip(clip)
+    return ["eval.during_training=true", f"eval.clip_model={clip}", "eval.feature_extractor=clip"]
+
+
+def check_checkpoint_evaluations(out, metrics: dict, steps: list[int], experiment: str) -> None:
+    """Each checkpoint evaluated without error, its FID and CLIP score in MLflow at its step."""
+    import mlflow
+
+    evaluations = json.loads((out / "checkpoint_evaluations.json").read_text())
+    assert [e["step"] for e in evaluations] == steps and metrics["checkpoint_evaluations"] == len(steps)
+    assert all("error" not in e and np.isfinite(e["fid_student"]) and 0 <= e["clip_score_student"] <= 100
+               for e in evaluations), evaluations
+    client = mlflow.MlflowClient()
+    (logged,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    for name in ("fid_student", "clip_score_student"):
+        history = {m.step: m.value for m in client.get_metric_history(logged.info.run_id, name)}
+        assert set(steps) <= set(history), (name, history)
+        assert history[steps[0]] == pytest.approx(evaluations[0][name])
 
 
 def quick(family: str, teacher: str, tmp_path, *overrides: str):
@@ -43,7 +71,9 @@ def test_sd3_four_step_student_end_to_end(ray_local, tiny_flow, captioned_parque
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     out = tmp_path / "sd3"
     metrics = run(quick("sd3", tiny_flow["sd3"], tmp_path, f"data.path={captioned_parquet}",
-                        "loss.gan_feature_depths=[1,2]", "scale.zero_stage=3", "scale.shard_teacher=true"), out)
+                        "loss.gan_feature_depths=[1,2]", "scale.zero_stage=3", "scale.shard_teacher=true",
+                        *evaluated(tmp_path)), out)
+    check_checkpoint_evaluations(out, metrics, [2], "sd3")  # the last is the final evaluation's
 
     assert metrics["steps_completed"] == 4 and metrics["nonfinite_steps"] == 0
     assert metrics["student_steps"] == 4 and metrics["usable_rows"] == 96
@@ -79,7 +109,8 @@ def test_flux_one_step_lora_student_end_to_end(ray_local, tiny_flow, captioned_p
     out = tmp_path / "flux"
     metrics = run(quick("flux", tiny_flow["flux"], tmp_path, f"data.path={captioned_parquet}",
                         "generator.timesteps=[999]", "lora.enabled=true", "lora.rank=4", "lora.alpha=4",
-                        f"data.latent_cache={tmp_path / 'latents'}"), out)
+                        f"data.latent_cache={tmp_path / 'latents'}", *evaluated(tmp_path)), out)
+    check_checkpoint_evaluations(out, metrics, [2], "flux")  # LoRA: the adapter merged per evaluation
     assert metrics["steps_completed"] == 4 and metrics["nonfinite_steps"] == 0 and metrics["student_steps"] == 1
     assert (tmp_path / "latents" / CACHE_MARKER).is_file()  # CLIP + T5 + VAE rows written once, as Parquet
 

@@ -37,7 +37,7 @@ def test_sd15_one_step_end_to_end(ray_local, tiny, captioned_parquet, tmp_path, 
     import yaml
     from diffusers import DiffusionPipeline
 
-    from dmdscale.distributed.evalpool import GRID_ARTIFACT_DIR
+    from dmdscale.eval.checkpoints import GRID_ARTIFACT_DIR
     from dmdscale.families.sd.tiny import build_tiny_clip
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -160,7 +160,7 @@ def test_a_sink_without_a_run_does_nothing():
 def test_rank0_log_survives_a_checkpoint_and_draws_the_curves(tmp_path):
     """Nothing lost locally: the logged reports travel in rank 0's training state (so a resumed
     run's train_log.json is whole) and the loss curves come from them, not from MLflow."""
-    from dmdscale.distributed.checkpoint import TrainingState, load_training_state, save_training_state
+    from dmdscale.distributed.checkpoint.state import TrainingState, load_training_state, save_training_state
     from dmdscale.eval.plots import curves_from_log
 
     logged = [{"step": 0, "loss_dm": 1.0, "loss_fake_score": 0.5},

@@ -19,7 +19,9 @@ from PIL import Image
 from dmdscale.config import build_config
 from dmdscale.core.sampling import sample
 from dmdscale.data.sources import build_digits_parquet, load_arrays
-from dmdscale.distributed.evalpool import GRID_ARTIFACT_DIR, CheckpointEvaluator, EvaluationPool, eval_spec
+from dmdscale.distributed.evalpool import EvaluationPool
+from dmdscale.eval.checkpoints import GRID_ARTIFACT_DIR
+from dmdscale.families.unet2d.evaluator import CheckpointEvaluator, eval_spec
 from dmdscale.eval.metrics import (
     class_accuracy,
     compute_fid,
@@ -54,8 +56,8 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(ray_local, world):
-    p = EvaluationPool.start(world["cfg"], functools.partial(load_unet, str(world["teacher_dir"])),
-                             world["real"], world["clf"], world["uri"], world["run_id"])
+    p = EvaluationPool.launch(world["cfg"], CheckpointEvaluator, functools.partial(load_unet, str(world["teacher_dir"])),
+                              eval_spec(world["cfg"]), world["real"], world["clf"], world["uri"], world["run_id"])
     yield p
     p.shutdown()
 

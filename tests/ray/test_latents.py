@@ -12,6 +12,7 @@ from conftest import text_cfg
 
 from dmdscale.data.sources import DataError, build_digits_parquet
 from dmdscale.distributed.worker import to_batch
+from dmdscale.families import FAMILIES
 from dmdscale.models.text_encoders import PromptEncoder
 
 
@@ -32,7 +33,7 @@ def test_latent_rows_on_a_ray_data_actor_pool_and_the_cache(ray_local, tmp_path,
     cache = tmp_path / "cache"
     cfg = text_cfg("sdxl", tiny["sdxl"], **{"data.path": str(tmp_path / "small.parquet"),
                                             "data.latent_cache": str(cache), "data.encode_batch_size": 4})
-    rows = latent_dataset(cfg, cfg.data.path).take_all()
+    rows = latent_dataset(cfg, FAMILIES[cfg.model.family], cfg.data.path).take_all()
     assert len(rows) == 11  # the corrupt row is skipped
     assert (cache / "_dmdscale_latents.json").is_file()
     batch = to_batch({k: torch.as_tensor(np.stack([r[k] for r in rows])) for k in rows[0]})
@@ -54,8 +55,8 @@ def test_latent_rows_on_a_ray_data_actor_pool_and_the_cache(ray_local, tmp_path,
 
     # A second run streams the cache (the marker's id matches); another teacher is refused.
     marker = json.loads((cache / "_dmdscale_latents.json").read_text())
-    assert len(latent_dataset(cfg, cfg.data.path).take_all()) == 11
+    assert len(latent_dataset(cfg, FAMILIES[cfg.model.family], cfg.data.path).take_all()) == 11
     assert json.loads((cache / "_dmdscale_latents.json").read_text()) == marker
     other = text_cfg("sd15", tiny["sd15"], **{"data.path": cfg.data.path, "data.latent_cache": str(cache)})
     with pytest.raises(DataError, match="data.latent_cache.*family.*teacher"):
-        latent_dataset(other, other.data.path)
+        latent_dataset(other, FAMILIES[other.model.family], other.data.path)

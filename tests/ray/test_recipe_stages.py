@@ -96,7 +96,7 @@ def sdxl_pairs(ray_local, tiny, prompts_txt, tmp_path_factory):
 def test_ode_pairs_are_resumable(sdxl_pairs, prompts_txt):
     """A rerun writes only the missing shard, identically, and leaves the others untouched; a
     folder made with other settings is refused by name."""
-    from dmdscale.data.latents import latent_shape
+    from dmdscale.data.latents import vae_latent_shape
     from dmdscale.distributed.ode_pairs import check_pairs_target, make_pairs, pairs_key
 
     cfg, folder, first = sdxl_pairs
@@ -116,7 +116,7 @@ def test_ode_pairs_are_resumable(sdxl_pairs, prompts_txt):
     for column in ("noise", "target", "prompt_embeds", "pooled_prompt_embeds"):
         np.testing.assert_array_equal(after[column], before[column])
     noise, target = after["noise"], after["target"]
-    assert noise.shape == target.shape == (4, *latent_shape(cfg.model.teacher, 32)) and not np.allclose(noise, target)
+    assert noise.shape == target.shape == (4, *vae_latent_shape(cfg.model.teacher, 32)) and not np.allclose(noise, target)
     other = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"guidance_scale": 3.0})})
     with pytest.raises(DataError, match="guidance_scale"):
         check_pairs_target(folder, pairs_key(other, prompts_txt))

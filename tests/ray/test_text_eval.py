@@ -29,16 +29,17 @@ def test_checkpoint_evaluator_measures_as_the_exported_student_is_measured(tiny,
     from diffusers import DiffusionPipeline
 
     from dmdscale.config import build_config
-    from dmdscale.distributed.evalpool import TextCheckpointEvaluator, text_eval_spec
-    from dmdscale.eval.text import clip_score, load_clip
+    from dmdscale.eval.text import clip_score, load_clip, pipeline_images
     from dmdscale.export import STUDENT_INFO
-    from dmdscale.eval.text import pipeline_images
+    from dmdscale.families import FAMILIES
+    from dmdscale.families.text2image import TextCheckpointEvaluator, text_eval_spec
 
     cfg = build_config({}, {"model.family": "sd15", "model.teacher": tiny["sd15"], "data.channels": 3,
-                            "data.resolution": 32, "eval.num_samples": 8})
+                            "data.resolution": 32, "eval.num_samples": 8, "eval.clip_model": str(world["clip"])})
     spec = text_eval_spec(cfg, PROMPTS)
     real = np.random.RandomState(0).randint(0, 256, (8, 32, 32, 3)).astype(np.uint8)
-    evaluator = TextCheckpointEvaluator(tiny["sd15"], "sd15", spec, real, "clip", None, world["clip"], None, None, None)
+    evaluator = TextCheckpointEvaluator(FAMILIES["sd15"], cfg.model_dump(), tiny["sd15"], spec, real, "clip", None,
+                                        None)
     weights = {f"unet.{k}": v for k, v in world["unet"].state_dict().items()}
     result = evaluator.evaluate(3, weights, {"ema_0.9": weights})
     assert "error" not in result, result.get("error")
@@ -57,6 +58,45 @@ def test_checkpoint_evaluator_measures_as_the_exported_student_is_measured(tiny,
                 v.mul_(0.5)  # other weights: other images, another score
     assert evaluator.evaluate(6, weights)["clip_score_student"] != pytest.approx(result["clip_score_student"],
                                                                                  abs=1e-3)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_checkpoint_evaluator_measures_as_the_exported_student_is_measured(tiny_flow, world, family, tmp_path):
+    """The same evaluator contract for the flow transformers (evaluated during training since
+    they share it): submitted generator weights (keys prefixed `transformer.`) give the images
+    and CLIP score of the folder `export_flow_pipeline` writes around those weights, sampled with
+    its recorded call."""
+    from diffusers import DiffusionPipeline
+
+    from dmdscale.config import build_config
+    from dmdscale.eval.text import clip_score, load_clip, pipeline_images
+    from dmdscale.export import STUDENT_INFO
+    from dmdscale.families import FAMILIES
+    from dmdscale.families.flow.export import export_flow_pipeline
+    from dmdscale.families.text2image import TextCheckpointEvaluator, text_eval_spec
+
+    teacher = tiny_flow[family]
+    cfg = build_config({}, {"model.family": family, "model.teacher": teacher, "data.channels": 3,
+                            "data.resolution": 32, "eval.num_samples": 8, "eval.clip_model": str(world["clip"])})
+    prompts = PROMPTS
+    real = np.random.RandomState(0).randint(0, 256, (8, 32, 32, 3)).astype(np.uint8)
+    evaluator = TextCheckpointEvaluator(FAMILIES[family], cfg.model_dump(), teacher, text_eval_spec(cfg, prompts),
+                                        real, "clip", None, None)
+    transformer = DiffusionPipeline.from_pretrained(teacher).transformer
+    with torch.no_grad():  # weights that are not the teacher's
+        for p in transformer.parameters():
+            p.mul_(0.9)
+    result = evaluator.evaluate(2, {f"transformer.{k}": v for k, v in transformer.state_dict().items()})
+    assert "error" not in result, result.get("error")
+
+    student = export_flow_pipeline(teacher, family, transformer, cfg.generator.timesteps, tmp_path / "student", 32)
+    pipe = DiffusionPipeline.from_pretrained(str(student))
+    pipe.set_progress_bar_config(disable=True)
+    call = json.loads((student / STUDENT_INFO).read_text())["call"]
+    exported = pipeline_images(pipe, prompts, 32, cfg.train.seed, **call)
+    assert result["clip_score_student"] == pytest.approx(clip_score(exported, prompts, load_clip(world["clip"])),
+                                                         abs=1e-3)
+    assert np.isfinite(result["fid_student"])
 
 
 def test_evaluate_command_on_two_actors_caches_the_reference_statistics(ray_local, world, captioned_parquet, tmp_path,

@@ -19,20 +19,17 @@ from dmdscale.config import ConfigError, build_config
 from dmdscale.errors import UserError
 from dmdscale.core.sampling import NoiseStream
 from dmdscale.core.schedule import NoiseSchedule
-from dmdscale.distributed.checkpoint import (
-    CorruptCheckpoint,
+from dmdscale.distributed.checkpoint.faults import parse_fail_at_step
+from dmdscale.distributed.checkpoint.integrity import CorruptCheckpoint, checkpoints_before, load_latest_good, verify_checkpoint
+from dmdscale.distributed.checkpoint.journal import RunJournal
+from dmdscale.distributed.checkpoint.state import (
     DataPosition,
-    RunJournal,
     TrainingState,
-    checkpoints_before,
-    load_latest_good,
     load_training_state,
-    parse_fail_at_step,
     rng_states,
+    save_run_config,
     save_training_state,
     set_rng_states,
-    save_run_config,
-    verify_checkpoint,
 )
 from dmdscale.distributed.engine import DeepSpeedOptimizedModule
 from dmdscale.families.toy2d.model import MLPDenoiser
@@ -461,7 +458,7 @@ def _truncate(path):
 @pytest.fixture
 def stage_run(tmp_path):
     """(teacher folder, a run folder whose stage/ is that teacher's copy, written by unet2d)."""
-    from dmdscale.distributed.checkpoint import save_stage
+    from dmdscale.distributed.checkpoint.stages import save_stage
 
     teacher, unet = _teacher(tmp_path / "teacher")
     weights = {f"unet.{k}": v for k, v in unet.state_dict().items()}
@@ -472,7 +469,7 @@ def stage_run(tmp_path):
 
 @pytest.mark.parametrize("part", ["generator", "critic", "ema"])
 def test_a_truncated_stage_file_is_named_on_the_driver(stage_run, part):
-    from dmdscale.distributed.checkpoint import check_init, load_stage
+    from dmdscale.distributed.checkpoint.stages import check_init, load_stage
 
     teacher, run = stage_run
     assert check_init(run, 0.9, "unet2d") == ("stage", run / "stage")
@@ -486,7 +483,7 @@ def test_a_truncated_stage_file_is_named_on_the_driver(stage_run, part):
 
 
 def test_a_start_of_another_family_is_refused_naming_the_file(stage_run, tmp_path):
-    from dmdscale.distributed.checkpoint import check_init
+    from dmdscale.distributed.checkpoint.stages import check_init
     from dmdscale.export import STUDENT_INFO
 
     teacher, run = stage_run
@@ -510,7 +507,7 @@ def test_a_stage_or_student_of_another_teacher_does_not_fit_the_generator(stage_
     (read from the headers only), so another teacher's stage fails here, not on the workers."""
     from safetensors.torch import load_file, save_file
 
-    from dmdscale.distributed.checkpoint import check_init_fits
+    from dmdscale.distributed.checkpoint.stages import check_init_fits
     from dmdscale.export import STUDENT_INFO
 
     teacher, run = stage_run

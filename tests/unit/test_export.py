@@ -240,6 +240,12 @@ def test_fp16_variant_loads_in_half_precision(teachers, tmp_path):
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # the fp32 weights stay
     half = DiffusionPipeline.from_pretrained(out, variant="fp16", dtype=torch.float16)
     assert half.unet.dtype == torch.float16
+    assert unet.dtype == torch.float32  # the caller's UNet is not rounded in place
+    # A plain load is fp32 throughout and samples: the variant left every config as the fp32 save wrote it.
+    plain = DiffusionPipeline.from_pretrained(out)
+    assert plain.text_encoder.dtype == plain.unet.dtype == torch.float32
+    plain.set_progress_bar_config(disable=True)
+    assert plain("a cat", num_inference_steps=1, height=32, width=32, output_type="np").images.shape == (1, 32, 32, 3)
     full = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     kw = unet_inputs("sd15")
     with torch.no_grad():

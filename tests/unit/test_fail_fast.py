@@ -130,7 +130,7 @@ def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
 
 
 def test_fail_at_step_is_a_config_error():
-    from dmdscale.distributed.checkpoint import parse_fail_at_step
+    from dmdscale.distributed.checkpoint.faults import parse_fail_at_step
 
     with pytest.raises(ConfigError, match="DMDSCALE_FAIL_AT_STEP must be a non-negative integer step, got 'x'"):
         parse_fail_at_step("x")

@@ -5,9 +5,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 
-from dmdscale.data.latents import LatentEncoder, PromptOnlyEncoder, latent_shape
-from dmdscale.models.text_encoders import PromptEncoder
+from dmdscale.data.latents import LatentEncoder, PromptOnlyEncoder, vae_latent_shape
+from dmdscale.families import FAMILIES as FAMILY_OBJECTS
 from dmdscale.families.flow.tiny import build_tiny_flow_pipeline
+from dmdscale.models.text_encoders import PromptEncoder
 
 PROMPTS = ["a red cat", "Two dogs, 3 birds"]
 FAMILIES = ("sd3", "flux")
@@ -59,9 +60,9 @@ def test_prompt_encoder_is_the_pipelines_encode_prompt(tiny_flow, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_latents_of_a_flow_teacher(tiny_flow, family):
     teacher = tiny_flow[family]
-    assert latent_shape(teacher, 32) == (16, 16, 16)
+    assert vae_latent_shape(teacher, 32) == (16, 16, 16)
     images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
-    rows = LatentEncoder(teacher, family)({"image": images, "prompt": np.array(PROMPTS)})
+    rows = LatentEncoder(FAMILY_OBJECTS[family], teacher)({"image": images, "prompt": np.array(PROMPTS)})
     assert rows["latent"].shape == (2, 16, 16, 16) and rows["latent"].dtype == np.float32
 
     # The posterior mean, shifted then scaled by the teacher's own factors.
@@ -72,12 +73,12 @@ def test_latents_of_a_flow_teacher(tiny_flow, family):
     np.testing.assert_allclose(rows["latent"], expected.numpy(), rtol=1e-5, atol=1e-5)
 
     text = PromptEncoder.load(teacher, family).encode(PROMPTS)
-    prompt_rows = PromptOnlyEncoder(teacher, family, 32)({"prompt": np.array(PROMPTS)})
+    prompt_rows = PromptOnlyEncoder(FAMILY_OBJECTS[family], teacher, 32)({"prompt": np.array(PROMPTS)})
     assert prompt_rows["latent"].shape == (2, 16, 16, 16) and not prompt_rows["latent"].any()
     for key, value in text.items():
         np.testing.assert_array_equal(rows[key], value.numpy())
         np.testing.assert_array_equal(prompt_rows[key], value.numpy())
 
 
-def test_sd15_latent_shape_is_unchanged(tiny):
-    assert latent_shape(tiny["sd15"], 32) == (4, 16, 16)
+def test_sd15_vae_latent_shape_is_unchanged(tiny):
+    assert vae_latent_shape(tiny["sd15"], 32) == (4, 16, 16)

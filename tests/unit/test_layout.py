@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("eval", "export", "tracking", "tools"),  # metrics, student folders, MLflow, planners and builders
     ("distributed",),  # Ray Train workers, DeepSpeed engines, actor pools, checkpoints
     ("families",),  # one per teacher family, using everything below
-    ("driver", "evaluate"),  # the run and the evaluate command
+    ("driver", "evaluate", "memory"),  # the run, the evaluate command and the memory planner command
     ("sweep",),  # runs many runs
     ("cli",),
     ("__main__",),

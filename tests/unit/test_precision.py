@@ -14,6 +14,7 @@ from conftest import text_cfg
 
 from dmdscale.core.losses import dm_loss
 from dmdscale.core.optim import TorchOptimizedModule
+from dmdscale.core.precision import autocast
 from dmdscale.core.step import Batch, DMD2Step
 from dmdscale.distributed.worker import build_players
 from dmdscale.families.sd.model import load_sd_teacher
@@ -128,3 +129,16 @@ def test_bf16_deepspeed_engines_keep_fp32_states_and_train_under_autocast(tiny):
         assert moments and {m.dtype for m in moments} == {torch.float32}
     assert outputs["generator"] == {torch.bfloat16} and outputs["teacher"] == {torch.bfloat16}
     assert outputs["fake_score"] == {torch.float32, torch.bfloat16}  # DM-loss pass; denoising loss under autocast
+
+
+@pytest.mark.parametrize("mixed_precision, dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_autocast_runs_matmuls_in_bf16_only_under_bf16(mixed_precision, dtype):
+    """The one context of every forward (step, regression, rollouts, ODE pairs): fp32 weights,
+    bf16 matmuls under train.mixed_precision bf16, fp32 ones otherwise; the weights stay fp32."""
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 8)
+    with autocast(torch.device("cpu"), mixed_precision):
+        assert torch.matmul(x, x.T).dtype == dtype
+        assert layer(x).dtype == dtype
+    assert layer.weight.dtype == torch.float32
+    assert torch.matmul(x, x.T).dtype == torch.float32  # nothing left on after the block

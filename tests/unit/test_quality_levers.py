@@ -13,7 +13,7 @@ from dmdscale.core.losses import dm_loss, gan_generator_loss
 from dmdscale.core.optim import TorchOptimizedModule, decay_factor, warmup_factor
 from dmdscale.core.schedule import NoiseSchedule, TimestepSampler
 from dmdscale.core.step import Batch, DMD2Step, by_noise_level
-from dmdscale.distributed.checkpoint import init_source, load_stage, save_stage
+from dmdscale.distributed.checkpoint.stages import init_source, load_stage, save_stage
 from dmdscale.eval.plots import plot_diagnostics
 from dmdscale.core.networks import Critic
 from dmdscale.models.heads import MLPHead
@@ -290,7 +290,7 @@ def test_init_ema_starts_the_generator_from_the_first_stages_average(tmp_path):
     """train.init_ema: the generator starts from the stage's EMA (not its raw weights); the
     critic and the EMAs load as before; a wrong decay, an exported student or no train.init is
     refused naming the key, before any work (check_init is what the driver calls)."""
-    from dmdscale.distributed.checkpoint import check_init
+    from dmdscale.distributed.checkpoint.stages import check_init
     from dmdscale.distributed.worker import build_players, init_ema
 
     teacher = str(_unet_folder(tmp_path / "teacher"))

@@ -70,7 +70,7 @@ def test_lpips_distance_on_decoded_latents(tiny, tmp_path):
     from diffusers import AutoencoderKL
 
     from dmdscale.core.regression import load_lpips, regression_distance
-    from dmdscale.data.latents import latent_shape
+    from dmdscale.data.latents import vae_latent_shape
 
     weights = tmp_path / "lpips_vgg.pth"
     state = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False).state_dict()
@@ -80,7 +80,7 @@ def test_lpips_distance_on_decoded_latents(tiny, tmp_path):
     vae = AutoencoderKL.from_pretrained(tiny["sdxl"], subfolder="vae")
     distance = regression_distance(cfg, vae)
     generator = torch.Generator().manual_seed(0)
-    target = torch.randn((2, *latent_shape(tiny["sdxl"], 32)), generator=generator)
+    target = torch.randn((2, *vae_latent_shape(tiny["sdxl"], 32)), generator=generator)
     student = torch.randn(target.shape, generator=generator, requires_grad=True)
     loss = distance(student, target)
     loss.backward()

@@ -115,7 +115,7 @@ def test_a_plain_image_folder_is_read_in_chunks(tmp_path):
 
 def test_missing_weights_are_errors_naming_the_path(tmp_path, tiny):
     from dmdscale.evaluate import main
-    from dmdscale.families.sd import check_eval_models
+    from dmdscale.families.text2image import check_eval_models
 
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "none.pt")):
         load_inception(tmp_path / "none.pt")
@@ -225,7 +225,7 @@ def test_unreadable_real_images_are_skipped_counted_and_kept_in_the_npz(tmp_path
 def test_reference_keys_and_extractor_ids_name_no_local_path(tmp_path, clip_folder):
     """The cache key (stored in the .npz) holds the folders' names and hashes of where they
     resolve, never the paths: one entry per location, nothing of the machine's layout."""
-    from dmdscale.evaluate import fid_extractor_id, reference_key
+    from dmdscale.eval.reference import fid_extractor_id, reference_key
 
     real = tmp_path / "coco" / "val2014"
     real.mkdir(parents=True)
@@ -259,19 +259,20 @@ def test_more_generation_actors_than_the_cluster_holds_is_one_error(monkeypatch,
     import ray
 
     import dmdscale.distributed.cluster as cluster
-    from dmdscale.evaluate import EvaluationError, _ensure_actors_fit
+    from dmdscale.distributed.generation import ensure_actors_fit
+    from dmdscale.errors import EvaluationError
 
     have = {"CPU": 16.0, **({"GPU": float(gpus)} if gpus else {})}
     monkeypatch.setattr(ray, "cluster_resources", lambda: have)
     monkeypatch.setattr(cluster, "may_autoscale", lambda: False)
-    _ensure_actors_fit(gpus or 16, 1.0, bool(gpus), 600)  # fits: no error
+    ensure_actors_fit(gpus or 16, 1.0, bool(gpus), 600)  # fits: no error
     with pytest.raises(EvaluationError) as info:
-        _ensure_actors_fit(1000, 1.0, bool(gpus), 600)
+        ensure_actors_fit(1000, 1.0, bool(gpus), 600)
     message = str(info.value)
     assert message.startswith("--num-actors 1000:") and "16 CPU" in message
     assert f"at most {gpus or 16} fit" in message and (not gpus or "1 GPU" in message)
     with pytest.raises(EvaluationError, match="lower --actor-cpus"):
-        _ensure_actors_fit(1, 32.0, bool(gpus), 600)
+        ensure_actors_fit(1, 32.0, bool(gpus), 600)
     monkeypatch.setattr(cluster, "may_autoscale", lambda: True)  # joined by address: a bounded wait
     with pytest.raises(EvaluationError, match="--num-actors 1000"):
-        _ensure_actors_fit(1000, 1.0, bool(gpus), 0)
+        ensure_actors_fit(1000, 1.0, bool(gpus), 0)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from dmdscale.core.schedule import FlowMatchSchedule
 from dmdscale.core.networks import Cond, Denoiser
-from dmdscale.families.sd.model import check_pipeline_folder
+from dmdscale.models.hub import check_pipeline_parts
 from dmdscale.models.text_encoders import PromptEncoder
 from dmdscale.models.variants import FLUX_DEFAULT_GUIDANCE, flow_variant
 
@@ -156,7 +156,7 @@ class FlowTransformer(Denoiser):
 
 def check_flow_folder(path: str | os.PathLike, family: str) -> str:
     """A local teacher folder holds what `family` needs (a hub id passes through)."""
-    return check_pipeline_folder(path, family, flow_variant(family).components)
+    return check_pipeline_parts(path, family, flow_variant(family).components)
 
 
 def load_flow_teacher(path_or_hub_id: str | os.PathLike, family: str, resolution: int,

@@ -11,6 +11,7 @@ from diffusers import LCMScheduler, UNet2DConditionModel
 from dmdscale.export import (
     guidance_free_unet,
     sampling_call,
+    save_fp16_variant,
     save_lora,
     scrub_folder,
     student_scheduler,
@@ -26,6 +27,19 @@ def _student(student_unet: UNet2DConditionModel | str | os.PathLike) -> UNet2DCo
         raise FileNotFoundError(f"student UNet folder {str(folder)!r} has no config.json "
                                 "(expected what UNet2DConditionModel.save_pretrained writes)")
     return UNet2DConditionModel.from_pretrained(folder)
+
+
+def student_pipeline(teacher: str | os.PathLike, family: str, timesteps: list[int],
+                     unet: UNet2DConditionModel | None = None) -> tuple[Any, dict[str, Any]]:
+    """(the teacher's pipeline with a stock LCMScheduler stepping as the student's sampler
+    (`student_scheduler`) around `unet` (the teacher's own when None), the call that samples the
+    trained timesteps (`sampling_call`)). What the export saves and the checkpoint evaluator samples."""
+    from diffusers import DiffusionPipeline
+
+    source = check_pipeline_folder(teacher, family)
+    scheduler = student_scheduler(LCMScheduler.load_config(source, subfolder="scheduler"), timesteps)
+    pipe = DiffusionPipeline.from_pretrained(source, scheduler=scheduler, **({"unet": unet} if unet is not None else {}))
+    return pipe, sampling_call(timesteps, scheduler.config.num_train_timesteps)
 
 
 def export_pipeline(teacher: str | os.PathLike, family: str, student_unet: UNet2DConditionModel | str | os.PathLike,
@@ -45,19 +59,14 @@ def export_pipeline(teacher: str | os.PathLike, family: str, student_unet: UNet2
     out_dir/lora/ (peft keys) and out_dir/lora_kohya/ (kohya keys). `fp16_variant`: also
     fp16 weights, loaded with `from_pretrained(out_dir, variant="fp16", dtype=torch.float16)`.
     """
-    from diffusers import DiffusionPipeline
-
     if (lora_state_dict is None) != (lora_config is None):
         raise ValueError("pass lora_state_dict and lora_config together (the config carries lora_alpha and r)")
-    source = check_pipeline_folder(teacher, family)
-    unet = guidance_free_unet(_student(student_unet))
-    scheduler = student_scheduler(LCMScheduler.load_config(source, subfolder="scheduler"), timesteps)
-    pipe = DiffusionPipeline.from_pretrained(source, unet=unet, scheduler=scheduler)
+    pipe, call = student_pipeline(teacher, family, timesteps, guidance_free_unet(_student(student_unet)))
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
     if fp16_variant:
-        pipe.to(torch.float16).save_pretrained(out, safe_serialization=True, variant="fp16")
-    write_student_info(out, timesteps, sampling_call(timesteps, scheduler.config.num_train_timesteps), family)
+        save_fp16_variant(out)
+    write_student_info(out, timesteps, call, family)
     if lora_state_dict is not None:
         save_lora(type(pipe), out, lora_state_dict, lora_config)
     scrub_folder(out)

@@ -11,8 +11,7 @@ the empty prompt's embedding for SD1.5 and zeros for SDXL, as in the DMD2 author
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -20,27 +19,15 @@ from torch import Tensor
 
 from dmdscale.core.schedule import NoiseSchedule
 from dmdscale.core.networks import Cond, Denoiser
-from dmdscale.models.hub import is_local
+from dmdscale.models.hub import check_pipeline_parts
 from dmdscale.models.text_encoders import PromptEncoder
 from dmdscale.models.variants import sd_variant
 
 
-def check_pipeline_folder(path: str | os.PathLike, family: str, components: Sequence[str] | None = None) -> str:
-    """A teacher given as a local folder must hold the components `family` needs (default: its
-    SD variant's); a hub id passes through (from_pretrained resolves it). Raises
-    FileNotFoundError naming what is missing."""
-    p = os.fspath(path)
-    if not is_local(p):
-        return p
-    root = Path(p).expanduser()
-    needed = sd_variant(family).components if components is None else components
-    missing = [n for n in needed if not (root / n).exists()]
-    if missing:
-        from dmdscale.errors import TeacherNotFound
-
-        raise TeacherNotFound(f"model.teacher {str(root)!r} is not a diffusers {family} pipeline folder: "
-                                f"missing {', '.join(missing)}")
-    return str(root)
+def check_pipeline_folder(path: str | os.PathLike, family: str) -> str:
+    """A local teacher folder holds the components of `family`'s SD variant (a hub id passes
+    through); TeacherNotFound names what is missing."""
+    return check_pipeline_parts(path, family, sd_variant(family).components)
 
 
 class TextConditionalUNet(Denoiser):

@@ -185,11 +185,15 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
         return data, stats
 
     def start_eval_pool(self, cfg: Config, inputs: Inputs, tracker: Any) -> Any:
+        """Checkpoint evaluation actors (`evaluator.CheckpointEvaluator`) on the final evaluation's
+        spec, held-out images and FID features."""
         from dmdscale.distributed.evalpool import EvaluationPool
+        from dmdscale.families.unet2d.evaluator import CheckpointEvaluator, eval_spec
         from dmdscale.families.unet2d.model import load_unet
 
-        return EvaluationPool.start(cfg, functools.partial(load_unet, inputs.teacher_path), inputs.held_out[0],
-                                    fid_extractor(cfg, inputs.classifier), tracker.tracking_uri, tracker.run_id)
+        return EvaluationPool.launch(cfg, CheckpointEvaluator, functools.partial(load_unet, inputs.teacher_path),
+                                     eval_spec(cfg), np.ascontiguousarray(inputs.held_out[0]),
+                                     fid_extractor(cfg, inputs.classifier), tracker.tracking_uri, tracker.run_id)
 
     def choose_export(self, cfg: Config, inputs: Inputs, trained: Trained) -> Trained:
         """export.choose=held_out: the exported student becomes whichever of it and the weights
@@ -246,7 +250,7 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
         exported, e.g. `fid_student_raw` next to an exported EMA); plus the measured speedup."""
         from dmdscale.core.ema import ema_name
         from dmdscale.core.sampling import sample, teacher_sample
-        from dmdscale.distributed.evalpool import eval_spec
+        from dmdscale.families.unet2d.evaluator import eval_spec
         from dmdscale.distributed.worker import ALTERNATES_DIR
         from dmdscale.eval.metrics import (
             DigitClassifier,
