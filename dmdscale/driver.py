@@ -26,6 +26,7 @@ from dmdscale.distributed.checkpoint.journal import RunJournal
 from dmdscale.distributed.checkpoint.stages import check_init, check_init_fits
 from dmdscale.families import resolve
 from dmdscale.redact import scrub
+from dmdscale.startup import Timeline
 from dmdscale.tracking import Tracker, absolute_tracking_uri, check_tracking_server
 
 TRAINED_RECORD = "trained.json"  # what training handed the evaluation: a rerun evaluates from it
@@ -88,6 +89,8 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
     from dmdscale.distributed.launch import run_storage
     from dmdscale.eval.plots import curves_from_log, plot_curves, plot_diagnostics
 
+    timeline = Timeline()  # start-up phases, from the command's own start (metrics.json: startup_*_s)
+    timeline.mark("imports")
     family = resolve(cfg)  # the one lookup by name: the family is handed down from here
     if cfg.regression.enabled:  # the regression stage: teacher ODE pairs, then regression, no DMD2
         from dmdscale.distributed.regression import run_regression_stage
@@ -109,17 +112,20 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
     state = journal.begin(scrub(cfg.flat())) if journal is not None else "new"  # no credentials stored
     if state == "resume":
         journal.resume_point()  # every checkpoint damaged: one error naming each, before the cluster starts
+    timeline.mark("preflight")
     if family.trains_on_ray:
         from dmdscale.distributed.cluster import connect, ensure_fits
 
         connect(log_to_driver=True)
         ensure_fits(cfg, family)
+        timeline.mark("ray")
     if state == "resume":
         print(f"dmdscale: {journal.directory} holds an unfinished run of this config; resuming it")
     elif state == "evaluate":
         print(f"dmdscale: {journal.directory} holds a run of this config whose training finished; "
               f"evaluating it and writing the run folder")
     inputs = family.prepare(cfg, inputs)
+    timeline.mark("prepare")
     if not init_checked:
         check_init_fits(cfg.train.init, getattr(inputs, "teacher_path", ""))
 
@@ -131,7 +137,8 @@ def run(cfg: Config, out: Path, *, run_tags: dict[str, str] | None = None,
         if state == "evaluate":
             trained = _load_trained(out)
         else:
-            trained = family.fit(cfg, inputs, out, tracker, fail_at_step=fail_at_step, on_evaluation=on_evaluation)
+            trained = family.fit(cfg, inputs, out, tracker, fail_at_step=fail_at_step, on_evaluation=on_evaluation,
+                                 timeline=timeline)
             trained = family.choose_export(cfg, inputs, trained)
             if journal is not None:
                 _save_trained(trained, out)

@@ -49,6 +49,7 @@ from dmdscale.core.networks import Denoiser
 
 TRAIN_LOG = "train_log.json"  # rank 0's logged reports (losses by step), a JSON list
 TRAIN_METRICS = "train_metrics.json"  # the workers' final figures, in the final checkpoint
+WALL_PREFIX = "wall_"  # the final figures' start-up marks (wall clock); the driver turns them into startup_*_s
 # The weights not exported as the student (raw, or the EMAs not chosen by export.ema), each
 # saved as the family saves its student: <ALTERNATES_DIR>/<name>/, evaluated next to it.
 ALTERNATES_DIR = "alternates"
@@ -210,6 +211,9 @@ class TrainWorker:
 
         from dmdscale.tracking import MlflowSink
 
+        # Start-up marks (dmdscale.startup.WORKER_MARKS), wall clock: the driver measures them
+        # from the command's start.
+        self.marks = {"worker": time.time()}
         self.cfg = cfg = Config.model_validate(config["cfg"])
         self.family = family = config["family"]  # resolved once on the driver
         ctx = ray.train.get_context()
@@ -251,6 +255,7 @@ class TrainWorker:
             print(f"dmdscale: resumed from the checkpoint at step {self.start_step} "
                   f"(start {self.earlier_starts + 1} of this run)")
         self.images_seen, self.started = 0, time.perf_counter()
+        self.marks["engines"] = time.time()
 
     def _resume(self) -> tuple[int, DataPosition, list[dict[str, float]]]:
         """(first step, data position, rank 0's log so far) from the latest undamaged checkpoint, if any.
@@ -297,6 +302,7 @@ class TrainWorker:
         with contextlib.closing(prefetched(reader, cfg.scale.prefetch_batches)) as batches:  # closing stops the thread
             if rollouts is not None:
                 batches = rollouts.attach(batches, self.start_step)
+            loop_start = time.time()
             try:
                 result = train_loop(self._step, batches, cfg.train.max_steps, start_step=self.start_step,
                                     max_nonfinite_steps=cfg.train.max_nonfinite_steps, log_every=cfg.train.log_every,
@@ -305,6 +311,7 @@ class TrainWorker:
                 rollout_stats = rollouts.stats() if rollouts is not None else {}
                 if rollouts is not None:
                     rollouts.close()
+        self.marks["first_batch"] = loop_start + result.first_batch_seconds
         self._finish(result, rollout_stats)
 
     def _step(self, batch: Batch, step: int) -> dict[str, float]:
@@ -316,6 +323,7 @@ class TrainWorker:
         import ray.train
 
         cfg = self.cfg
+        self.marks.setdefault("first_step", time.time())
         self.position.consumed += 1
         self.images_seen += self.micro * self.world
         if self.rollouts is not None:
@@ -364,7 +372,8 @@ class TrainWorker:
                  "nonfinite_steps": result.nonfinite_steps,
                  # what rank 0 stores of the teacher: all of it, or its part with scale.shard_teacher
                  "teacher_parameters_per_rank": stored_numel(self.teacher),
-                 **{f"rollout_{k}": v for k, v in rollout_stats.items()}}
+                 **{f"rollout_{k}": v for k, v in rollout_stats.items()},
+                 **{f"{WALL_PREFIX}{k}": v for k, v in self.marks.items()}}  # the driver turns these into startup_*_s
         critic = self.critic_engine.full_state_dict()  # collective under ZeRO-3
         with tempfile.TemporaryDirectory() as tmp:
             with self.generator_engine.gathered():  # every rank gathers under ZeRO-3; rank 0 writes

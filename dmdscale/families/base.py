@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from dmdscale.contracts import Evaluation, Family, Trained
+from dmdscale.startup import figure_names
 
 if TYPE_CHECKING:
     from torch import nn
@@ -46,6 +47,7 @@ TRAINING_FIGURES = ("steps_completed", "resumed_from_step", "restarts", "train_s
                     "data_first_batch_seconds", "train_images_per_s", "nonfinite_steps",
                     "teacher_parameters_per_rank", "skipped_rows", "usable_rows")
 EVAL_ACTOR_FIGURES = ("checkpoint_evaluations", "eval_dropped_checkpoints")
+STARTUP_FIGURES = figure_names()  # when a phase ended, seconds since the command started (dmdscale.startup)
 ROLLOUT_FIGURES = tuple(f"rollout_{k}" for k in ("served", "served_local", "dropped_stale", "actors_replaced",
                                                  "mean_staleness", "max_staleness", "version"))
 
@@ -99,7 +101,7 @@ class FamilyBase(Family):
         held-out images) are included."""
         from dmdscale.distributed.resources import uses_eval_actors
 
-        names = set(TRAINING_FIGURES) | self.evaluation_figures(cfg)
+        names = set(TRAINING_FIGURES) | set(STARTUP_FIGURES) | self.evaluation_figures(cfg)
         if uses_eval_actors(cfg, self):
             names |= set(EVAL_ACTOR_FIGURES)
         if len(cfg.generator.timesteps) > 1:
@@ -166,19 +168,22 @@ class FamilyBase(Family):
         return trained
 
     def fit(self, cfg: Config, inputs: Any, out: Path, tracker: Any, *, fail_at_step: int | None = None,
-            on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> Trained:
+            on_evaluation: Callable[[dict[str, Any]], None] | None = None, timeline: Any = None) -> Trained:
         """Train on Ray: the family's data stream, checkpoint evaluations on separate actors
         meanwhile (each handed to `on_evaluation` as soon as it is finished), DMD2 on Ray Train
-        with DeepSpeed; then the exported student."""
+        with DeepSpeed; then the exported student. With the driver's `timeline`
+        (`dmdscale.startup.Timeline`), the start-up figures of the driver and the workers."""
         from dmdscale.distributed.cluster import connect
         from dmdscale.distributed.evalpool import fit_while_watching
         from dmdscale.distributed.launch import fit_on_ray
         from dmdscale.distributed.resources import uses_eval_actors
-        from dmdscale.distributed.worker import TRAIN_LOG
+        from dmdscale.distributed.worker import TRAIN_LOG, WALL_PREFIX
 
         connect(log_to_driver=True)
         train_data, stats = self.train_data(cfg, inputs)
         eval_pool = self.start_eval_pool(cfg, inputs, tracker) if uses_eval_actors(cfg, self) else None
+        if timeline is not None:
+            timeline.mark("data")
 
         def fit() -> dict[str, Any]:
             return fit_on_ray(cfg, self, train_data, inputs.teacher_path, out, tracker, self.student_parts,
@@ -193,6 +198,9 @@ class FamilyBase(Family):
         finally:
             if eval_pool is not None:
                 eval_pool.shutdown()
+        worker_marks = {k.removeprefix(WALL_PREFIX): metrics.pop(k) for k in list(metrics) if k.startswith(WALL_PREFIX)}
+        if timeline is not None:
+            metrics |= timeline.figures(worker_marks)
         metrics |= {"skipped_rows": stats.skipped, "usable_rows": stats.usable}
         if evaluations is not None:
             metrics["checkpoint_evaluations"] = len(evaluations)

@@ -99,6 +99,12 @@ def test_quick_digits_run_end_to_end_through_an_injected_failure(tmp_path, mlflo
     # The failure at step 12 was recovered from the checkpoint after step 9, not from step 0.
     assert m["restarts"] == 1 and m["resumed_from_step"] == 10
     assert m["sampling_speedup"] > 1 and 0 <= m["data_wait_fraction"] < 1
+    # Where the start-up went: each phase's end, seconds since the command started, in order
+    # (the worker's from its last start, after the injected failure).
+    from dmdscale.startup import PHASES
+
+    ends = [m[f"startup_{phase}_s"] for phase in PHASES]
+    assert 0 < ends[0] and all(a <= b for a, b in zip(ends, ends[1:])), dict(zip(PHASES, ends))
     assert m["classifier_accuracy_held_out"] > 0.9
     assert np.isfinite([m["fid_teacher"], m["fid_student"]]).all()
     # The teacher's evaluation samples are kept for the next run with this teacher (issue 36).
@@ -190,7 +196,10 @@ def test_a_second_stage_starts_from_the_first_runs_weights(tmp_path, cache):
     command = [sys.executable, str(PIPELINE), "--quick", "--out", str(first), f"cache_dir={cache}", "train.max_steps=2",
                "train.ttur_ratio=1", "eval.during_training=false", "eval.num_samples=20", "eval.teacher_steps=1000"]
     with open(tmp_path / "stderr.txt", "w") as stderr:  # a file: a full pipe would stall the run
-        proc = subprocess.Popen(command, cwd=tmp_path, stderr=stderr, text=True)
+        # SIGINT at its default, as a terminal's Ctrl-C finds it: a disposition ignored in this
+        # process (by anything earlier in the session) would be inherited and the signal lost.
+        proc = subprocess.Popen(command, cwd=tmp_path, stderr=stderr, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         _interrupt_when(proc, first / "trained.json")  # training is done, the evaluation under way
         proc.wait(timeout=300)
     err = (tmp_path / "stderr.txt").read_text()

@@ -20,7 +20,7 @@ PACKAGE = ROOT / "dmdscale"
 # parts of one layer do not import each other.
 LAYERS: list[tuple[str, ...]] = [
     ("dmdscale",),  # the package itself (its version)
-    ("redact",),  # credentials and local paths out of everything written
+    ("redact", "startup"),  # credentials and local paths out of everything written; start-up marks
     ("errors",),  # what a user can fix: one line
     ("config",),  # the typed config
     ("core",),  # the DMD2 math and the network interface it calls (core.networks)

@@ -187,7 +187,7 @@ class Toy2dFamily(FamilyBase):
         return RegressionPairs.for_config(cfg, teacher, (2,), device=device)
 
     def fit(self, cfg: Config, inputs: None, out: Path, tracker: Any, *, fail_at_step: int | None = None,
-            on_evaluation: Any = None) -> Trained:
+            on_evaluation: Any = None, timeline: Any = None) -> Trained:
         t0 = time.perf_counter()
         toy, result = train(cfg, on_log=tracker.log_metrics)
         history = result.history
