@@ -46,10 +46,10 @@ def plain_loop_images_per_s(cfg, teacher_path: Path, images: np.ndarray, labels:
         from dmdscale.distributed.engine import DeepSpeedOptimizedModule
 
         b = cfg.train.batch_size
-        wrap = lambda m: DeepSpeedOptimizedModule(m, cfg.train, cfg.scale, b)  # noqa: E731
+        wrap = lambda m, role: DeepSpeedOptimizedModule(m, cfg.train, cfg.scale, b, role=role)  # noqa: E731
     else:
-        wrap = lambda m: TorchOptimizedModule(m, cfg.train)  # noqa: E731
-    step = DMD2Step(cfg, teacher, wrap(generator), wrap(critic))
+        wrap = lambda m, role: TorchOptimizedModule(m, cfg.train, role=role)  # noqa: E731
+    step = DMD2Step(cfg, teacher, wrap(generator, "generator"), wrap(critic, "critic"))
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     y = torch.from_numpy(labels).long()
     b = cfg.train.batch_size

@@ -132,7 +132,7 @@ class _EvaluationActor:
 class EvaluationPool:
     """Handles to the evaluation actors; picklable, so Ray Train workers can submit to it.
 
-    Driver: `pool = EvaluationPool.start(...)` before training, `pool.drain()` after it, then
+    Driver: `pool = EvaluationPool.launch(...)` before training, `pool.drain()` after it, then
     `pool.shutdown()`. Rank 0: `pool.submit(step, state_dict)` at each checkpoint.
     """
 
@@ -144,14 +144,20 @@ class EvaluationPool:
 
     @classmethod
     def launch(cls, cfg: Any, make_evaluator: Callable[..., Any], *evaluator_args: Any,
-               ready_timeout: float | None = 300.0, ack_timeout: float | None = 60.0) -> "EvaluationPool":
+               ready_timeout: float | None = 300.0, ack_timeout: float | None = 60.0,
+               wait: bool = False) -> "EvaluationPool":
         """Create `cfg.eval.num_actors` actors (each `eval.actor_cpus` CPUs, and `eval.actor_gpus`
         of a GPU when `scale.use_gpu`); each builds `make_evaluator(*evaluator_args, device=...)`,
         the family's checkpoint evaluator (`dmdscale.contracts.CheckpointEvaluator`: `evaluate(step,
-        state_dict, averages)` and an MlflowSink `sink`). Waits up to `ready_timeout` s for them to
-        build it (a failing evaluator raises here, before training; actors still waiting for
-        resources only give a warning). Numpy arrays among the arguments (e.g. the held-out
-        images) go into the object store once for all actors."""
+        state_dict, averages)` and an MlflowSink `sink`). Numpy arrays among the arguments (e.g.
+        the held-out images) go into the object store once for all actors.
+
+        Returns at once: the actors build their evaluators (seconds: a student, the FID features)
+        while Ray Train starts its workers, instead of before (bench/fixed_costs.py). A thread
+        watches them for `ready_timeout` s and warns about an actor that failed to build or has
+        not started (waiting for resources?); its checkpoints then come back with an error and
+        training goes on. What an evaluator needs (weights, data) is checked at preflight. With
+        `wait`, the watch happens here instead and a failure raises."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -169,13 +175,12 @@ class EvaluationPool:
         actors = [actor_cls.remote(i, threads, cfg.eval.max_queued, make_evaluator, *args)
                   for i in range(cfg.eval.num_actors)]
         pool = cls(actors, ack_timeout)
-        if ready_timeout is not None:
-            ready, waiting = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors),
-                                      timeout=ready_timeout)
-            ray.get(ready)  # raises if an actor could not build the student
-            if waiting:
-                _warn(f"{len(waiting)} of {len(actors)} evaluation actors did not start within "
-                      f"{ready_timeout:g} s (waiting for resources?); checkpoints queue until they do")
+        readiness = [a.ready.remote() for a in actors]
+        if wait:
+            _watch_ready(readiness, ready_timeout, raise_errors=True)
+        else:
+            threading.Thread(target=_watch_ready, args=(readiness, ready_timeout, False), daemon=True,
+                             name="dmdscale-evaluation-ready").start()
         return pool
 
     def __len__(self) -> int:
@@ -268,6 +273,25 @@ class EvaluationPool:
             except Exception:
                 pass
         self._actors = []
+
+
+def _watch_ready(readiness: list[Any], timeout: float | None, raise_errors: bool) -> None:
+    """Wait up to `timeout` s for the actors' `ready` answers; an actor that could not build its
+    evaluator raises (`raise_errors`) or is warned about, one still waiting is warned about."""
+    import ray
+
+    ready, waiting = ray.wait(readiness, num_returns=len(readiness), timeout=timeout)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception as exc:
+            if raise_errors:
+                raise
+            _warn(f"an evaluation actor could not build its evaluator ({type(exc).__name__}: {exc}); "
+                  f"the checkpoints sent to it are not evaluated, training goes on")
+    if waiting:
+        _warn(f"{len(waiting)} of {len(readiness)} evaluation actors did not start within {timeout:g} s "
+              f"(waiting for resources?); checkpoints queue until they do")
 
 
 def fit_while_watching(fit: Callable[[], dict[str, Any]], eval_pool: EvaluationPool,

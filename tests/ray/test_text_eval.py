@@ -201,3 +201,33 @@ def test_a_full_queue_drops_the_oldest_waiting_checkpoint(ray_local, mlflow_uri)
     assert [r["step"] for r in done["results"]] == [1, 4, 5] and done["dropped"] == [2, 3]
     history = client.get_metric_history(run_id, "eval_dropped_checkpoints")
     assert [(m.step, m.value) for m in history] == [(3, 2.0)]
+
+
+def test_an_evaluator_that_cannot_build_warns_and_training_does_not_wait(ray_local, capfd):
+    """The actors build their evaluators while training starts: `launch` returns before they are
+    ready; one that fails is a warning, and what is submitted to it comes back as None without
+    raising. With wait=True (the old behaviour) the failure raises at launch."""
+    import time
+
+    from dmdscale.config import build_config
+    from dmdscale.distributed.evalpool import EvaluationPool
+
+    class _Broken:  # defined here: Ray ships it to the actor by value
+        """An evaluator that cannot be built (e.g. weights that vanished after preflight)."""
+
+        def __init__(self, device: str = "cpu"):
+            raise RuntimeError("no weights here")
+
+    cfg = build_config({}, {"eval.num_actors": 1})
+    t0 = time.perf_counter()
+    pool = EvaluationPool.launch(cfg, _Broken, ready_timeout=60, ack_timeout=10)
+    assert time.perf_counter() - t0 < 5  # no wait for the actor to build
+    deadline, err = time.monotonic() + 60, ""
+    while "could not build its evaluator" not in err and time.monotonic() < deadline:
+        time.sleep(0.5)
+        err += capfd.readouterr().err
+    assert "could not build its evaluator" in err and "no weights here" in err
+    assert pool.submit(1, {"w": torch.zeros(2)}) is None
+    pool.shutdown()
+    with pytest.raises(Exception, match="no weights here"):
+        EvaluationPool.launch(cfg, _Broken, ready_timeout=60, wait=True)
