@@ -115,8 +115,10 @@ def write_table(results: dict) -> None:
     t, d = results["F2_tiny"], results["F2_digits"]
     for name, key in (("plain loop", "plain"), ("DeepSpeed ZeRO-2, one process", "deepspeed"),
                       ("Ray Train + Ray Data, 1 worker, ZeRO-2", "ray")):
-        rows.append(f"| F2 {name}, ms/iteration | {t['ms_per_iteration'][key]:.0f} | {d['ms_per_iteration'][key]:.0f} |")
-    rows.append(f"| F2 Ray overhead per step vs plain, ms | {t['overhead_ms']['ray']:.0f} | {d['overhead_ms']['ray']:.0f} |")
+        rows.append(f"| F2 {name}, ms/iteration | {t['ms_per_iteration'][key]:.0f} | "
+                    f"{d['ms_per_iteration'][key]:.0f} |")
+    rows.append(f"| F2 Ray overhead per step vs plain, ms | {t['overhead_ms']['ray']:.0f} | "
+                f"{d['overhead_ms']['ray']:.0f} |")
     rows.append(f"| F2 Ray / plain, images/s | {t['ray_over_plain_images_per_s']:.2f} | "
                 f"{d['ray_over_plain_images_per_s']:.2f} |")
     table = "\n".join(rows)

@@ -294,7 +294,8 @@ repo id. No dmdscale is needed.
 
 
 def flow_student_scheduler(teacher_scheduler_config: dict[str, Any], timesteps: list[int], image_seq_len: int, *,
-                           pipeline_spaces_sigmas: bool, guidance_off: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+                           pipeline_spaces_sigmas: bool,
+                           guidance_off: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
     """(a stock FlowMatchEulerDiscreteScheduler stepping like the student's sampler, the pipeline
     call that runs exactly the trained timesteps).
 

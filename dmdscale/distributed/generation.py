@@ -74,7 +74,8 @@ class PipelineGenerator:
 
 
 def generate_on_actors(student: str, prompts: list[str], batch_size: int, seed: int, num_actors: int,
-                       actor_cpus: float, use_gpu: bool, resolution: int | None) -> Iterator[tuple[list[str], np.ndarray]]:
+                       actor_cpus: float, use_gpu: bool,
+                       resolution: int | None) -> Iterator[tuple[list[str], np.ndarray]]:
     """(prompts, images) per chunk of `batch_size` prompts, in order, from `num_actors`
     `PipelineGenerator` actors (killed when the iteration ends or fails)."""
     import ray
@@ -85,7 +86,8 @@ def generate_on_actors(student: str, prompts: list[str], batch_size: int, seed: 
     actors = [actor_cls.remote(student, max(1, int(actor_cpus)), resolution) for _ in range(num_actors)]
     chunks = [(prompts[i:i + batch_size], seed + k) for k, i in enumerate(range(0, len(prompts), batch_size))]
     try:
-        for (chunk_prompts, _), images in zip(chunks, ActorPool(actors).map(lambda a, c: a.generate.remote(*c), chunks)):
+        generated = ActorPool(actors).map(lambda a, c: a.generate.remote(*c), chunks)
+        for (chunk_prompts, _), images in zip(chunks, generated):
             yield chunk_prompts, images
     finally:
         for actor in actors:

@@ -362,7 +362,8 @@ image = pipe("a photo of a cat", height={res}, width={res}, {args}).images[0]
             t0 = time.perf_counter()
             images[name] = pipeline_images(pipe, prompts, res, seed, **call)
             timed[name] = time.perf_counter() - t0
-        metrics: dict[str, Any] = {"student_steps": len(cfg.generator.timesteps), "teacher_steps": cfg.eval.teacher_steps,
+        metrics: dict[str, Any] = {"student_steps": len(cfg.generator.timesteps),
+                                   "teacher_steps": cfg.eval.teacher_steps,
                                    "sampling_speedup": timed["teacher"] / timed["student"],
                                    "student_seconds_per_image": timed["student"] / len(prompts)}
         if len(real) >= QUALITY_MIN_IMAGES:  # label-free, in pixels: SWD, precision/recall, colour statistics

@@ -56,8 +56,9 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(ray_local, world):
-    p = EvaluationPool.launch(world["cfg"], CheckpointEvaluator, functools.partial(load_unet, str(world["teacher_dir"])),
-                              eval_spec(world["cfg"]), world["real"], world["clf"], world["uri"], world["run_id"])
+    build = functools.partial(load_unet, str(world["teacher_dir"]))
+    p = EvaluationPool.launch(world["cfg"], CheckpointEvaluator, build, eval_spec(world["cfg"]), world["real"],
+                              world["clf"], world["uri"], world["run_id"])
     yield p
     p.shutdown()
 
