@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from dmdscale.core.schedule import FlowMatchSchedule
-from dmdscale.core.networks import Cond, Denoiser
+from dmdscale.core.networks import Cond
 from dmdscale.models.hub import check_pipeline_parts
+from dmdscale.models.transformer import TransformerDenoiser
 from dmdscale.models.text_encoders import PromptEncoder
 from dmdscale.models.variants import FLUX_DEFAULT_GUIDANCE, flow_variant
 
@@ -43,44 +44,19 @@ def image_seq_len(resolution: int, vae_scale: int, patch: int = 2) -> int:
     return side * side
 
 
-class FlowTransformer(Denoiser):
+class FlowTransformer(TransformerDenoiser):
     """x0 = model(x_t, t, {"prompt_embeds", "pooled_prompt_embeds"}, guidance_scale) for sd3/flux."""
-
-    prediction_type = "flow_prediction"
 
     def __init__(self, transformer: torch.nn.Module, schedule: FlowMatchSchedule, family: str,
                  null_cond: dict[str, Tensor] | None = None, feature_depths: list[int] | None = None,
                  vae_scale: int = 8):
-        super().__init__(schedule)
+        super().__init__(schedule, transformer, feature_depths, vae_scale)
         self.variant = flow_variant(family)
-        self.transformer, self.vae_scale = transformer, vae_scale
-        depth = self.num_blocks
-        self.feature_depths = list(feature_depths or [max(1, depth // 2)])  # default: the middle block
-        bad = [d for d in self.feature_depths if not 1 <= d <= depth]
-        if bad:
-            raise ValueError(f"loss.gan_feature_depths: {bad} outside this transformer's blocks 1..{depth}")
         if not self.variant.embedded_guidance and null_cond is None:
             raise ValueError(f"{family} needs the empty prompt's embeddings as its unconditional input")
         # (1, ...) each; buffers so they follow .to(device) and are saved with nothing else.
         for key, value in (null_cond or {}).items():
             self.register_buffer(f"null_{key}", value, persistent=False)
-
-    @property
-    def blocks(self) -> list[torch.nn.Module]:
-        """The transformer blocks in forward order (FLUX: the dual-stream ones, then the single-stream)."""
-        return [*self.transformer.transformer_blocks, *getattr(self.transformer, "single_transformer_blocks", [])]
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def feature_width(self) -> int:
-        """Width of the image tokens the discriminator head reads."""
-        return int(self.transformer.inner_dim)
-
-    def time_embedding_layer(self) -> tuple[torch.nn.Module, int]:
-        return self.transformer.time_text_embed, self.feature_width  # SD3 and FLUX: temb is inner_dim wide
 
     def null_cond(self, cond: Cond) -> Cond:
         if self.variant.embedded_guidance:

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dmdscale.core.networks import Cond, Denoiser
+from dmdscale.core.networks import Cond
 from dmdscale.core.schedule import FlowMatchSchedule
 from dmdscale.families.qwenimage.text import NEGATIVE_PROMPT, QwenPromptEncoder, fixed_length
 from dmdscale.models.hub import check_pipeline_parts
+from dmdscale.models.transformer import TransformerDenoiser
 
 FAMILY = "qwenimage"
 # What a local Qwen-Image pipeline folder must hold.
@@ -45,47 +46,20 @@ def image_seq_len(resolution: int, vae_scale: int) -> int:
     return side * side
 
 
-class QwenImageDenoiser(Denoiser):
+class QwenImageDenoiser(TransformerDenoiser):
     """x0 = model(x_t, t, {"prompt_embeds", "prompt_embeds_mask"}, guidance_scale) for Qwen-Image."""
-
-    prediction_type = "flow_prediction"
 
     def __init__(self, transformer: torch.nn.Module, schedule: FlowMatchSchedule, null_cond: dict[str, Tensor],
                  feature_depths: list[int] | None = None, vae_scale: int = 8):
-        super().__init__(schedule)
-        self.transformer, self.vae_scale = transformer, vae_scale
         on = [k for k in UNSUPPORTED_OPTIONS if transformer.config.get(k)]
         if on:
             raise ValueError(f"this transformer sets {', '.join(on)}: QwenImageDenoiser runs QwenImagePipeline's "
                              f"text-to-image transformer, which sets none of {', '.join(UNSUPPORTED_OPTIONS)}")
-        depth = self.num_blocks
-        self.feature_depths = list(feature_depths or [max(1, depth // 2)])  # default: the middle block
-        bad = [d for d in self.feature_depths if not 1 <= d <= depth]
-        if bad:
-            raise ValueError(f"loss.gan_feature_depths: {bad} outside this transformer's blocks 1..{depth}")
+        super().__init__(schedule, transformer, feature_depths, vae_scale)
         # The negative prompt's tokens, (1, n, D) and (1, n), unpadded: buffers so they follow
         # .to(device) and are saved with nothing else; null_cond pads them to the batch's length.
         self.register_buffer("null_prompt_embeds", null_cond["prompt_embeds"], persistent=False)
         self.register_buffer("null_prompt_embeds_mask", null_cond["prompt_embeds_mask"].float(), persistent=False)
-
-    @property
-    def blocks(self) -> list[torch.nn.Module]:
-        """The dual-stream transformer blocks in forward order."""
-        return list(self.transformer.transformer_blocks)
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def feature_width(self) -> int:
-        """Width of the image tokens the discriminator head reads (3072)."""
-        return int(self.transformer.inner_dim)
-
-    def time_embedding_layer(self) -> tuple[torch.nn.Module, int]:
-        # QwenTimestepProjEmbeddings: its output is temb, inner_dim wide, which every block's
-        # modulation and the output norm read.
-        return self.transformer.time_text_embed, self.feature_width
 
     def null_cond(self, cond: Cond) -> Cond:
         """The negative prompt's embedding and mask, at `cond`'s length and dtypes, one row per sample."""
