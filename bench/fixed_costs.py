@@ -9,7 +9,7 @@ F2  per-iteration wall time of the same `DMD2Step` in a plain loop (torch AdamW,
     ZeRO-2): on the tiny UNet of the quick config (where fixed costs dominate) and at digits size;
     the overhead per step in ms against the plain loop.
 
-    python bench/fixed_costs.py [--steps N] [--skip-startup]
+    python bench/fixed_costs.py [--steps N] [--skip-startup | --startup-only] [--baseline OTHER_CHECKOUT]
 
 Writes bench/results/fixed_costs.json and rewrites its table in bench/README.md.
 """
@@ -40,12 +40,16 @@ RESULTS = ROOT / "bench" / "results" / "fixed_costs.json"
 BEFORE = ROOT / "bench" / "results" / "fixed_costs_before.json"  # the baseline the table compares with
 
 
-def quick_run(cache_dir: Path, out: Path) -> dict:
-    """`pipelines/digits.py --quick` as a user runs it; its start-up figures and wall time."""
+def quick_run(cache_dir: Path, out: Path, root: Path = ROOT) -> dict:
+    """`pipelines/digits.py --quick` as a user runs it, from the checkout at `root` (another one:
+    its package first on the path, for a before/after in one session); its start-up figures and
+    wall time."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
+    if root != ROOT:
+        env["PYTHONPATH"] = str(root)
     t0 = time.time()
-    subprocess.run([sys.executable, str(ROOT / "pipelines" / "digits.py"), "--quick", "--out", str(out),
-                    f"cache_dir={cache_dir}"], check=True, env=env, cwd=ROOT,
+    subprocess.run([sys.executable, str(root / "pipelines" / "digits.py"), "--quick", "--out", str(out),
+                    f"cache_dir={cache_dir}"], check=True, env=env, cwd=root,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.time() - t0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -81,6 +85,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--skip-startup", action="store_true", help="only F2")
     parser.add_argument("--startup-only", action="store_true", help="only F1 (the table keeps the last F2)")
+    parser.add_argument("--baseline", type=Path, help="another checkout (e.g. `git worktree add /tmp/before "
+                        "HEAD~1`): F1 warm with its code too, on the same cache, in the same session")
     args = parser.parse_args()
     results: dict = {"bench": "fixed_costs", "device": f"cpu ({platform.processor() or platform.machine()}, "
                                                        f"{os.cpu_count()} cores)", "torch": torch.__version__,
@@ -90,7 +96,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             cold = quick_run(Path(tmp) / "cache", Path(tmp) / "cold")
             warm = quick_run(Path(tmp) / "cache", Path(tmp) / "warm")
-        results["F1_quick_digits"] = {"cold": cold, "warm": warm}
+            results["F1_quick_digits"] = {"cold": cold, "warm": warm}
+            if args.baseline is not None:
+                commit = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
+                                        capture_output=True, text=True).stdout.strip()
+                results["F1_quick_digits"]["warm_baseline"] = {
+                    "commit": commit, **quick_run(Path(tmp) / "cache", Path(tmp) / "baseline", args.baseline.resolve())}
         RESULTS.write_text(json.dumps(results, indent=2))  # kept should a later part fail
     if args.startup_only:
         results |= {k: v for k, v in last.items() if k.startswith("F2")}
@@ -124,14 +135,16 @@ def write_table(results: dict) -> None:
     table = "\n".join(rows)
     if "F1_quick_digits" in results:
         f1 = results["F1_quick_digits"]
-        # The figures before the cuts, as bench/results/fixed_costs_before.json keeps them.
-        before = json.loads(BEFORE.read_text())["F1_quick_digits"] if BEFORE.is_file() else None
+        # The code before: run in this session (--baseline), else as fixed_costs_before.json keeps it.
+        before, label = f1.get("warm_baseline"), f"warm, {f1.get('warm_baseline', {}).get('commit')} (same session)"
+        if before is None and BEFORE.is_file():
+            before, label = json.loads(BEFORE.read_text())["F1_quick_digits"]["warm"], "warm, before"
         head = "| `--quick` digits, phase ended at (s since command start) | cold cache | warm cache |"
-        phases = [head + (" warm, before |" if before else ""), "|---|---|---|" + ("---|" if before else "")]
+        phases = [head + (f" {label} |" if before else ""), "|---|---|---|" + ("---|" if before else "")]
         for phase in (*PHASES, "wall_seconds"):
             name = "whole command" if phase == "wall_seconds" else phase
             row = f"| {name} | {f1['cold'][phase] or 0:.1f} | {f1['warm'][phase] or 0:.1f} |"
-            phases.append(row + (f" {before['warm'][phase] or 0:.1f} |" if before else ""))
+            phases.append(row + (f" {before[phase] or 0:.1f} |" if before else ""))
         table = "\n".join(phases) + "\n\n" + table
     update_readme_table("fixed_costs", table)
 

@@ -576,7 +576,9 @@ class Config(_Section):
     name: str = "dmdscale"
     """MLflow experiment name."""
     cache_dir: str = "~/.cache/dmdscale"
-    """Built data sets, trained teachers and FID classifiers, keyed by their config."""
+    """Built data sets, trained teachers and FID classifiers, keyed by their config; the teacher's
+    evaluation samples and figures and the regression loss's pairs, keyed by the teacher's weights
+    and the settings that make them (a second run with the same teacher skips them)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     teacher_training: TeacherTrainingConfig = Field(default_factory=TeacherTrainingConfig)
     toy2d: Toy2dConfig = Field(default_factory=Toy2dConfig)

@@ -155,6 +155,11 @@ def index_cond(cond: Cond, rows: Tensor) -> Cond:
     return cond[rows]
 
 
+# `teacher_sample` as a cache key (the teacher's evaluation samples, the anchor's ODE pairs):
+# change it when `teacher_sample` changes what it draws, so cached outputs are drawn anew.
+TEACHER_SAMPLER = "core.sampling.teacher_sample, v1"
+
+
 @torch.no_grad()
 def teacher_sample(teacher: Denoiser, noise: Tensor, num_steps: int, cond: Cond = None,
                    guidance_scale: float = 1.0) -> Tensor:

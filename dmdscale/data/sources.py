@@ -51,7 +51,7 @@ __all__ = [
     "check_source",
     "read_dataset",
     "inspect_dataset",
-    "materialize_if_small",
+    "kept_decoded",
 ]
 
 METADATA_FILE = "metadata.jsonl"
@@ -377,13 +377,19 @@ def is_prompt_only(path: str | os.PathLike) -> bool:
     return not _describe(path, require_labels=False, allow_prompt_only=True).has_image
 
 
+def _row_count(source: _Source) -> int:
+    """Rows before decoding: the Parquet footers, metadata.jsonl's lines or the prompt list's."""
+    if source.kind == "prompts":
+        return len(_prompt_lines(source.root))
+    if source.kind == "imagefolder":
+        return _read_metadata(Path(source.files[0])).num_rows
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in source.files)
+
+
 def count_prompts(path: str | os.PathLike) -> int:
     """The rows of a prompt-only source (its Parquet footers, or its prompt list's lines)."""
     source = _describe(path, require_labels=False, allow_prompt_only=True)
-    if source.kind == "prompts":
-        count = len(_prompt_lines(source.root))
-    else:
-        count = sum(pq.ParquetFile(f).metadata.num_rows for f in source.files)
+    count = _row_count(source)
     if count == 0:
         raise DataError(f"{source.root}: no prompts")
     return count
@@ -455,35 +461,55 @@ def inspect_dataset(
 
     Run before training so an empty or wholly corrupt source fails fast with a clear error,
     and so the skipped count can be reported, rather than workers silently waiting on no data.
+    A prompt-only source (no images) has every prompt as a row.
     """
-    source = _describe(path, require_labels)
+    source = _describe(path, require_labels, allow_prompt_only=True)
+    if not source.has_image:
+        return _stats(source, 0, 0)
     flags = _raw_dataset(source).map_batches(
         _flag_batch,
         batch_format="numpy",
         batch_size=DECODE_BATCH_SIZE,
         fn_kwargs={"source": source, "resolution": resolution, "channels": channels},
     )
-    from ray.data.aggregate import Count, Sum
+    total = usable = 0
+    for batch in flags.iter_batches(batch_size=None, batch_format="numpy"):
+        total, usable = total + len(batch["ok"]), usable + int(batch["ok"].sum())
+    return _stats(source, total=total, usable=usable)
 
-    totals = flags.aggregate(Count(), Sum("ok"))
-    total, usable = int(totals["count()"] or 0), int(totals["sum(ok)"] or 0)
+
+def _stats(source: _Source, total: int, usable: int) -> DatasetStats:
+    if not source.has_image:
+        return DatasetStats(usable=count_prompts(source.root), skipped=0, kind="prompts")
     if usable == 0:
         raise DataError(f"{source.root}: no usable rows ({total} row(s), none decodable)")
     return DatasetStats(usable=usable, skipped=total - usable, kind=source.kind)
 
 
-def materialize_if_small(ds: "ray.data.Dataset", rows: int, resolution: int, channels: int,  # noqa: F821
-                         mode: str) -> "ray.data.Dataset":  # noqa: F821
+def _keeps_decoded(rows: int, resolution: int, channels: int, mode: str) -> bool:
     """Decode once into the object store when `mode` is "always", or "auto" and the decoded
     rows take at most a quarter of it. Otherwise every epoch re-reads and re-decodes, which
     costs little per row at scale but dominates a data set of a few thousand small images."""
     import ray
 
     decoded_bytes = rows * channels * resolution * resolution * 4  # float32
-    budget = 0.25 * ray.cluster_resources().get("object_store_memory", 0)
-    if mode == "always" or (mode == "auto" and decoded_bytes <= budget):
-        return ds.materialize()
-    return ds
+    return mode == "always" or (mode == "auto" and decoded_bytes <= 0.25 * ray.cluster_resources().get(
+        "object_store_memory", 0))
+
+
+def kept_decoded(ds: "ray.data.Dataset", path: str | os.PathLike, resolution: int, channels: int,  # noqa: F821
+                 mode: str, require_labels: bool = False) -> tuple["ray.data.Dataset", DatasetStats]:  # noqa: F821
+    """`ds` (the decoded rows of `path`, or what a row-preserving map made of them) and its
+    DatasetStats, in one pass where the size allows: a source whose rows fit the object store
+    (`_keeps_decoded`, on its row count before decoding) is decoded once and its
+    usable rows counted from the result; a larger one is counted by `inspect_dataset`'s flag
+    pass first and then streamed. Ray Data's fixed cost per pass is seconds on a small node."""
+    source = _describe(path, require_labels, allow_prompt_only=True)
+    total = _row_count(source)
+    if not _keeps_decoded(total, resolution, channels, mode):
+        return ds, inspect_dataset(path, resolution, channels, require_labels)
+    ds = ds.materialize()
+    return ds, _stats(source, total=total, usable=ds.count())
 
 
 def _raw_dataset(source: _Source) -> "ray.data.Dataset":  # noqa: F821

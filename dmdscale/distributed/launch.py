@@ -1,5 +1,5 @@
-"""The driver side of a run on Ray: a `TorchTrainer` of `worker.train_worker` over a Ray Data
-stream, with checkpoints in Ray Train storage, resume and a failure budget (spent on failures
+"""The driver side of a run on Ray: a `TorchTrainer` of `worker.train_worker` (or a stage's
+worker: the ODE-regression stage's) over a Ray Data stream, with checkpoints in Ray Train storage, resume and a failure budget (spent on failures
 only: a user error on a worker ends the run at once, `trainer_class`); what the final
 checkpoint holds of the student is copied into the run folder."""
 from __future__ import annotations
@@ -10,13 +10,12 @@ import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from dmdscale.config import Config
 from dmdscale.contracts import Family
-from dmdscale.distributed.checkpoint.stages import STAGE_DIR
 from dmdscale.distributed.resources import worker_resources
-from dmdscale.distributed.worker import ALTERNATES_DIR, TRAIN_LOG, TRAIN_METRICS, train_worker
+from dmdscale.distributed.worker import TRAIN_METRICS, train_worker
 from dmdscale.errors import user_error_in
 
 
@@ -63,14 +62,17 @@ def trainer_class() -> type:
 
 
 def fit_on_ray(cfg: Config, family: Family, train_data: Any, teacher_path: str | Path, out: Path, tracker: Any,
-               student_parts: Sequence[str], eval_pool: Any = None,
-               fail_at_step: int | None = None) -> dict[str, Any]:
-    """Ray Train workers running DMD2 under DeepSpeed over the `train_data` stream.
+               parts: Sequence[str], *, worker: Callable[[dict[str, Any]], None] = train_worker, stage: str = "",
+               **worker_args: Any) -> dict[str, Any]:
+    """Ray Train workers running `worker` under DeepSpeed over the `train_data` stream: DMD2
+    (`worker.train_worker`, the default), or a stage before it (`stage`: its name, added to the
+    Ray Train run's, e.g. the ODE-regression stage's `regression.regression_worker`).
 
     A run restarted with the same name and storage resumes from its latest checkpoint. Copies
-    `student_parts` (what the family's `save_student` wrote), the other weights' students
-    (ALTERNATES_DIR), what a next stage starts from (STAGE_DIR) and rank 0's log (TRAIN_LOG)
-    from the final checkpoint into `out`, and returns the workers' final metrics.
+    `parts` (for DMD2: what the family's `save_student` wrote, the other weights' students
+    (ALTERNATES_DIR), what a next stage starts from (STAGE_DIR) and rank 0's log (TRAIN_LOG))
+    from the final checkpoint into `out`, and returns the workers' final metrics (TRAIN_METRICS).
+    `worker_args` join the worker's config (for DMD2: the evaluation pool, a failure to inject).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -78,13 +80,12 @@ def fit_on_ray(cfg: Config, family: Family, train_data: Any, teacher_path: str |
     storage, name = run_storage(cfg, out)
     resources = worker_resources(cfg, family, cfg.scale.cluster_cpus or ray.cluster_resources().get("CPU", 1.0))
     trainer = trainer_class()(
-        train_worker,
+        worker,
         train_loop_config={"cfg": cfg.model_dump(), "family": family, "teacher_path": str(teacher_path),
-                           "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id,
-                           "eval_pool": eval_pool, "fail_at_step": fail_at_step},
+                           "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id, **worker_args},
         scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage,
+        run_config=RunConfig(name=f"{name}-{stage}" if stage else name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
         datasets={"train": train_data},
@@ -98,7 +99,7 @@ def fit_on_ray(cfg: Config, family: Family, train_data: Any, teacher_path: str |
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handler)
     with result.checkpoint.as_directory() as ckpt:
-        for part in (*student_parts, ALTERNATES_DIR, STAGE_DIR, TRAIN_LOG):
+        for part in parts:
             src, dst = Path(ckpt) / part, out / part
             if src.is_dir():
                 shutil.copytree(src, dst, dirs_exist_ok=True)

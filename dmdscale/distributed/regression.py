@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from dmdscale.distributed.checkpoint.stages import STAGE_DIR, check_init, check_
 from dmdscale.distributed.ode_pairs import PAIR_INFO_COLUMNS
 from dmdscale.redact import scrub
 
-STAGE_NAME = "regression"  # the Ray Train run's name: <name>-regression-<out folder>
+STAGE_NAME = "regression"  # the Ray Train run's name: <name>-<out folder>-regression
 
 
 def regression_generator(cfg: Config, family: Family, teacher_path: str) -> torch.nn.Module:
@@ -102,36 +101,19 @@ def regression_worker(config: dict[str, Any]) -> None:
 
 
 def fit_regression(cfg: Config, family: Family, pairs: Path, teacher_path: str, out: Path, tracker: Any) -> dict[str, Any]:
-    """Ray Train workers over the pair shards (Ray Data); copies stage/ and the log into `out`."""
-    import ray
+    """`regression_worker` on Ray Train over the pair shards (Ray Data), through the launcher DMD2
+    uses (`launch.fit_on_ray`, a run of its own beside the DMD2 runs' names); copies stage/ and
+    the log into `out`. A failed attempt starts the stage afresh: it is short next to the pairs,
+    which a rerun does not remake."""
     import ray.data
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
 
-    from dmdscale.distributed.launch import run_storage, trainer_class
-    from dmdscale.distributed.resources import worker_resources
-    from dmdscale.distributed.worker import TRAIN_LOG, TRAIN_METRICS
+    from dmdscale.distributed.launch import fit_on_ray
+    from dmdscale.distributed.worker import TRAIN_LOG
 
-    storage, name = run_storage(cfg, out)
     # The tensors only: noise, target and the text embeddings (whichever the family has).
     data = ray.data.read_parquet(str(pairs), file_extensions=["parquet"]).drop_columns(list(PAIR_INFO_COLUMNS))
-    trainer = trainer_class()(  # a user error on a worker is not retried
-        regression_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "family": family, "teacher_path": teacher_path,
-                           "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id},
-        scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
-                                     resources_per_worker=worker_resources(
-                                         cfg, family, cfg.scale.cluster_cpus or ray.cluster_resources().get("CPU", 1.0))),
-        # A run of its own beside the DMD2 runs' names; a failed attempt starts the stage afresh
-        # (it is short next to the pairs, which a rerun does not remake).
-        run_config=RunConfig(name=f"{name}-{STAGE_NAME}", storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
-        datasets={"train": data},
-    )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as ckpt:
-        shutil.copytree(Path(ckpt) / STAGE_DIR, out / STAGE_DIR, dirs_exist_ok=True)
-        shutil.copy2(Path(ckpt) / TRAIN_LOG, out / TRAIN_LOG)
-        return json.loads((Path(ckpt) / TRAIN_METRICS).read_text())
+    return fit_on_ray(cfg, family, data, teacher_path, out, tracker, (STAGE_DIR, TRAIN_LOG),
+                      worker=regression_worker, stage=STAGE_NAME)
 
 
 def run_regression_stage(cfg: Config, family: Family, out: Path) -> dict[str, Any]:

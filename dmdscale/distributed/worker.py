@@ -118,6 +118,43 @@ def build_engines(cfg: Config, family: Family, teacher_path: str, device: torch.
     return build_players(cfg, family, teacher_path, device, wrap=engine)
 
 
+def regression_pairs(cfg: Config, family: Family, teacher: Denoiser, teacher_path: str,
+                     device: torch.device) -> Any:
+    """The family's pairs for loss.regression_weight (`family.regression_pairs`: a many-step
+    teacher sampling, minutes at the default count), kept under cache_dir/regression_pairs for
+    the next run with the same teacher (its weights' hash), pair count, sampler, steps, guidance,
+    data shape, precision and seed; any change of those makes them anew. A teacher that is not
+    a local folder is not kept."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    from dmdscale.core.sampling import TEACHER_SAMPLER
+    from dmdscale.core.step import RegressionPairs
+    from dmdscale.eval.cache import folder_fingerprint, key_name
+
+    if cfg.loss.regression_weight == 0 or not Path(teacher_path).is_dir():
+        return family.regression_pairs(cfg, teacher, device)
+    lc, data = cfg.loss, cfg.data
+    key = {"family": cfg.model.family, "teacher": folder_fingerprint(teacher_path), "sampler": TEACHER_SAMPLER,
+           "pairs": lc.regression_pairs, "steps": lc.regression_sampler_steps, "guidance_scale": lc.guidance_scale,
+           "shape": [data.channels, data.resolution, data.num_classes], "precision": cfg.train.mixed_precision,
+           "seed": cfg.train.seed}
+    path = Path(cfg.cache_dir).expanduser() / "regression_pairs" / f"{key_name(key)}.safetensors"
+    if path.is_file():
+        with contextlib.suppress(OSError, KeyError, SafetensorError):  # a damaged file: made again
+            stored = load_file(str(path), device=str(device))
+            return RegressionPairs(stored["noise"], stored["target"], stored.get("cond"))
+    pairs = family.regression_pairs(cfg, teacher, device)
+    if isinstance(pairs.cond, (torch.Tensor, type(None))):  # tensors only (a class label per pair)
+        tensors = {"noise": pairs.noise, "target": pairs.target} | ({} if pairs.cond is None else {"cond": pairs.cond})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp.name)
+        Path(tmp.name).replace(path)  # whole or not at all: ranks and runs may write it at once
+        path.with_suffix(".json").write_text(json.dumps(key, indent=1))
+    return pairs
+
+
 def _load_part(module: torch.nn.Module, cfg: Config, part: str) -> None:
     """train.init's weights of `part` into `module`, when it has them."""
     if cfg.train.init is None:
@@ -231,7 +268,7 @@ class TrainWorker:
         self.engines = {"generator": self.generator_engine, "critic": self.critic_engine}
         if self.ema is not None:
             self.engines["ema"] = EMACheckpoint(self.ema, self.rank)
-        pairs = family.regression_pairs(cfg, self.teacher, self.device)
+        pairs = regression_pairs(cfg, family, self.teacher, self.teacher_path, self.device)
         self.step_fn = DMD2Step(cfg, self.teacher, self.generator_engine, self.critic_engine, ema=self.ema,
                                 regression_pairs=pairs,
                                 sync_flag=all_ranks_agree, sync_sum=all_ranks_sum, rank=self.rank,

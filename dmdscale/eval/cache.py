@@ -1,6 +1,8 @@
 """Work an evaluation does not redo: arrays that depend only on a key (the teacher's evaluation
 samples: its weights, sampler, steps, guidance, labels, seed and count), kept as .npz files under
-`cache_dir`. A second run with the same teacher reads them; any change of the key draws them anew."""
+`cache_dir`, and figures measured on them (the teacher's and the real data's FID, KID and sample
+quality: the key adds the held-out images and the feature extractor), kept as .json files. A
+second run with the same teacher reads them; any change of the key makes them anew."""
 from __future__ import annotations
 
 import hashlib
@@ -24,6 +26,18 @@ def folder_fingerprint(folder: str | os.PathLike) -> str:
         with path.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
+    return digest.hexdigest()
+
+
+def module_fingerprint(module: Any) -> str:
+    """sha256 over a module's state (names, shapes and bytes): a feature extractor's identity;
+    a name or path (clean-fid's Inception) stands for itself."""
+    if isinstance(module, (str, os.PathLike)):
+        return str(module)
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -62,3 +76,25 @@ def cached_arrays(folder: str | os.PathLike | None, key: dict[str, Any],
     (path.with_suffix(".json")).write_text(json.dumps({k: v for k, v in key.items() if not isinstance(v, np.ndarray)},
                                                       indent=1, default=str))
     return arrays, False
+
+
+def cached_figures(folder: str | os.PathLike | None, key: dict[str, Any],
+                   make: Callable[[], dict[str, float]]) -> tuple[dict[str, float], bool]:
+    """(`make()`'s figures, whether they came from the cache): as `cached_arrays`, for a dict of
+    numbers kept as JSON beside its key."""
+    if folder is None:
+        return make(), False
+    path = Path(folder).expanduser() / f"{key_name(key)}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["figures"], True
+        except (OSError, ValueError, KeyError):  # damaged: measured again
+            pass
+    figures = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"key": {k: v for k, v in key.items() if not isinstance(v, np.ndarray)}, "figures": figures}, f,
+                  indent=1, default=str)
+    os.replace(tmp, path)
+    return figures, False

@@ -177,7 +177,8 @@ class FamilyBase(Family):
         from dmdscale.distributed.evalpool import fit_while_watching
         from dmdscale.distributed.launch import fit_on_ray
         from dmdscale.distributed.resources import uses_eval_actors
-        from dmdscale.distributed.worker import TRAIN_LOG, WALL_PREFIX
+        from dmdscale.distributed.checkpoint.stages import STAGE_DIR
+        from dmdscale.distributed.worker import ALTERNATES_DIR, TRAIN_LOG, WALL_PREFIX
 
         connect(log_to_driver=True)
         train_data, stats = self.train_data(cfg, inputs)
@@ -186,8 +187,9 @@ class FamilyBase(Family):
             timeline.mark("data")
 
         def fit() -> dict[str, Any]:
-            return fit_on_ray(cfg, self, train_data, inputs.teacher_path, out, tracker, self.student_parts,
-                              eval_pool, fail_at_step)
+            return fit_on_ray(cfg, self, train_data, inputs.teacher_path, out, tracker,
+                              (*self.student_parts, ALTERNATES_DIR, STAGE_DIR, TRAIN_LOG),
+                              eval_pool=eval_pool, fail_at_step=fail_at_step)
 
         evaluations = None
         try:

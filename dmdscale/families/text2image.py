@@ -257,25 +257,15 @@ class TextToImageFamily(FamilyBase):
     # -- driver side ---------------------------------------------------------------------------
     def train_data(self, cfg: Config, inputs: Inputs) -> tuple[Any, Any]:
         from dmdscale.data.latents import latent_dataset
-        from dmdscale.data.sources import (
-            DatasetStats,
-            count_prompts,
-            inspect_dataset,
-            is_prompt_only,
-            materialize_if_small,
-        )
+        from dmdscale.data.sources import inspect_dataset, kept_decoded
 
         res = cfg.data.resolution
-        if is_prompt_only(inputs.train_path):  # no images to decode: every prompt is a row
-            stats = DatasetStats(usable=count_prompts(inputs.train_path), skipped=0, kind="prompts")
-        else:
+        if cfg.data.latent_cache is not None:  # it streams from the cache: encoding happens once
             stats = inspect_dataset(inputs.train_path, res, 3)
+            return latent_dataset(cfg, self, inputs.train_path), stats
         data = latent_dataset(cfg, self, inputs.train_path)
-        if cfg.data.latent_cache is None:  # else it streams from the cache: encoding happened once
-            # On GPUs the encoders must be done before the trainers take the GPUs they hold.
-            mode = "always" if cfg.scale.use_gpu else cfg.data.materialize
-            data = materialize_if_small(data, stats.usable, res, 3, mode)
-        return data, stats
+        # On GPUs the encoders must be done before the trainers take the GPUs they hold.
+        return kept_decoded(data, inputs.train_path, res, 3, "always" if cfg.scale.use_gpu else cfg.data.materialize)
 
     def finish_student(self, cfg: Config, out: Path) -> Path:
         """The pipeline folder around the trained network (and LoRA weights), from the teacher's parts."""

@@ -110,6 +110,11 @@ def test_quick_digits_run_end_to_end_through_an_injected_failure(tmp_path, mlflo
     # The teacher's evaluation samples are kept for the next run with this teacher (issue 36).
     keys = [json.loads(p.read_text()) for p in (cache / "teacher_samples").glob("*.json")]
     assert any(k["teacher_steps"] == m["teacher_steps"] and k["teacher"] for k in keys), keys
+    # So are the figures measured on them (with the real floor's) and the regression loss's ODE pairs.
+    figures = [json.loads(p.read_text())["figures"] for p in (cache / "teacher_figures").glob("*.json")]
+    assert any(f["fid_teacher"] == m["fid_teacher"] and f["fid_real_train"] == m["fid_real_train"] for f in figures)
+    pairs = [json.loads(p.read_text()) for p in (cache / "regression_pairs").glob("*.json")]
+    assert any(k["pairs"] == 64 and k["steps"] == 10 and k["teacher"] for k in pairs), pairs
 
     arrays = np.load(out / "samples.npz")
     assert arrays["images"].dtype == np.uint8 and arrays["images"].shape[1:] == (16, 16, 1)

@@ -26,10 +26,11 @@ from dmdscale.data.sources import (
     check_source,
     decode_image,
     inspect_dataset,
+    kept_decoded,
     load_arrays,
-    materialize_if_small,
     read_dataset,
 )
+from dmdscale.data.sources import _keeps_decoded
 
 GARBAGE = [b"not an image", b"", None, b"\x89PNG\r\n\x1a\n" + b"\x00" * 40]
 
@@ -227,13 +228,13 @@ def test_small_data_sets_are_decoded_once_into_the_object_store(ray_cluster, dig
 
     rows = pq.read_metadata(digits["test"]).num_rows
     ds = read_dataset(digits["test"], 16, 1, require_labels=True)
-    cached = materialize_if_small(ds, rows, 16, 1, "auto")
+    cached, stats = kept_decoded(ds, digits["test"], 16, 1, "auto", require_labels=True)
     assert isinstance(cached, MaterializedDataset) and cached.count() == rows
-    streamed = materialize_if_small(ds, rows, 16, 1, "never")
-    assert not isinstance(streamed, MaterializedDataset)
+    assert (stats.usable, stats.skipped) == (rows, 0)
+    streamed, streamed_stats = kept_decoded(ds, digits["test"], 16, 1, "never", require_labels=True)
+    assert not isinstance(streamed, MaterializedDataset) and streamed_stats == stats  # counted by the flag pass
     # Too big for a quarter of the store: streamed each epoch instead.
-    huge = materialize_if_small(ds, 10**9, 1024, 3, "auto")
-    assert not isinstance(huge, MaterializedDataset)
+    assert _keeps_decoded(rows, 16, 1, "auto") and not _keeps_decoded(10**9, 1024, 3, "auto")
     labels = [int(x) for b in cached.iter_batches(batch_size=None) for x in b["label"]]
     assert sorted(labels) == sorted(int(r["label"]) for r in ds.take_all())
 
@@ -242,6 +243,9 @@ def test_corrupt_rows_are_skipped_and_counted(ray_cluster, tmp_path, digits):
     path, good_labels = _mixed_parquet(tmp_path / "mixed.parquet", digits["test"], good=12)
     stats = inspect_dataset(path, 16, 1, require_labels=True)
     assert (stats.usable, stats.skipped, stats.kind) == (12, len(GARBAGE), "parquet")
+    # Decoded once and counted from the result: the same figures as the flag pass.
+    kept, kept_stats = kept_decoded(read_dataset(path, 16, 1, require_labels=True), path, 16, 1, "always", True)
+    assert kept_stats == stats and kept.count() == 12
 
     rows = read_dataset(path, 16, 1, require_labels=True).take_all()
     assert sorted(r["label"] for r in rows) == sorted(good_labels.tolist())  # no garbage label leaks
@@ -257,6 +261,8 @@ def test_no_usable_rows_is_an_error_naming_the_path(ray_cluster, tmp_path):
     pq.write_table(pa.table({"image": pa.array(GARBAGE, pa.binary())}), path)
     with pytest.raises(DataError, match=r"all_bad\.parquet.*no usable rows"):
         inspect_dataset(path, 16, 1)
+    with pytest.raises(DataError, match=r"all_bad\.parquet.*no usable rows \(4 row"):
+        kept_decoded(read_dataset(path, 16, 1), path, 16, 1, "always")
 
 
 def test_imagefolder_reads_with_prompts_and_labels(ray_cluster, tmp_path):

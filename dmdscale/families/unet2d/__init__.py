@@ -24,9 +24,6 @@ from dmdscale.contracts import Evaluation, RunInputs, Trained
 from dmdscale.families.base import FamilyBase, check_teacher_steps, student_names
 
 
-# The teacher's evaluation sampler, as a cache key: change it when `teacher_sample` changes what
-# it draws, so cached teacher samples are drawn anew.
-TEACHER_SAMPLER = "core.sampling.teacher_sample, v1"
 
 
 @dataclasses.dataclass
@@ -175,14 +172,11 @@ with torch.no_grad():
 images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
 
     def train_data(self, cfg: Config, inputs: Inputs) -> tuple[Any, Any]:
-        from dmdscale.data.sources import inspect_dataset, materialize_if_small, read_dataset
+        from dmdscale.data.sources import kept_decoded, read_dataset
 
         res, ch = cfg.data.resolution, cfg.data.channels
-        stats = inspect_dataset(inputs.train_path, res, ch, require_labels=True)
-        data = materialize_if_small(
-            read_dataset(inputs.train_path, res, ch, require_labels=True, num_cpus=min(1.0, cfg.scale.data_cpus)),
-            stats.usable, res, ch, cfg.data.materialize)
-        return data, stats
+        data = read_dataset(inputs.train_path, res, ch, require_labels=True, num_cpus=min(1.0, cfg.scale.data_cpus))
+        return kept_decoded(data, inputs.train_path, res, ch, cfg.data.materialize, require_labels=True)
 
     def start_eval_pool(self, cfg: Config, inputs: Inputs, tracker: Any) -> Any:
         """Checkpoint evaluation actors (`evaluator.CheckpointEvaluator`) on the final evaluation's
@@ -249,7 +243,7 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
         many-step sampler and at 1 step, and for the student at its steps (and the weights not
         exported, e.g. `fid_student_raw` next to an exported EMA); plus the measured speedup."""
         from dmdscale.core.ema import ema_name
-        from dmdscale.core.sampling import sample, teacher_sample
+        from dmdscale.core.sampling import TEACHER_SAMPLER, sample, teacher_sample
         from dmdscale.families.unet2d.evaluator import eval_spec
         from dmdscale.distributed.worker import ALTERNATES_DIR
         from dmdscale.eval.metrics import (
@@ -260,7 +254,7 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
             sample_quality_of,
             sample_student,
         )
-        from dmdscale.eval.cache import cached_arrays, folder_fingerprint
+        from dmdscale.eval.cache import cached_arrays, cached_figures, folder_fingerprint, module_fingerprint
         from dmdscale.export import STUDENT_DIR
         from dmdscale.families.unet2d.model import load_unet
 
@@ -309,15 +303,33 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte()  # N x {c} x {r} x {r}"""
         # The sample quality figures in the checkpoint evaluations' feature spaces (pixels, and the
         # classifier when it is the FID's extractor), so the curves end where these figures are.
         space = extractor if isinstance(extractor, DigitClassifier) else None
-        for name, imgs in images.items():
-            metrics[f"fid_{name}"], metrics[f"kid_{name}"] = compute_fid_kid(imgs, real, extractor)
-            metrics[f"class_accuracy_{name}"] = class_accuracy(classifier, imgs, labels)
-            metrics |= sample_quality_of(name, real, imgs, space, spec["seed"])
         # The floor of these figures: as many real training images as samples (all of them when the
         # training set is smaller; FID's bias then makes the floor slightly high), against the same held-out set.
         floor = inputs.train[0][:n]
-        metrics["fid_real_train"], metrics["kid_real_train"] = compute_fid_kid(floor, real, extractor)
-        metrics |= sample_quality_of("real_train", real, floor, space, spec["seed"])
+
+        def figures(name: str, imgs: np.ndarray, generated_for: np.ndarray | None = labels) -> dict[str, float]:
+            fid, kid = compute_fid_kid(imgs, real, extractor)
+            accuracy = {} if generated_for is None else {
+                f"class_accuracy_{name}": class_accuracy(classifier, imgs, generated_for)}
+            return {f"fid_{name}": fid, f"kid_{name}": kid, **accuracy,
+                    **sample_quality_of(name, real, imgs, space, spec["seed"])}
+
+        def reference_figures() -> dict[str, float]:  # the teacher's and the real floor's: no student in them
+            return {**figures("teacher", images["teacher"]), **figures("teacher_1step", images["teacher_1step"]),
+                    **figures("real_train", floor, generated_for=None)}
+
+        # Measured once per teacher samples, held-out and floor images and feature extractor.
+        reference_key = {**key, "held_out": real, "floor": floor, "extractor": module_fingerprint(extractor),
+                         "classifier": module_fingerprint(classifier)}
+        reference, figures_cached = cached_figures(Path(cfg.cache_dir) / "teacher_figures" if local else None,
+                                                   reference_key, reference_figures)
+        if figures_cached:
+            print("dmdscale: evaluate: the teacher's and the real floor's figures come from the cache "
+                  f"({Path(cfg.cache_dir) / 'teacher_figures'})", flush=True)
+        metrics |= reference
+        for name, imgs in images.items():
+            if not name.startswith("teacher"):
+                metrics |= figures(name, imgs)
         # Speed: the same batch through both samplers (after a warm-up call each).
         z = torch.randn(min(n, 256), c, r, r)
         y = torch.from_numpy(labels[: len(z)]).long()
