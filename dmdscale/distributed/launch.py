@@ -1,7 +1,8 @@
 """The driver side of a run on Ray: a `TorchTrainer` of `worker.train_worker` (or a stage's
-worker: the ODE-regression stage's) over a Ray Data stream, with checkpoints in Ray Train storage, resume and a failure budget (spent on failures
-only: a user error on a worker ends the run at once, `trainer_class`); what the final
-checkpoint holds of the student is copied into the run folder."""
+worker: the ODE-regression stage's) over a Ray Data stream, with checkpoints in Ray Train
+storage, resume and a failure budget (spent on failures only: a user error on a worker ends
+the run at once, `trainer_class`); what the final checkpoint holds of the student is copied
+into the run folder."""
 from __future__ import annotations
 
 import functools

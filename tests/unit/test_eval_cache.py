@@ -86,7 +86,8 @@ def test_the_regression_losss_pairs_are_sampled_once_per_teacher_and_settings(tm
     torch.manual_seed(0)
     teacher_dir = save_teacher(UNet2DModel.from_config(tiny_unet_config(8, 1, 10, 8)), ddpm_scheduler("v_prediction"),
                                tmp_path / "teacher")
-    settings = {"model.family": "unet2d", "data.resolution": 8, "model.teacher": str(teacher_dir), "cache_dir": str(tmp_path / "cache"),
+    settings = {"model.family": "unet2d", "data.resolution": 8, "model.teacher": str(teacher_dir),
+                "cache_dir": str(tmp_path / "cache"),
                 "loss.regression_weight": 1.0, "loss.regression_pairs": 6, "loss.regression_sampler_steps": 3}
     cfg = build_config({}, settings)
     family = resolve(cfg)
