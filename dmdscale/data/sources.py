@@ -464,8 +464,9 @@ def inspect_dataset(
     A prompt-only source (no images) has every prompt as a row.
     """
     source = _describe(path, require_labels, allow_prompt_only=True)
-    if not source.has_image:
-        return _stats(source, 0, 0)
+    if not source.has_image:  # prompts alone: nothing to decode
+        rows = _row_count(source)
+        return _stats(source, total=rows, usable=rows)
     flags = _raw_dataset(source).map_batches(
         _flag_batch,
         batch_format="numpy",
@@ -479,8 +480,11 @@ def inspect_dataset(
 
 
 def _stats(source: _Source, total: int, usable: int) -> DatasetStats:
+    """`total` rows before decoding, `usable` after; a prompt-only source has every prompt as a row."""
     if not source.has_image:
-        return DatasetStats(usable=count_prompts(source.root), skipped=0, kind="prompts")
+        if total == 0:
+            raise DataError(f"{source.root}: no prompts")
+        return DatasetStats(usable=total, skipped=0, kind="prompts")
     if usable == 0:
         raise DataError(f"{source.root}: no usable rows ({total} row(s), none decodable)")
     return DatasetStats(usable=usable, skipped=total - usable, kind=source.kind)

@@ -126,11 +126,11 @@ def regression_pairs(cfg: Config, family: Family, teacher: Denoiser, teacher_pat
     data shape, precision and seed; any change of those makes them anew. A teacher that is not
     a local folder is not kept."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     from dmdscale.core.sampling import TEACHER_SAMPLER
     from dmdscale.core.step import RegressionPairs
-    from dmdscale.eval.cache import folder_fingerprint, key_name
+    from dmdscale.eval.cache import folder_fingerprint, key_name, replace_atomically
 
     if cfg.loss.regression_weight == 0 or not Path(teacher_path).is_dir():
         return family.regression_pairs(cfg, teacher, device)
@@ -147,10 +147,8 @@ def regression_pairs(cfg: Config, family: Family, teacher: Denoiser, teacher_pat
     pairs = family.regression_pairs(cfg, teacher, device)
     if isinstance(pairs.cond, (torch.Tensor, type(None))):  # tensors only (a class label per pair)
         tensors = {"noise": pairs.noise, "target": pairs.target} | ({} if pairs.cond is None else {"cond": pairs.cond})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp.name)
-        Path(tmp.name).replace(path)  # whole or not at all: ranks and runs may write it at once
+        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        replace_atomically(path, lambda f: f.write(data))  # whole or none: ranks and runs may write it at once
         path.with_suffix(".json").write_text(json.dumps(key, indent=1))
     return pairs
 

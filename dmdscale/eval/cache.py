@@ -53,6 +53,20 @@ def key_name(key: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def replace_atomically(path: Path, write: Callable[[Any], Any]) -> None:
+    """`write(f)` into a temporary binary file beside `path`, then renamed onto it: a reader (a
+    later run, another rank writing the same key) finds the whole file or none, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # write failed: no half file left behind
+            os.unlink(tmp)
+
+
 def cached_arrays(folder: str | os.PathLike | None, key: dict[str, Any],
                   make: Callable[[], dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], bool]:
     """(`make()`'s arrays, whether they came from the cache). With `folder` None nothing is kept.
@@ -68,11 +82,7 @@ def cached_arrays(folder: str | os.PathLike | None, key: dict[str, Any],
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # damaged: drawn again
             pass
     arrays = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda f: np.savez(f, **arrays))
     (path.with_suffix(".json")).write_text(json.dumps({k: v for k, v in key.items() if not isinstance(v, np.ndarray)},
                                                       indent=1, default=str))
     return arrays, False
@@ -91,10 +101,6 @@ def cached_figures(folder: str | os.PathLike | None, key: dict[str, Any],
         except (OSError, ValueError, KeyError):  # damaged: measured again
             pass
     figures = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"key": {k: v for k, v in key.items() if not isinstance(v, np.ndarray)}, "figures": figures}, f,
-                  indent=1, default=str)
-    os.replace(tmp, path)
+    record = {"key": {k: v for k, v in key.items() if not isinstance(v, np.ndarray)}, "figures": figures}
+    replace_atomically(path, lambda f: f.write(json.dumps(record, indent=1, default=str).encode()))
     return figures, False

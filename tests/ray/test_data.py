@@ -288,3 +288,20 @@ def test_imagefolder_reads_with_prompts_and_labels(ray_cluster, tmp_path):
     arrays, labels, skipped = load_arrays(folder, 8, 3, require_labels=True)
     assert arrays.shape == (4, 8, 8, 3) and skipped == 2
     np.testing.assert_array_equal(labels, [0, 1, 2, 3])
+
+
+def test_a_prompt_list_counts_every_prompt_as_a_row_in_either_pass(ray_cluster, tmp_path):
+    """Text stages without the GAN train on prompts alone: nothing to decode, every prompt a row,
+    counted alike by the flag pass and the one-pass path; an empty list is an error naming it."""
+    from dmdscale.data.sources import read_prompts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n\na blue ball\na green cone\n")
+    stats = inspect_dataset(prompts, 16, 3)
+    assert (stats.usable, stats.skipped, stats.kind) == (3, 0, "prompts")
+    kept, kept_stats = kept_decoded(read_prompts(prompts), prompts, 16, 3, "always")
+    assert kept_stats == stats and kept.count() == 3
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.txt: no prompts"):
+        inspect_dataset(empty, 16, 3)
