@@ -29,12 +29,39 @@ def digits_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("digits-cache")
 
 
+# The issue-34 variety levers, each on, for the one quick run that shows they reach Ray Train.
+VARIETY_LEVERS = ["generator.timesteps=[999,249]", "generator.step_draw=row", "loss.step_noise_bands=true",
+                  "loss.step_conditioned_critic=true", "loss.divergence=jensen_shannon",
+                  "loss.gan_gate_accuracy=0.6", "loss.gan_weight_cap=0.5", "loss.fake_score_timesteps=dm",
+                  "loss.regression_weight=0.01", "loss.regression_lowpass=2", "loss.regression_anneal_steps=8",
+                  "loss.regression_pairs=32", "loss.regression_sampler_steps=4"]
+RUN_SECRET = "SECRETzq81x"  # a value no file would hold by chance
+
+
+@pytest.fixture(scope="session")
+def levers_run(tmp_path_factory, digits_cache):
+    """One short quick digits run through the real command that tests only read (a quick run's
+    start-up is most of its minute, so they share it): every variety lever on, and a credential
+    in a config value that is written out and used (the checkpoint storage URI, a pyarrow local
+    folder with a query). (root, run folder, the command's CompletedProcess, MLflow URI)."""
+    root = tmp_path_factory.mktemp("levers-run")
+    out, uri = root / "run", f"sqlite:///{root / 'mlflow.db'}"
+    storage = f"file://{root / 'checkpoints'}?secret_key={RUN_SECRET}"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "pipelines" / "digits.py"), "--quick",
+                           "--out", str(out), f"cache_dir={digits_cache}", f"scale.storage_path={storage}",
+                           "train.max_steps=10", "train.log_every=1", "eval.during_training=false",
+                           "eval.num_samples=20", *VARIETY_LEVERS], capture_output=True, text=True, timeout=1500,
+                          cwd=root, env=os.environ | {"MLFLOW_TRACKING_URI": uri})
+    return root, out, proc, uri
+
+
 @pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray cluster on this machine's 2 CPUs, shared by one test module."""
+    """A real local Ray cluster on this machine's 2 CPUs, shared by one test module. Without the
+    dashboard: no test reads it, and its processes start in ~2 s and take CPU from the tests."""
     import ray
 
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
     yield ray
     ray.shutdown()
 
