@@ -62,6 +62,16 @@ def trainer_class() -> type:
     return Trainer
 
 
+STORED_CONFIG = "stored_config"  # train_loop_config's one key: the worker's config in the object store
+
+
+def _with_stored_config(worker: Callable[[dict[str, Any]], None], config: dict[str, Any]) -> None:
+    """Ray Train's entry point on each worker: `worker` on the config `fit_on_ray` stored."""
+    import ray
+
+    worker(ray.get(config[STORED_CONFIG]))
+
+
 def fit_on_ray(cfg: Config, family: Family, train_data: Any, teacher_path: str | Path, out: Path, tracker: Any,
                parts: Sequence[str], *, worker: Callable[[dict[str, Any]], None] = train_worker, stage: str = "",
                **worker_args: Any) -> dict[str, Any]:
@@ -80,10 +90,14 @@ def fit_on_ray(cfg: Config, family: Family, train_data: Any, teacher_path: str |
 
     storage, name = run_storage(cfg, out)
     resources = worker_resources(cfg, family, cfg.scale.cluster_cpus or ray.cluster_resources().get("CPU", 1.0))
+    # Ray Train's controller unpickles train_loop_config (it is part of the run's context) but
+    # never reads it: handed over as one object-store reference, the controller does not import
+    # the family's torch and diffusers (~7 s of CPU beside the workers' start on 2 cores).
+    stored = ray.put({"cfg": cfg.model_dump(), "family": family, "teacher_path": str(teacher_path),
+                      "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id, **worker_args})
     trainer = trainer_class()(
-        worker,
-        train_loop_config={"cfg": cfg.model_dump(), "family": family, "teacher_path": str(teacher_path),
-                           "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id, **worker_args},
+        functools.partial(_with_stored_config, worker),
+        train_loop_config={STORED_CONFIG: stored},
         scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=f"{name}-{stage}" if stage else name, storage_path=storage,
